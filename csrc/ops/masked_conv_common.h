@@ -1,0 +1,170 @@
+// Shapes, argument checks and index math shared by the CPU and CUDA kernels of the
+// masked variable-width convolutions. The index helpers are __host__ __device__ so
+// the CPU tests exercise the exact arithmetic the CUDA kernels use.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define BSNAS_HD __host__ __device__ __forceinline__
+#else
+#define BSNAS_HD inline
+#endif
+
+namespace bsnas {
+
+// Output length of a convolution along one spatial axis.
+BSNAS_HD int64_t conv_out_size(int64_t in, int64_t k, int64_t stride, int64_t pad,
+                               int64_t dil) {
+  return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+}
+
+// For a kernel tap at offset `off` (input index = out * stride + off), the half-open
+// range [lo, hi) of output indices whose input index lies in [0, in).
+BSNAS_HD void valid_out_range(int64_t in, int64_t out, int64_t stride, int64_t off,
+                              int64_t* lo, int64_t* hi) {
+  int64_t l = off >= 0 ? 0 : (-off + stride - 1) / stride;
+  int64_t h = (in - 1 - off) < 0 ? 0 : (in - 1 - off) / stride + 1;
+  *lo = l;
+  *hi = h < out ? h : out;
+  if (*hi < *lo) *hi = *lo;
+}
+
+// Inverse map used by gather-style input gradients: output index of input `i` through
+// tap offset `off`, or -1 when no output reads input `i` through that tap.
+BSNAS_HD int64_t out_index_for_input(int64_t i, int64_t off, int64_t stride,
+                                     int64_t out) {
+  int64_t t = i - off;
+  if (t < 0 || t % stride != 0) return -1;
+  t /= stride;
+  return t < out ? t : -1;
+}
+
+// The memory format every op of this extension computes in and returns: channels_last
+// when the input is densely channels_last and not also plain contiguous, NCHW
+// otherwise. The Python fake kernels apply the same rule.
+inline at::MemoryFormat compute_format(const at::Tensor& x) {
+  return (x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous())
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+struct DwGeometry {
+  int64_t N, C, H, W;  // input; C is the active width
+  int64_t K;           // square, odd kernel size
+  int64_t Ho, Wo;
+  int64_t stride, pad, dil;
+  int64_t c_max;
+  bool channels_last;
+};
+
+inline void check_floating(const char* op, const at::Tensor& x) {
+  if (x.is_cpu()) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                ": CPU tensors must be float32 or float64, got ", x.scalar_type(),
+                " (half precision is supported on CUDA only)");
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                    x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+                op, ": CUDA tensors must be float32, float64, float16 or bfloat16, got ",
+                x.scalar_type());
+  }
+}
+
+inline void check_same(const char* op, const at::Tensor& a, const char* a_name,
+                       const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK(a.device() == b.device(), op, ": ", a_name, " is on ", a.device(), " but ",
+              b_name, " is on ", b.device());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", a_name, " is ",
+              a.scalar_type(), " but ", b_name, " is ", b.scalar_type());
+}
+
+inline DwGeometry check_dw_args(const char* op, const at::Tensor& x,
+                                const at::Tensor& weight, int64_t width, int64_t stride,
+                                int64_t padding, int64_t dilation) {
+  TORCH_CHECK(x.defined() && weight.defined(), op, ": undefined tensor");
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, width, H, W], got ", x.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D [C_max, 1, k, k], got ",
+              weight.dim(), "-D");
+  check_same(op, x, "x", weight, "weight");
+  check_floating(op, x);
+  TORCH_CHECK(weight.size(1) == 1, op,
+              ": weight must be depthwise [C_max, 1, k, k], got size(1) = ",
+              weight.size(1));
+  TORCH_CHECK(weight.size(2) == weight.size(3), op, ": kernel must be square, got ",
+              weight.size(2), "x", weight.size(3));
+  TORCH_CHECK(weight.size(2) % 2 == 1, op, ": kernel size must be odd, got ",
+              weight.size(2));
+  const int64_t c_max = weight.size(0);
+  TORCH_CHECK(width >= 1 && width <= c_max, op, ": width must be in [1, C_max = ", c_max,
+              "], got ", width);
+  TORCH_CHECK(x.size(1) == width, op, ": x has ", x.size(1),
+              " channels but the active width is ", width);
+  TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
+  TORCH_CHECK(padding >= 0, op, ": padding must be >= 0, got ", padding);
+  TORCH_CHECK(dilation >= 1, op, ": dilation must be >= 1, got ", dilation);
+  DwGeometry g;
+  g.N = x.size(0);
+  g.C = width;
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.K = weight.size(2);
+  g.stride = stride;
+  g.pad = padding;
+  g.dil = dilation;
+  g.c_max = c_max;
+  g.Ho = conv_out_size(g.H, g.K, stride, padding, dilation);
+  g.Wo = conv_out_size(g.W, g.K, stride, padding, dilation);
+  TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, op, ": input ", g.H, "x", g.W,
+              " is too small for kernel ", g.K, " with padding ", padding,
+              " and dilation ", dilation);
+  g.channels_last = compute_format(x) == at::MemoryFormat::ChannelsLast;
+  return g;
+}
+
+inline void check_grad_out(const char* op, const at::Tensor& grad_out,
+                           const at::Tensor& x, at::IntArrayRef expected) {
+  TORCH_CHECK(grad_out.defined(), op, ": grad_out is undefined");
+  check_same(op, grad_out, "grad_out", x, "x");
+  TORCH_CHECK(grad_out.sizes() == expected, op, ": grad_out has shape ",
+              grad_out.sizes(), ", expected ", expected);
+}
+
+struct PwGeometry {
+  int64_t N, H, W, in_w, out_w, in_max, out_max;
+  bool channels_last;
+};
+
+inline PwGeometry check_pw_args(const char* op, const at::Tensor& x,
+                                const at::Tensor& weight, int64_t in_width,
+                                int64_t out_width) {
+  TORCH_CHECK(x.defined() && weight.defined(), op, ": undefined tensor");
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, in_width, H, W], got ", x.dim(),
+              "-D");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1, op,
+              ": weight must be [Cout_max, Cin_max, 1, 1], got ", weight.sizes());
+  check_same(op, x, "x", weight, "weight");
+  check_floating(op, x);
+  PwGeometry g;
+  g.out_max = weight.size(0);
+  g.in_max = weight.size(1);
+  TORCH_CHECK(in_width >= 1 && in_width <= g.in_max, op,
+              ": in_width must be in [1, Cin_max = ", g.in_max, "], got ", in_width);
+  TORCH_CHECK(out_width >= 1 && out_width <= g.out_max, op,
+              ": out_width must be in [1, Cout_max = ", g.out_max, "], got ", out_width);
+  TORCH_CHECK(x.size(1) == in_width, op, ": x has ", x.size(1),
+              " channels but in_width is ", in_width);
+  g.N = x.size(0);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.in_w = in_width;
+  g.out_w = out_width;
+  g.channels_last = compute_format(x) == at::MemoryFormat::ChannelsLast;
+  return g;
+}
+
+}  // namespace bsnas

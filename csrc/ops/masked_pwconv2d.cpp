@@ -1,0 +1,127 @@
+// bsnas::masked_pwconv2d: a 1x1 convolution over the top-left [out_width, in_width]
+// block of a full [Cout_max, Cin_max, 1, 1] weight.
+//
+// A pointwise convolution is a matrix product, so it runs on the vendor GEMM (BLAS on
+// CPU, cuBLAS on CUDA) through ATen. The active block is passed as a strided view
+// (leading dimension Cin_max): no weight slice is ever copied and no inactive channel
+// is computed. channels_last is one GEMM over [N*H*W, in_width]; NCHW is a batch of
+// per-image products. The same code serves both devices.
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "masked_conv_common.h"
+
+namespace bsnas {
+
+TORCH_LIBRARY_FRAGMENT(bsnas, m) {
+  // y = conv2d(x, weight[:out_width, :in_width]) without materialising the slice.
+  m.def(
+      "masked_pwconv2d(Tensor x, Tensor weight, SymInt in_width, SymInt out_width) -> "
+      "Tensor");
+  // (grad_x [N, in_width, H, W], grad_weight [Cout_max, Cin_max, 1, 1], zero outside
+  // the active block).
+  m.def(
+      "_masked_pwconv2d_backward(Tensor grad_out, Tensor x, Tensor weight, SymInt "
+      "in_width, SymInt out_width) -> (Tensor, Tensor)");
+}
+
+namespace {
+
+constexpr const char* kFwd = "masked_pwconv2d";
+constexpr const char* kBwd = "masked_pwconv2d_backward";
+
+// The active [out_width, in_width] block of the weight as a strided 2-D view.
+at::Tensor active_block(const at::Tensor& weight2d, const PwGeometry& g) {
+  return weight2d.narrow(0, 0, g.out_w).narrow(1, 0, g.in_w);
+}
+
+at::Tensor weight_2d(const at::Tensor& weight, const PwGeometry& g) {
+  return weight.contiguous().view({g.out_max, g.in_max});  // contiguous(): no-op for params
+}
+
+// [N, C, H, W] in channels_last memory as the dense [N*H*W, C] matrix it already is.
+at::Tensor rows_view(const at::Tensor& t) {
+  return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
+}
+
+at::Tensor forward(const at::Tensor& x_in, const at::Tensor& weight, int64_t in_width,
+                   int64_t out_width) {
+  const PwGeometry g = check_pw_args(kFwd, x_in, weight, in_width, out_width);
+  const auto fmt = compute_format(x_in);
+  const at::Tensor x = x_in.contiguous(fmt);
+  const at::Tensor w = active_block(weight_2d(weight, g), g);
+  at::Tensor y = at::empty({g.N, g.out_w, g.H, g.W}, x.options().memory_format(fmt));
+  if (y.numel() == 0) return y;
+  if (g.channels_last) {
+    at::Tensor y2 = rows_view(y);
+    at::mm_out(y2, rows_view(x), w.t());
+  } else if (x.is_cuda()) {
+    // A zero batch stride on the weight: cuBLAS strided-batched GEMM, no copy.
+    at::Tensor y3 = y.view({g.N, g.out_w, g.H * g.W});
+    at::bmm_out(y3, w.unsqueeze(0).expand({g.N, -1, -1}), x.view({g.N, g.in_w, g.H * g.W}));
+  } else {
+    for (int64_t n = 0; n < g.N; ++n) {
+      at::Tensor yn = y[n].view({g.out_w, g.H * g.W});
+      at::mm_out(yn, w, x[n].view({g.in_w, g.H * g.W}));
+    }
+  }
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out,
+                                            const at::Tensor& x_in,
+                                            const at::Tensor& weight, int64_t in_width,
+                                            int64_t out_width) {
+  const PwGeometry g = check_pw_args(kBwd, x_in, weight, in_width, out_width);
+  check_grad_out(kBwd, grad_out, x_in, {g.N, g.out_w, g.H, g.W});
+  const auto fmt = compute_format(x_in);
+  const at::Tensor x = x_in.contiguous(fmt);
+  const at::Tensor gy = grad_out.contiguous(fmt);
+  const at::Tensor w = active_block(weight_2d(weight, g), g);
+  at::Tensor gx = at::empty({g.N, g.in_w, g.H, g.W}, x.options().memory_format(fmt));
+  at::Tensor gw_full = at::zeros({g.out_max, g.in_max, 1, 1}, weight.options());
+  at::Tensor gw = active_block(gw_full.view({g.out_max, g.in_max}), g);
+  if (x.numel() == 0) return {gx.zero_(), gw_full};
+  if (g.channels_last) {
+    const at::Tensor gy2 = rows_view(gy), x2 = rows_view(x);
+    at::Tensor gx2 = rows_view(gx);
+    at::mm_out(gx2, gy2, w);
+    gw.addmm_(gy2.t(), x2, /*beta=*/0);  // writes through the strided view
+  } else if (x.is_cuda()) {
+    const int64_t hw = g.H * g.W;
+    const at::Tensor gy3 = gy.view({g.N, g.out_w, hw}), x3 = x.view({g.N, g.in_w, hw});
+    at::Tensor gx3 = gx.view({g.N, g.in_w, hw});
+    at::bmm_out(gx3, w.t().unsqueeze(0).expand({g.N, -1, -1}), gy3);
+    // sum_n gy[n] @ x[n]^T as one GEMM over the concatenated [out, N*hw] columns would
+    // need a transpose copy of gy; a batched product plus a reduction avoids it.
+    gw.copy_(at::bmm(gy3, x3.transpose(1, 2)).sum(0));
+  } else {
+    for (int64_t n = 0; n < g.N; ++n) {
+      const at::Tensor gyn = gy[n].view({g.out_w, g.H * g.W});
+      const at::Tensor xn = x[n].view({g.in_w, g.H * g.W});
+      at::Tensor gxn = gx[n].view({g.in_w, g.H * g.W});
+      at::mm_out(gxn, w.t(), gyn);
+      gw.addmm_(gyn, xn.t(), /*beta=*/n == 0 ? 0 : 1);
+    }
+  }
+  return {gx, gw_full};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bsnas, CPU, m) {
+  m.impl("masked_pwconv2d", &forward);
+  m.impl("_masked_pwconv2d_backward", &backward);
+}
+
+#ifdef BSNAS_WITH_CUDA
+TORCH_LIBRARY_IMPL(bsnas, CUDA, m) {
+  m.impl("masked_pwconv2d", &forward);
+  m.impl("_masked_pwconv2d_backward", &backward);
+}
+#endif
+
+}  // namespace bsnas

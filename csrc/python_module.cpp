@@ -1,0 +1,18 @@
+// The Python module bsnas._C. Importing it runs the TORCH_LIBRARY registrations of
+// every op compiled into the same library; the functions here describe the build.
+#include <torch/extension.h>
+
+namespace {
+bool cuda_compiled() {
+#ifdef BSNAS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "bsnas C++/CUDA kernels (ops registered under torch.ops.bsnas)";
+  m.def("cuda_compiled", &cuda_compiled, "Whether the CUDA kernels are in this build");
+}
