@@ -1,0 +1,228 @@
+"""The masked convolution ops on CPU against plain PyTorch on sliced weights."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bsnas
+from bsnas import masked_dwconv2d, masked_pwconv2d
+
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+def _rand(*shape, dtype=torch.float64, fmt=torch.contiguous_format, grad=True):
+    t = torch.randn(*shape, dtype=dtype).to(memory_format=fmt)
+    return t.requires_grad_(grad)
+
+
+def _dw_case(rng, dtype, fmt):
+    k = rng.choice([1, 3, 5, 7])
+    stride = rng.choice([1, 2])
+    dilation = rng.choice([1, 1, 2])
+    padding = rng.choice([dilation * (k - 1) // 2, 0, 1])
+    c_max = rng.randint(1, 40)
+    width = rng.randint(1, c_max)
+    n = rng.randint(1, 3)
+    lo = dilation * (k - 1) + 1 - 2 * padding
+    h, w = rng.randint(max(lo, 1), 17), rng.randint(max(lo, 1), 17)
+    x = _rand(n, width, h, w, dtype=dtype, fmt=fmt)
+    weight = _rand(c_max, 1, k, k, dtype=dtype)
+    return x, weight, width, stride, padding, dilation
+
+
+def _close(a, b, dtype):
+    """float64: elementwise within 1e-10. float32: relative norm error under 1e-5 (the
+    reduction order differs from the reference, so single elements may differ more)."""
+    if dtype == torch.float64:
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    else:
+        err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+        assert err < 1e-5, f"relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dwconv_matches_sliced_reference(dtype, fmt):
+    rng = random.Random(hash((str(dtype), str(fmt))) % 1000)
+    for _ in range(25):
+        x, weight, width, s, p, d = _dw_case(rng, dtype, fmt)
+        y = masked_dwconv2d(x, weight, width, s, p, d)
+        ref = F.conv2d(x, weight[:width], None, s, p, d, width)
+        _close(y, ref, dtype)
+        assert y.is_contiguous(memory_format=fmt)
+        g = torch.randn_like(ref)
+        gx, gw = torch.autograd.grad(y, (x, weight), g)
+        rx, rw = torch.autograd.grad(ref, (x, weight), g)
+        _close(gx, rx, dtype)
+        _close(gw, rw, dtype)
+        assert gw.shape == weight.shape and not gw[width:].any()
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pwconv_matches_sliced_reference(dtype, fmt):
+    rng = random.Random(7 + hash((str(dtype), str(fmt))) % 1000)
+    for _ in range(25):
+        cin_max, cout_max = rng.randint(1, 48), rng.randint(1, 48)
+        cin, cout = rng.randint(1, cin_max), rng.randint(1, cout_max)
+        n, h, w = rng.randint(1, 3), rng.randint(1, 9), rng.randint(1, 9)
+        x = _rand(n, cin, h, w, dtype=dtype, fmt=fmt)
+        weight = _rand(cout_max, cin_max, 1, 1, dtype=dtype)
+        y = masked_pwconv2d(x, weight, cin, cout)
+        ref = F.conv2d(x, weight[:cout, :cin])
+        _close(y, ref, dtype)
+        g = torch.randn_like(ref)
+        gx, gw = torch.autograd.grad(y, (x, weight), g)
+        rx, rw = torch.autograd.grad(ref, (x, weight), g)
+        _close(gx, rx, dtype)
+        _close(gw, rw, dtype)
+        assert not gw[cout:].any() and not gw[:, cin:].any()
+
+
+def test_noncontiguous_inputs_and_grads():
+    x = torch.randn(2, 12, 10, 10, dtype=torch.float64)[:, ::2].requires_grad_()
+    w = torch.randn(8, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = masked_dwconv2d(x, w, 6)
+    ref = F.conv2d(x, w[:6], None, 1, 1, 1, 6)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn(2, 6, 10, 20, dtype=torch.float64)[..., ::2]  # strided grad_out
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
+@pytest.mark.parametrize("k,stride", [(3, 1), (5, 2), (7, 1)])
+def test_dwconv_gradcheck(k, stride, fmt):
+    x = _rand(2, 3, 7, 6, fmt=fmt)
+    w = _rand(5, 1, k, k)
+    assert torch.autograd.gradcheck(lambda a, b: masked_dwconv2d(a, b, 3, stride), (x, w))
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
+def test_pwconv_gradcheck(fmt):
+    x = _rand(2, 3, 4, 5, fmt=fmt)
+    w = _rand(6, 5, 1, 1)
+    assert torch.autograd.gradcheck(lambda a, b: masked_pwconv2d(a, b, 3, 4), (x, w))
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
+def test_opcheck(fmt):
+    dw_args = (_rand(2, 4, 8, 8, dtype=torch.float32, fmt=fmt),
+               _rand(6, 1, 5, 5, dtype=torch.float32), 4, 2, 2, 1)
+    torch.library.opcheck(torch.ops.bsnas.masked_dwconv2d.default, dw_args)
+    pw_args = (_rand(2, 4, 5, 5, dtype=torch.float32, fmt=fmt),
+               _rand(7, 6, 1, 1, dtype=torch.float32), 4, 3)
+    torch.library.opcheck(torch.ops.bsnas.masked_pwconv2d.default, pw_args)
+
+
+def _op_names_run(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def test_no_weight_slice_is_copied():
+    """The ops pass the active block as a strided view: no copy or clone of anything."""
+    x = torch.randn(2, 24, 8, 8, requires_grad=True)
+    dw = torch.randn(32, 1, 3, 3, requires_grad=True)
+    pw = torch.randn(40, 32, 1, 1, requires_grad=True)
+    for fmt in LAYOUTS:
+        xf = x.detach().to(memory_format=fmt).requires_grad_()
+
+        def step():
+            y = masked_pwconv2d(masked_dwconv2d(xf, dw, 24), pw, 24, 30)
+            y.backward(torch.ones_like(y))
+
+        names = _op_names_run(step)
+        assert "aten::mm" in names
+        copies = {n for n in names if n in ("aten::copy_", "aten::clone", "aten::contiguous")}
+        assert not copies, f"{fmt}: unexpected {copies}"
+
+
+def test_compile_does_not_recompile_per_width():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    dw = torch.randn(32, 1, 3, 3, requires_grad=True)
+    pw = torch.randn(16, 32, 1, 1, requires_grad=True)
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def block(x, width):
+        return masked_pwconv2d(masked_dwconv2d(x, dw, width), pw, width, 16).relu().sum()
+
+    for width in (8, 12, 16, 24, 32):
+        x = torch.randn(2, width, 6, 6, requires_grad=True)
+        out = block(x, width)
+        out.backward()
+        ref = F.conv2d(F.conv2d(x, dw[:width], None, 1, 1, 1, width), pw[:16, :width]).relu().sum()
+        torch.testing.assert_close(out, ref)
+    assert counter.frame_count <= 2, f"recompiled {counter.frame_count} times for 5 widths"
+
+
+# --------------------------------------------------------------------------- bad input
+
+def _dw(**over):
+    args = dict(x=torch.randn(1, 4, 8, 8), weight=torch.randn(6, 1, 3, 3), width=4,
+                stride=1, padding=1, dilation=1)
+    args.update(over)
+    return lambda: torch.ops.bsnas.masked_dwconv2d(*args.values())
+
+
+def _pw(**over):
+    args = dict(x=torch.randn(1, 4, 5, 5), weight=torch.randn(6, 5, 1, 1), in_width=4,
+                out_width=3)
+    args.update(over)
+    return lambda: torch.ops.bsnas.masked_pwconv2d(*args.values())
+
+
+@pytest.mark.parametrize("call,message", [
+    (_dw(width=0), "width must be in"),
+    (_dw(width=7), "width must be in"),
+    (_dw(width=3), "has 4 channels but the active width is 3"),
+    (_dw(x=torch.randn(4, 8, 8)), "x must be 4-D"),
+    (_dw(weight=torch.randn(6, 3, 3)), "weight must be 4-D"),
+    (_dw(weight=torch.randn(6, 1, 4, 4)), "kernel size must be odd"),
+    (_dw(weight=torch.randn(6, 1, 3, 5)), "kernel must be square"),
+    (_dw(weight=torch.randn(6, 2, 3, 3)), "depthwise"),
+    (_dw(weight=torch.randn(6, 1, 3, 3, dtype=torch.float64)), "weight is"),
+    (_dw(x=torch.randn(1, 4, 8, 8).half(), weight=torch.randn(6, 1, 3, 3).half()), "CUDA only"),
+    (_dw(x=torch.randn(1, 4, 8, 8).long(), weight=torch.randn(6, 1, 3, 3).long()), "float32 or float64"),
+    (_dw(stride=0), "stride must be >= 1"),
+    (_dw(padding=-1), "padding must be >= 0"),
+    (_dw(dilation=0), "dilation must be >= 1"),
+    (_dw(x=torch.randn(1, 4, 2, 2), padding=0), "too small"),
+    (_pw(in_width=0), "in_width must be in"),
+    (_pw(in_width=6), "in_width must be in"),
+    (_pw(out_width=7), "out_width must be in"),
+    (_pw(out_width=0), "out_width must be in"),
+    (_pw(in_width=3), "has 4 channels but in_width is 3"),
+    (_pw(weight=torch.randn(6, 5, 3, 3)), "weight must be [Cout_max, Cin_max, 1, 1]"),
+    (_pw(x=torch.randn(4, 5, 5)), "x must be 4-D"),
+    (_pw(x=torch.randn(1, 4, 5, 5).bfloat16(), weight=torch.randn(6, 5, 1, 1).bfloat16()), "CUDA only"),
+    (_pw(weight=torch.randn(6, 5, 1, 1, dtype=torch.float64)), "weight is"),
+])
+def test_bad_input_raises_clear_error(call, message):
+    with pytest.raises(RuntimeError) as info:
+        call()
+    assert message in str(info.value)
+
+
+def test_backward_checks_grad_shape():
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(6, 1, 3, 3)
+    with pytest.raises(RuntimeError, match="grad_out has shape"):
+        torch.ops.bsnas._masked_dwconv2d_backward(torch.randn(1, 4, 7, 8), x, w, 4, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="grad_out has shape"):
+        torch.ops.bsnas._masked_pwconv2d_backward(torch.randn(1, 2, 8, 8), x,
+                                                  torch.randn(3, 4, 1, 1), 4, 3)
+
+
+def test_empty_batch():
+    y = masked_dwconv2d(torch.randn(0, 4, 8, 8), torch.randn(6, 1, 3, 3), 4)
+    assert y.shape == (0, 4, 8, 8)
+    y = masked_pwconv2d(torch.randn(0, 4, 8, 8), torch.randn(6, 5, 1, 1), 4, 2)
+    assert y.shape == (0, 2, 8, 8)
+
+
+def test_build_reports_cuda():
+    assert isinstance(bsnas.cuda_compiled(), bool)
