@@ -1,0 +1,7 @@
+"""Modules of bsnas: the spring block and its building pieces."""
+from bsnas.nn.batchnorm import DynamicBatchNorm2d, recalibrate_bn
+from bsnas.nn.masked_conv import MaskedDepthwiseConv2d, MaskedPointwiseConv2d
+from bsnas.nn.spring_block import SpringBlock, StaticMBConv
+
+__all__ = ["DynamicBatchNorm2d", "MaskedDepthwiseConv2d", "MaskedPointwiseConv2d",
+           "SpringBlock", "StaticMBConv", "recalibrate_bn"]

@@ -1,0 +1,78 @@
+"""Batch normalisation shared across widths, and BN recalibration of a subnet."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DynamicBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d over the first `C` channels of its full-width state, C = x.shape[1].
+
+    Affine parameters are shared across widths; in training only the running statistics
+    of the active prefix are updated (as Once-for-All's DynamicBatchNorm2d: prefix views
+    of the full buffers are passed to `F.batch_norm`, which updates them in place).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D input, got {x.dim()}-D")
+        if c > self.num_features:
+            raise ValueError(f"input has {c} channels, more than num_features={self.num_features}")
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch = self.training or self.running_mean is None
+        return F.batch_norm(
+            x,
+            None if self.running_mean is None else self.running_mean[:c],
+            None if self.running_var is None else self.running_var[:c],
+            None if self.weight is None else self.weight[:c],
+            None if self.bias is None else self.bias[:c],
+            use_batch, factor, self.eps)
+
+    def folded(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode affine map of the first `c` channels as (scale, shift), [c] each:
+        BN(x) = x * scale + shift."""
+        scale = torch.rsqrt(self.running_var[:c] + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight[:c]
+        shift = -self.running_mean[:c] * scale
+        if self.bias is not None:
+            shift = shift + self.bias[:c]
+        return scale, shift
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable) -> int:
+    """Reset and re-estimate the BN running statistics of `model`'s active configuration.
+
+    `batches` yields input tensors (or `(input, target)` pairs; the target is ignored).
+    Statistics become the exact average over the batches (momentum None), as SPOS does.
+    The model's training flag and every BN momentum are restored afterwards. Returns the
+    number of batches used; raises ValueError when there were none.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum) for m in bns]
+    was_training = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    count = 0
+    try:
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x)
+            count += 1
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("recalibrate_bn: no batches given")
+    return count

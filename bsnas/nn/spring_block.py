@@ -1,0 +1,219 @@
+"""The spring block: an inverted-residual (MBConv) block whose hidden width is chosen at
+run time (BS-NAS, ../shared/BSNAS.md).
+
+    x -> 1x1 expand -> BN -> act -> k x k depthwise (stride) -> BN -> act
+      -> 1x1 project -> BN (+ x when stride 1 and in == out)
+
+All widths share one set of full-width parameters; width c uses the first c expand
+filters, depthwise filters and BN entries and the first c input columns of the project
+weight. The convolutions are the masked ops of `bsnas.ops`, which read those prefixes
+in place. In eval mode BN is folded into the active weights, cached per width.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bsnas.nn.batchnorm import DynamicBatchNorm2d
+from bsnas.nn.masked_conv import MaskedDepthwiseConv2d, MaskedPointwiseConv2d
+
+ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU, "hswish": nn.Hardswish}
+
+
+def _act_fn(name: str):
+    return {"relu6": F.relu6, "relu": F.relu, "hswish": F.hardswish}[name]
+
+
+class SpringBlock(nn.Module):
+    """MBConv with a searchable hidden width.
+
+    Args:
+        in_channels, out_channels: block input / output channels.
+        max_width: the largest hidden width; parameters are allocated for it.
+        kernel_size: odd depthwise kernel size (3, 5, 7, ...).
+        stride: 1 or 2.
+        activation: "relu6" (default), "relu" or "hswish".
+
+    `block.width` (1..max_width, default max_width) is the active hidden width.
+    Input `[N, in_channels, H, W]` -> output `[N, out_channels, H / stride, W / stride]`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, max_width: int, kernel_size: int,
+                 stride: int, activation: str = "relu6"):
+        super().__init__()
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
+                        ("max_width", max_width)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"SpringBlock: {name} must be a positive int, got {v!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"SpringBlock: activation must be one of {sorted(ACTIVATIONS)}, "
+                             f"got {activation!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.max_width, self.kernel_size, self.stride = max_width, kernel_size, stride
+        self.activation = activation
+        self.residual = stride == 1 and in_channels == out_channels
+        self.expand = MaskedPointwiseConv2d(in_channels, max_width)
+        self.expand_bn = DynamicBatchNorm2d(max_width)
+        self.depthwise = MaskedDepthwiseConv2d(max_width, kernel_size, stride)
+        self.depthwise_bn = DynamicBatchNorm2d(max_width)
+        self.project = MaskedPointwiseConv2d(max_width, out_channels)
+        self.project_bn = DynamicBatchNorm2d(out_channels)
+        self._width = max_width
+        self._folded_cache: dict = {}
+
+    # ------------------------------------------------------------------ width
+    @property
+    def width(self) -> int:
+        return self._width
+
+    @width.setter
+    def width(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"SpringBlock.width must be an int, got {value!r}")
+        if not 1 <= value <= self.max_width:
+            raise ValueError(f"SpringBlock.width must be in [1, {self.max_width}], got {value}")
+        self._width = value
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_channels}, out={self.out_channels}, max_width={self.max_width}, "
+                f"k={self.kernel_size}, stride={self.stride}, width={self.width}, "
+                f"act={self.activation}")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"SpringBlock expects [N, {self.in_channels}, H, W], got "
+                             f"{tuple(x.shape)}")
+        if not self.training and not (torch.is_grad_enabled() and self.expand.weight.requires_grad):
+            return self._forward_folded(x)  # inference; gradients need the path below
+        act = _act_fn(self.activation)
+        c = self._width
+        h = act(self.expand_bn(self.expand(x, c)))
+        h = act(self.depthwise_bn(self.depthwise(h)))
+        h = self.project_bn(self.project(h))
+        return h + x if self.residual else h
+
+    # Inference (eval mode, no gradient wanted): BN folded into the active weights. The folded weights are copies of the
+    # active part, cached per width and rebuilt whenever a parameter or BN buffer
+    # changes (every in-place update bumps the tensor's version counter).
+    def _state_versions(self) -> tuple:
+        return tuple(t._version for t in (*self.parameters(), *self.buffers()))
+
+    @torch.no_grad()
+    def folded_weights(self, width: int | None = None) -> dict:
+        """Eval-mode weights of the active configuration with BN folded in:
+        `expand_w [c, in, 1, 1]`, `expand_b [c]`, `dw_w [c, 1, k, k]`, `dw_b [c]`,
+        `project_w [out, c, 1, 1]`, `project_b [out]`."""
+        c = self._width if width is None else width
+        key = (c, self._state_versions(), self.expand.weight.device, self.expand.weight.dtype)
+        hit = self._folded_cache.get(c)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        s1, b1 = self.expand_bn.folded(c)
+        s2, b2 = self.depthwise_bn.folded(c)
+        s3, b3 = self.project_bn.folded(self.out_channels)
+        folded = {
+            "expand_w": self.expand.weight[:c] * s1.view(-1, 1, 1, 1), "expand_b": b1,
+            "dw_w": self.depthwise.weight[:c] * s2.view(-1, 1, 1, 1), "dw_b": b2,
+            "project_w": self.project.weight[:, :c] * s3.view(-1, 1, 1, 1), "project_b": b3,
+        }
+        folded = {k: v.contiguous() for k, v in folded.items()}
+        self._folded_cache[c] = (key, folded)
+        return folded
+
+    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.folded_weights()
+        act = _act_fn(self.activation)
+        c, k = self._width, self.kernel_size
+        h = act(F.conv2d(x, f["expand_w"], f["expand_b"]))
+        h = act(F.conv2d(h, f["dw_w"], f["dw_b"], self.stride, k // 2, 1, c))
+        h = F.conv2d(h, f["project_w"], f["project_b"])
+        return h + x if self.residual else h
+
+    def train(self, mode: bool = True):
+        self._folded_cache.clear()
+        return super().train(mode)
+
+    # ------------------------------------------------------------------ channel order
+    @torch.no_grad()
+    def channel_importance(self) -> torch.Tensor:
+        """L1 norm of each hidden channel's project-weight column, `[max_width]`."""
+        return self.project.weight.abs().sum(dim=(0, 2, 3))
+
+    @torch.no_grad()
+    def reorder_channels(self, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+        """Permute the hidden channels by decreasing importance, so that width c keeps
+        the c most important ones. Every parameter and BN buffer indexed by the hidden
+        channel is permuted, and so is any `optimizer` state of the same shape as its
+        parameter (momentum, Adam moments). The full-width function is unchanged.
+        Returns the permutation (new position i holds old channel perm[i])."""
+        perm = torch.argsort(self.channel_importance(), descending=True, stable=True)
+        rows = [self.expand.weight, self.depthwise.weight, self.expand_bn.weight,
+                self.expand_bn.bias, self.depthwise_bn.weight, self.depthwise_bn.bias]
+        cols = [self.project.weight]
+        state = optimizer.state if optimizer is not None else {}
+
+        def permute(t: torch.Tensor, dim: int) -> None:
+            t.copy_(t.index_select(dim, perm.to(t.device)))
+
+        for p, dim in [(p, 0) for p in rows] + [(p, 1) for p in cols]:
+            permute(p, dim)
+            for v in state.get(p, {}).values():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    permute(v, dim)
+        for bn in (self.expand_bn, self.depthwise_bn):
+            permute(bn.running_mean, 0)
+            permute(bn.running_var, 0)
+        return perm
+
+    # ------------------------------------------------------------------ static twin
+    @torch.no_grad()
+    def to_static(self, width: int | None = None) -> "StaticMBConv":
+        """A plain torch.nn block (Conv2d/BatchNorm2d) with copies of the active weights
+        and statistics, computing the same function as this block at `width`."""
+        c = self._width if width is None else width
+        if not 1 <= c <= self.max_width:
+            raise ValueError(f"to_static: width must be in [1, {self.max_width}], got {c}")
+        s = StaticMBConv(self.in_channels, self.out_channels, c, self.kernel_size,
+                         self.stride, self.activation)
+        dev, dt = self.expand.weight.device, self.expand.weight.dtype
+        s.to(device=dev, dtype=dt)
+        s.expand.weight.copy_(self.expand.weight[:c])
+        s.depthwise.weight.copy_(self.depthwise.weight[:c])
+        s.project.weight.copy_(self.project.weight[:, :c])
+        for dst, src, n in ((s.expand_bn, self.expand_bn, c), (s.depthwise_bn, self.depthwise_bn, c),
+                            (s.project_bn, self.project_bn, self.out_channels)):
+            dst.weight.copy_(src.weight[:n])
+            dst.bias.copy_(src.bias[:n])
+            dst.running_mean.copy_(src.running_mean[:n])
+            dst.running_var.copy_(src.running_var[:n])
+            dst.num_batches_tracked.copy_(src.num_batches_tracked)
+            dst.eps, dst.momentum = src.eps, src.momentum
+        s.train(self.training)
+        return s
+
+
+class StaticMBConv(nn.Module):
+    """A fixed-width inverted-residual block of plain torch.nn layers (the static twin of
+    a SpringBlock). Submodule names match the SpringBlock's."""
+
+    def __init__(self, in_channels: int, out_channels: int, width: int, kernel_size: int,
+                 stride: int, activation: str = "relu6"):
+        super().__init__()
+        self.residual = stride == 1 and in_channels == out_channels
+        self.expand = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.expand_bn = nn.BatchNorm2d(width)
+        self.expand_act = ACTIVATIONS[activation]()
+        self.depthwise = nn.Conv2d(width, width, kernel_size, stride, kernel_size // 2,
+                                   groups=width, bias=False)
+        self.depthwise_bn = nn.BatchNorm2d(width)
+        self.depthwise_act = ACTIVATIONS[activation]()
+        self.project = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.project_bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.expand_act(self.expand_bn(self.expand(x)))
+        h = self.depthwise_act(self.depthwise_bn(self.depthwise(h)))
+        h = self.project_bn(self.project(h))
+        return h + x if self.residual else h

@@ -1,0 +1,209 @@
+"""SpringBlock against a plain PyTorch block built from the sliced weights."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bsnas.nn import SpringBlock, recalibrate_bn
+
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+def _randomise(block):
+    """Non-trivial BN state, so folding and slicing mistakes show."""
+    with torch.no_grad():
+        for bn in (block.expand_bn, block.depthwise_bn, block.project_bn):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+
+
+def _reference(block, x, c, training, stats):
+    """The block computed with F.conv2d/F.batch_norm on sliced weights; `stats` holds
+    clones of the full running buffers, updated like the block's prefix."""
+    act = F.relu6
+    k, s = block.kernel_size, block.stride
+
+    def bn(name, h, n):
+        m = getattr(block, name)
+        mean, var = stats[name]
+        return F.batch_norm(h, mean[:n], var[:n], m.weight[:n], m.bias[:n], training,
+                            m.momentum, m.eps)
+
+    h = act(bn("expand_bn", F.conv2d(x, block.expand.weight[:c]), c))
+    h = act(bn("depthwise_bn", F.conv2d(h, block.depthwise.weight[:c], None, s, k // 2, 1, c), c))
+    h = bn("project_bn", F.conv2d(h, block.project.weight[:, :c]), block.out_channels)
+    return h + x if block.residual else h
+
+
+def _stats(block):
+    return {n: (getattr(block, n).running_mean.clone(), getattr(block, n).running_var.clone())
+            for n in ("expand_bn", "depthwise_bn", "project_bn")}
+
+
+def _case(rng):
+    cin = rng.choice([3, 8, 16])
+    cout = rng.choice([cin, 8, 12])
+    stride = rng.choice([1, 2])
+    max_w = rng.randint(4, 40)
+    return dict(in_channels=cin, out_channels=cout, max_width=max_w,
+                kernel_size=rng.choice([3, 5, 7]), stride=stride), rng.randint(1, max_w)
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_sliced_reference(dtype, training, fmt):
+    rng = random.Random(11)
+    for _ in range(6):
+        args, width = _case(rng)
+        block = SpringBlock(**args).to(dtype)
+        _randomise(block)
+        block.width = width
+        block.train(training)
+        x = torch.randn(3, args["in_channels"], 10, 9, dtype=dtype).to(memory_format=fmt)
+        x.requires_grad_()
+        stats = _stats(block)
+        y = block(x)
+        ref = _reference(block, x, width, training, stats)
+        g = torch.randn_like(ref)
+        params = [block.expand.weight, block.depthwise.weight, block.project.weight,
+                  block.expand_bn.weight, block.depthwise_bn.bias, block.project_bn.weight]
+        got = torch.autograd.grad(y, [x, *params], g)
+        want = torch.autograd.grad(ref, [x, *params], g, allow_unused=True)
+        want = [torch.zeros_like(a) if b is None else b for a, b in zip(got, want)]
+        if dtype == torch.float64:
+            for a, b in zip([y, *got], [ref, *want]):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        else:
+            # float32: within 1e-5 relative, normwise over the output and over all the
+            # gradients together. Single gradients can cancel (at width 1 the project
+            # BN is scale invariant, so the project weight's exact gradient is ~0):
+            # each one separately within 1e-3 of its own norm.
+            def rel(a, b):
+                return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+            assert rel(y, ref) < 1e-5
+            flat = lambda ts: torch.cat([t.flatten() for t in ts])  # noqa: E731
+            assert rel(flat(got), flat(want)) < 1e-5
+            for a, b in zip(got, want):
+                assert rel(a, b) < 1e-3
+        if training:  # running statistics of the active prefix moved the same way
+            for name, (mean, var) in stats.items():
+                m = getattr(block, name)
+                torch.testing.assert_close(m.running_mean, mean, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(m.running_var, var, rtol=1e-5, atol=1e-6)
+
+
+def test_inactive_channels_untouched_by_training_step():
+    block = SpringBlock(8, 8, 32, 3, 1).double()
+    block.width = 12
+    before = _stats(block)
+    x = torch.randn(4, 8, 6, 6, dtype=torch.float64)
+    block(x).square().sum().backward()
+    for name in ("expand_bn", "depthwise_bn"):
+        m = getattr(block, name)
+        assert torch.equal(m.running_mean[12:], before[name][0][12:])
+        assert not torch.equal(m.running_mean[:12], before[name][0][:12])
+    assert not block.expand.weight.grad[12:].any()
+    assert not block.depthwise.weight.grad[12:].any()
+    assert not block.project.weight.grad[:, 12:].any()
+
+
+@pytest.mark.parametrize("width", [1, 7, 24])
+def test_to_static_agrees(width):
+    block = SpringBlock(8, 16, 24, 5, 2).double()
+    _randomise(block)
+    block.width = width
+    x = torch.randn(2, 8, 11, 11, dtype=torch.float64)
+    for mode in (False, True):
+        block.train(mode)
+        static = block.to_static()
+        assert all(type(m).__module__.startswith("torch.nn") for m in static.children())
+        torch.testing.assert_close(static(x), block(x), rtol=1e-10, atol=1e-10)
+
+
+def test_folded_cache_invalidated_when_weights_change():
+    block = SpringBlock(4, 4, 16, 3, 1).double().eval()
+    _randomise(block)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    block.width = 8
+    y1 = block(x)
+    assert block.folded_weights() is block.folded_weights()  # cached
+    with torch.no_grad():
+        block.depthwise.weight.mul_(2)
+    y2 = block(x)
+    static = block.to_static()
+    torch.testing.assert_close(y2, static(x), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(y1, y2)
+    block.width = 16
+    torch.testing.assert_close(block(x), block.to_static()(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_reorder_channels_keeps_full_width_function(training):
+    block = SpringBlock(6, 6, 30, 3, 1).double()
+    _randomise(block)
+    block.train(training)
+    x = torch.randn(3, 6, 7, 7, dtype=torch.float64)
+    opt = torch.optim.SGD(block.parameters(), lr=0.1, momentum=0.9)
+    block(x).square().sum().backward()
+    opt.step()
+    momentum = opt.state[block.project.weight]["momentum_buffer"].clone()
+    with torch.no_grad():
+        before = block(x)
+    imp_before = block.channel_importance()
+    perm = block.reorder_channels(opt)
+    with torch.no_grad():
+        after = block(x)
+    torch.testing.assert_close(after, before, rtol=1e-10, atol=1e-10)
+    imp = block.channel_importance()
+    assert torch.all(imp[:-1] >= imp[1:])
+    torch.testing.assert_close(imp, imp_before[perm])
+    torch.testing.assert_close(opt.state[block.project.weight]["momentum_buffer"],
+                               momentum[:, perm])
+
+
+def test_recalibrate_bn_matches_hand_computed_statistics():
+    torch.manual_seed(3)
+    block = SpringBlock(4, 8, 20, 3, 2).double()
+    _randomise(block)
+    block.width = 9
+    batches = [torch.randn(5, 4, 8, 8, dtype=torch.float64) for _ in range(3)]
+    block.eval()
+    used = recalibrate_bn(block, batches)
+    assert used == 3 and not block.training
+    # By hand: the expand BN's statistics are the average over batches of the batch
+    # mean and unbiased variance of the expand output.
+    with torch.no_grad():
+        z = [F.conv2d(b, block.expand.weight[:9]) for b in batches]
+        mean = torch.stack([t.mean(dim=(0, 2, 3)) for t in z]).mean(0)
+        var = torch.stack([t.transpose(0, 1).reshape(9, -1).var(dim=1) for t in z]).mean(0)
+    torch.testing.assert_close(block.expand_bn.running_mean[:9], mean)
+    torch.testing.assert_close(block.expand_bn.running_var[:9], var)
+    assert block.expand_bn.momentum == 0.1
+    with pytest.raises(ValueError, match="no batches"):
+        recalibrate_bn(block, [])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(in_channels=0, out_channels=4, max_width=8, kernel_size=3, stride=1), "in_channels"),
+    (dict(in_channels=4, out_channels=4, max_width=8, kernel_size=4, stride=1), "odd"),
+    (dict(in_channels=4, out_channels=4, max_width=8, kernel_size=3, stride=3), "stride"),
+    (dict(in_channels=4, out_channels=4, max_width=8, kernel_size=3, stride=1,
+          activation="gelu"), "activation"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpringBlock(**kwargs)
+
+
+def test_bad_width_and_input():
+    block = SpringBlock(4, 4, 8, 3, 1)
+    for bad in (0, 9, -1, 2.5, True):
+        with pytest.raises(ValueError, match="width"):
+            block.width = bad
+    with pytest.raises(ValueError, match=r"expects \[N, 4, H, W\]"):
+        block(torch.randn(1, 5, 6, 6))
