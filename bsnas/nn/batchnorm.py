@@ -35,6 +35,29 @@ class DynamicBatchNorm2d(nn.BatchNorm2d):
             None if self.bias is None else self.bias[:c],
             use_batch, factor, self.eps)
 
+    def batch_affine(self, mean: torch.Tensor, var: torch.Tensor, count: int):
+        """Training-mode BN of the first `c = len(mean)` channels from batch statistics
+        computed elsewhere (e.g. by a fused kernel): `mean`, biased `var` [c] over
+        `count` values per channel. Updates the running statistics of the prefix exactly
+        as `forward` would and returns (scale, shift) [c] with BN(x) = x * scale + shift,
+        differentiable in mean, var and the affine parameters."""
+        c = mean.shape[0]
+        if self.track_running_stats and self.running_mean is not None:
+            self.num_batches_tracked.add_(1)
+            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                      else self.momentum)
+            with torch.no_grad():
+                unbiased = var * (count / max(count - 1, 1))
+                self.running_mean[:c].lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                self.running_var[:c].lerp_(unbiased.detach().to(self.running_var.dtype), factor)
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight[:c]
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias[:c]
+        return scale, shift
+
     def folded(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode affine map of the first `c` channels as (scale, shift), [c] each:
         BN(x) = x * scale + shift."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from bsnas.nn.batchnorm import DynamicBatchNorm2d
 from bsnas.nn.masked_conv import MaskedDepthwiseConv2d, MaskedPointwiseConv2d
+from bsnas.ops import ACTIVATION_CODES, bn_act_dwconv2d
 
 ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU, "hswish": nn.Hardswish}
 
@@ -87,10 +88,35 @@ class SpringBlock(nn.Module):
                              f"{tuple(x.shape)}")
         if not self.training and not (torch.is_grad_enabled() and self.expand.weight.requires_grad):
             return self._forward_folded(x)  # inference; gradients need the path below
+        if self.training and self.activation in ACTIVATION_CODES and self._fused_ok():
+            return self._forward_train_fused(x)
         act = _act_fn(self.activation)
         c = self._width
         h = act(self.expand_bn(self.expand(x, c)))
         h = act(self.depthwise_bn(self.depthwise(h)))
+        h = self.project_bn(self.project(h))
+        return h + x if self.residual else h
+
+    def _fused_ok(self) -> bool:
+        return all(bn.track_running_stats and bn.affine
+                   for bn in (self.expand_bn, self.depthwise_bn))
+
+    # Training: the expand BN + activation are applied inside the depthwise kernel as it
+    # reads its input, and the depthwise output's per-channel sum and sum of squares come
+    # out of the same pass, giving the depthwise BN's batch statistics.
+    def _forward_train_fused(self, x: torch.Tensor) -> torch.Tensor:
+        c, k = self._width, self.kernel_size
+        z = self.expand(x, c)
+        var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
+        scale, shift = self.expand_bn.batch_affine(mean, var, z.numel() // c)
+        y, ysum, ysq = bn_act_dwconv2d(z, scale, shift, self.depthwise.weight, c, self.stride,
+                                       k // 2, 1, self.activation)
+        count = y.numel() // c
+        mean2 = ysum / count
+        var2 = (ysq / count - mean2 * mean2).clamp_min(0)
+        scale2, shift2 = self.depthwise_bn.batch_affine(mean2, var2, count)
+        act = _act_fn(self.activation)
+        h = act(torch.addcmul(shift2.view(1, -1, 1, 1), y, scale2.view(1, -1, 1, 1)))
         h = self.project_bn(self.project(h))
         return h + x if self.residual else h
 

@@ -1,4 +1,5 @@
 """Custom ops of bsnas (`torch.ops.bsnas.*`), with Python entry points."""
+from bsnas.ops.bn_act_dwconv import ACTIVATION_CODES, bn_act_dwconv2d
 from bsnas.ops.masked_conv import masked_dwconv2d, masked_pwconv2d
 
-__all__ = ["masked_dwconv2d", "masked_pwconv2d"]
+__all__ = ["ACTIVATION_CODES", "bn_act_dwconv2d", "masked_dwconv2d", "masked_pwconv2d"]

@@ -44,6 +44,17 @@ BSNAS_HD int64_t out_index_for_input(int64_t i, int64_t off, int64_t stride,
   return t < out ? t : -1;
 }
 
+// Activations the fused kernels apply (codes shared with bsnas/ops/bn_act_dwconv.py).
+enum ActCode : int64_t { kActIdentity = 0, kActReLU = 1, kActReLU6 = 2 };
+
+template <typename T>
+BSNAS_HD T activate(T v, int64_t act) {
+  if (act == kActIdentity) return v;
+  v = v > T(0) ? v : T(0);
+  if (act == kActReLU6) v = v < T(6) ? v : T(6);
+  return v;
+}
+
 // The memory format every op of this extension computes in and returns: channels_last
 // when the input is densely channels_last and not also plain contiguous, NCHW
 // otherwise. The Python fake kernels apply the same rule.
@@ -132,6 +143,19 @@ inline void check_grad_out(const char* op, const at::Tensor& grad_out,
   check_same(op, grad_out, "grad_out", x, "x");
   TORCH_CHECK(grad_out.sizes() == expected, op, ": grad_out has shape ",
               grad_out.sizes(), ", expected ", expected);
+}
+
+// Per-channel affine (scale, shift) of the fused BN, and the activation code.
+inline void check_affine_act(const char* op, const at::Tensor& x, const at::Tensor& scale,
+                             const at::Tensor& shift, int64_t width, int64_t act) {
+  for (const auto& [t, name] : {std::pair{&scale, "scale"}, std::pair{&shift, "shift"}}) {
+    TORCH_CHECK(t->defined(), op, ": ", name, " is undefined");
+    check_same(op, *t, name, x, "z");
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == width, op, ": ", name,
+                " must be 1-D of the active width ", width, ", got shape ", t->sizes());
+  }
+  TORCH_CHECK(act == kActIdentity || act == kActReLU || act == kActReLU6, op,
+              ": activation code must be 0 (identity), 1 (relu) or 2 (relu6), got ", act);
 }
 
 struct PwGeometry {

@@ -1,0 +1,83 @@
+"""The spring block's fused depthwise pass, `torch.ops.bsnas.bn_act_dwconv2d`:
+
+    a = act(z * scale + shift)                     # BN (as a per-channel affine) + act
+    y = conv2d(a, weight[:width], groups=width)    # masked depthwise convolution
+    returns y, y.sum((0, 2, 3)), (y * y).sum((0, 2, 3))
+
+`z` is `[N, width, H, W]` (the raw expand output), `scale`/`shift` are `[width]`,
+`weight` the full `[C_max, 1, k, k]`. Differentiable in z, scale, shift and weight,
+including through the two statistics outputs. The intermediate `a` is never stored:
+the backward recomputes it from `z`.
+"""
+from __future__ import annotations
+
+import torch
+
+from bsnas import _C  # noqa: F401  (registers the ops)
+from bsnas.ops.masked_conv import _conv_out, _format
+
+__all__ = ["ACTIVATION_CODES", "bn_act_dwconv2d"]
+
+# Must match bsnas::ActCode in csrc/ops/masked_conv_common.h.
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "relu6": 2}
+
+_ops = torch.ops.bsnas
+
+
+def bn_act_dwconv2d(z, scale, shift, weight, width=None, stride: int = 1, padding=None,
+                    dilation: int = 1, activation: str = "relu6"):
+    """See the module docstring. `padding` defaults to "same"; `activation` is one of
+    "identity", "relu", "relu6". Returns `(y, sum, sumsq)`."""
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
+    if width is None:
+        width = z.shape[1]
+    if padding is None:
+        padding = dilation * (weight.shape[-1] - 1) // 2
+    return _ops.bn_act_dwconv2d(z, scale, shift, weight, width, stride, padding, dilation,
+                                ACTIVATION_CODES[activation])
+
+
+@torch.library.register_fake("bsnas::bn_act_dwconv2d")
+def _fake(z, scale, shift, weight, width, stride, padding, dilation, activation):
+    torch._check(z.dim() == 4, lambda: "bn_act_dwconv2d: z must be 4-D")
+    torch._check(z.shape[1] == width, lambda: "bn_act_dwconv2d: z channels != width")
+    torch._check(width <= weight.shape[0], lambda: "bn_act_dwconv2d: width > C_max")
+    torch._check(scale.shape[0] == width and shift.shape[0] == width,
+                 lambda: "bn_act_dwconv2d: scale/shift must have the active width")
+    k = weight.shape[2]
+    n, _, h, w = z.shape
+    shape = (n, width, _conv_out(h, k, stride, padding, dilation),
+             _conv_out(w, k, stride, padding, dilation))
+    y = torch.empty(shape, dtype=z.dtype, device=z.device, memory_format=_format(z))
+    return y, z.new_empty((width,)), z.new_empty((width,))
+
+
+@torch.library.register_fake("bsnas::_bn_act_dwconv2d_backward")
+def _backward_fake(grad_y, grad_sum, grad_sumsq, z, scale, shift, weight, y, width, stride,
+                   padding, dilation, activation):
+    gz = torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=_format(z))
+    return gz, scale.new_empty(scale.shape), shift.new_empty(shift.shape), \
+        weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    z, scale, shift, weight, *args = inputs
+    ctx.save_for_backward(z, scale, shift, weight, output[0])
+    ctx.args = args
+
+
+def _backward(ctx, grad_y, grad_sum, grad_sumsq):
+    z, scale, shift, weight, y = ctx.saved_tensors
+    grad_y = torch.zeros_like(y) if grad_y is None else grad_y
+    grad_sum = scale.new_zeros(scale.shape) if grad_sum is None else grad_sum
+    grad_sumsq = scale.new_zeros(scale.shape) if grad_sumsq is None else grad_sumsq
+    gz, gs, gb, gw = _ops._bn_act_dwconv2d_backward(grad_y, grad_sum, grad_sumsq, z, scale,
+                                                    shift, weight, y, *ctx.args)
+    need = ctx.needs_input_grad
+    return (gz if need[0] else None, gs if need[1] else None, gb if need[2] else None,
+            gw if need[3] else None, None, None, None, None, None)
+
+
+torch.library.register_autograd("bsnas::bn_act_dwconv2d", _backward,
+                                setup_context=_setup_context)
