@@ -59,7 +59,7 @@ def _want_cuda():
 
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++20"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp-simd"]  # simd pragmas only, no OpenMP runtime
     if _want_cuda():
         sources += sorted(glob.glob("csrc/ops/cuda/*.cu"))
         print(f"bsnas: building CPU + CUDA kernels (CUDA_HOME={_cuda_home}, "

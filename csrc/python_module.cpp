@@ -2,6 +2,10 @@
 // every op compiled into the same library; the functions here describe the build.
 #include <torch/extension.h>
 
+namespace bsnas::cpu {
+const char* selected_isa();  // csrc/ops/cpu/register_cpu.cpp
+}
+
 namespace {
 bool cuda_compiled() {
 #ifdef BSNAS_WITH_CUDA
@@ -15,4 +19,6 @@ bool cuda_compiled() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bsnas C++/CUDA kernels (ops registered under torch.ops.bsnas)";
   m.def("cuda_compiled", &cuda_compiled, "Whether the CUDA kernels are in this build");
+  m.def("cpu_isa", [] { return std::string(bsnas::cpu::selected_isa()); },
+        "Instruction set of the CPU kernels in use: generic, avx2 or avx512");
 }

@@ -1,31 +1,32 @@
+#pragma once
 // CPU kernels of bsnas::masked_dwconv2d: direct depthwise convolution over the first
 // `width` filters of a full-width weight, NCHW and channels_last, float32/float64.
-// The loops live in dwconv_cpu.h.
+// Tensor-level drivers; the loops live in dwconv_loops.h. Compiled once per
+// instruction set (kernels_isa.h), like everything this header includes.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include "dwconv_cpu.h"
+#include "dwconv_loops.h"
 
 namespace bsnas {
-namespace {
+namespace cpu {
+namespace BSNAS_CPU_ISA {
 
-using namespace cpu;
+constexpr const char* kDwFwd = "masked_dwconv2d";
+constexpr const char* kDwBwd = "masked_dwconv2d_backward";
 
-constexpr const char* kFwd = "masked_dwconv2d";
-constexpr const char* kBwd = "masked_dwconv2d_backward";
-
-at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, int64_t width,
+at::Tensor dw_forward(const at::Tensor& x_in, const at::Tensor& weight_in, int64_t width,
                        int64_t stride, int64_t padding, int64_t dilation) {
-  const DwGeometry g = check_dw_args(kFwd, x_in, weight_in, width, stride, padding, dilation);
+  const DwGeometry g = check_dw_args(kDwFwd, x_in, weight_in, width, stride, padding, dilation);
   const auto fmt = compute_format(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
   const at::Tensor weight = weight_in.contiguous();  // a no-op for parameters
   at::Tensor y = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options().memory_format(fmt));
   if (y.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kFwd, [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kDwFwd, [&] {
     const auto* xp = x.const_data_ptr<scalar_t>();
     const auto* wp = weight.const_data_ptr<scalar_t>();
     auto* yp = y.mutable_data_ptr<scalar_t>();
@@ -35,13 +36,13 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, int6
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out,
+std::tuple<at::Tensor, at::Tensor> dw_backward(const at::Tensor& grad_out,
                                                 const at::Tensor& x_in,
                                                 const at::Tensor& weight_in, int64_t width,
                                                 int64_t stride, int64_t padding,
                                                 int64_t dilation) {
-  const DwGeometry g = check_dw_args(kBwd, x_in, weight_in, width, stride, padding, dilation);
-  check_grad_out(kBwd, grad_out, x_in, {g.N, g.C, g.Ho, g.Wo});
+  const DwGeometry g = check_dw_args(kDwBwd, x_in, weight_in, width, stride, padding, dilation);
+  check_grad_out(kDwBwd, grad_out, x_in, {g.N, g.C, g.Ho, g.Wo});
   const auto fmt = compute_format(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
   const at::Tensor gy = grad_out.contiguous(fmt);
@@ -50,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out,
   // Full-width gradient; rows past `width` stay zero.
   at::Tensor gw = at::zeros(weight.sizes(), weight.options());
   if (x.numel() == 0) return {gx.zero_(), gw};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kBwd, [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kDwBwd, [&] {
     const auto* xp = x.const_data_ptr<scalar_t>();
     const auto* wp = weight.const_data_ptr<scalar_t>();
     const auto* gyp = gy.const_data_ptr<scalar_t>();
@@ -67,11 +68,6 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out,
   return {gx, gw};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(bsnas, CPU, m) {
-  m.impl("masked_dwconv2d", &forward_cpu);
-  m.impl("_masked_dwconv2d_backward", &backward_cpu);
-}
-
+}  // namespace BSNAS_CPU_ISA
+}  // namespace cpu
 }  // namespace bsnas

@@ -1,5 +1,6 @@
 // Depthwise convolution loops of the CPU backend, shared by bsnas::masked_dwconv2d
-// and the fused bsnas::bn_act_dwconv2d. Raw-pointer templates over float/double.
+// and the fused bsnas::bn_act_dwconv2d. Raw-pointer templates over float/double,
+// compiled once per instruction set (see kernels_isa.h).
 //
 // NCHW works plane by plane with row accumulation (for each kernel tap, a contiguous
 // saxpy over an output row), which the compiler vectorises at stride 1.
@@ -15,8 +16,13 @@
 
 #include "../masked_conv_common.h"
 
+#ifndef BSNAS_CPU_ISA
+#error "define BSNAS_CPU_ISA (the instruction-set namespace) before including"
+#endif
+
 namespace bsnas {
 namespace cpu {
+namespace BSNAS_CPU_ISA {
 
 // Planes or rows of about this many multiply-adds make one parallel task.
 inline int64_t grain_for(int64_t work_per_item) {
@@ -194,8 +200,10 @@ void backward_weight_nchw(const T* gy, const T* x, T* gw, const DwGeometry& g) {
               T s = 0;
               if (g.stride == 1) {
                 const T* xs = xr + off;
+#pragma omp simd reduction(+ : s)
                 for (int64_t ow = lo; ow < hi; ++ow) s += gyr[ow] * xs[ow];
               } else {
+#pragma omp simd reduction(+ : s)
                 for (int64_t ow = lo; ow < hi; ++ow) s += gyr[ow] * xr[ow * g.stride + off];
               }
               acc[kh * g.K + kw] += s;
@@ -248,5 +256,6 @@ void backward_weight_nhwc(const T* gy, const T* x, T* gw, const DwGeometry& g) {
   });
 }
 
+}  // namespace BSNAS_CPU_ISA
 }  // namespace cpu
 }  // namespace bsnas

@@ -1,3 +1,4 @@
+#pragma once
 // CPU forward of bsnas::bn_act_dwconv2d in one pass per plane (NCHW) or output row
 // (channels_last): BN + activation are applied as the input is read, and the output's
 // per-channel sum and sum of squares are accumulated while it is still in cache.
@@ -9,14 +10,13 @@
 
 #include <vector>
 
-#include "dwconv_cpu.h"
+#include "dwconv_loops.h"
 
 namespace bsnas {
-namespace {
+namespace cpu {
+namespace BSNAS_CPU_ISA {
 
-using namespace cpu;
-
-constexpr const char* kFwd = "bn_act_dwconv2d";
+constexpr const char* kBnActFwd = "bn_act_dwconv2d";
 
 template <typename T>
 struct BnAct {
@@ -39,6 +39,7 @@ void fused_nchw(const T* z, const T* w, const BnAct<T>& in, T* y, double* psum, 
       T* yp = y + nc * ohw;
       conv_plane(a.data(), w + c * kk, yp, g);
       double s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
       for (int64_t i = 0; i < ohw; ++i) {
         s += yp[i];
         q += double(yp[i]) * yp[i];
@@ -72,12 +73,12 @@ void fused_nhwc(const T* z, const T* w, const BnAct<T>& in, T* y, double* psum, 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_dw_forward(
     const at::Tensor& z_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
     const at::Tensor& weight_in, int64_t width, int64_t stride, int64_t padding,
     int64_t dilation, int64_t act) {
-  const DwGeometry g = check_dw_args(kFwd, z_in, weight_in, width, stride, padding, dilation);
-  check_affine_act(kFwd, z_in, scale_in, shift_in, width, act);
+  const DwGeometry g = check_dw_args(kBnActFwd, z_in, weight_in, width, stride, padding, dilation);
+  check_affine_act(kBnActFwd, z_in, scale_in, shift_in, width, act);
   const auto fmt = compute_format(z_in);
   const at::Tensor z = z_in.contiguous(fmt);
   const at::Tensor weight = weight_in.contiguous();
@@ -86,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   // Partial sums: one slot per (n, c) plane (NCHW) or per (n, oh) row x channel.
   const int64_t slots = g.channels_last ? g.N * g.Ho : g.N;
   std::vector<double> psum(static_cast<size_t>(slots * g.C)), psq(psum.size());
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), kFwd, [&] {
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), kBnActFwd, [&] {
     const BnAct<scalar_t> in{scale.const_data_ptr<scalar_t>(), shift.const_data_ptr<scalar_t>(),
                              act};
     const auto* zp = z.const_data_ptr<scalar_t>();
@@ -97,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     else fused_nchw(zp, wp, in, yp, psum.data(), psq.data(), g);
   });
   at::Tensor sum = at::empty({g.C}, z.options()), sumsq = at::empty({g.C}, z.options());
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), kFwd, [&] {
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), kBnActFwd, [&] {
     auto* s = sum.mutable_data_ptr<scalar_t>();
     auto* q = sumsq.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < g.C; ++c) {
@@ -113,8 +114,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   return {y, sum, sumsq};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(bsnas, CPU, m) { m.impl("bn_act_dwconv2d", &forward_cpu); }
-
+}  // namespace BSNAS_CPU_ISA
+}  // namespace cpu
 }  // namespace bsnas

@@ -1,0 +1,11 @@
+// The CPU kernels compiled for AVX2 + FMA (see kernels_isa.h).
+#include "kernels_isa.h"
+
+#ifdef BSNAS_CPU_X86_VARIANTS
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi,bmi2,f16c,popcnt")
+#define BSNAS_CPU_ISA avx2
+#include "bn_act_dwconv2d_cpu.h"
+#include "masked_dwconv2d_cpu.h"
+#pragma GCC pop_options
+#endif

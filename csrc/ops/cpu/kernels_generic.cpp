@@ -1,0 +1,6 @@
+// The CPU kernels for the baseline instruction set of the build.
+#include "kernels_isa.h"
+
+#define BSNAS_CPU_ISA generic
+#include "bn_act_dwconv2d_cpu.h"
+#include "masked_dwconv2d_cpu.h"

@@ -1,0 +1,40 @@
+// The CPU kernels are compiled once per instruction set, each copy in its own
+// namespace (bsnas::cpu::generic, ::avx2, ::avx512) by a translation unit that sets the
+// target with `#pragma GCC target` around the kernel headers only; ATen and the
+// standard library are included before it, so only our loops use the wider
+// instructions. register_cpu.cpp picks the widest copy the running CPU supports.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "../masked_conv_common.h"
+
+#define BSNAS_DECLARE_CPU_KERNELS(ISA)                                                    \
+  namespace bsnas::cpu::ISA {                                                             \
+  at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& weight, int64_t width,     \
+                        int64_t stride, int64_t padding, int64_t dilation);               \
+  std::tuple<at::Tensor, at::Tensor> dw_backward(                                         \
+      const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,          \
+      int64_t width, int64_t stride, int64_t padding, int64_t dilation);                  \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_dw_forward(                       \
+      const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,              \
+      const at::Tensor& weight, int64_t width, int64_t stride, int64_t padding,           \
+      int64_t dilation, int64_t act);                                                     \
+  }
+
+BSNAS_DECLARE_CPU_KERNELS(generic)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BSNAS_CPU_X86_VARIANTS 1
+BSNAS_DECLARE_CPU_KERNELS(avx2)
+BSNAS_DECLARE_CPU_KERNELS(avx512)
+#endif
