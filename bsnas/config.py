@@ -1,0 +1,255 @@
+"""Run configuration: every default in one place (`DEFAULTS`), YAML files under
+`configs/` that override them, and `key.sub=value` overrides from the command line.
+Unknown keys, wrong types and out-of-range values raise ValueError naming the key."""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    "space": "tiny",              # preset name or path to a space YAML
+    "seed": 0,
+    "device": "auto",             # auto | cpu | cuda
+    "deterministic": False,       # deterministic algorithms (exact resume on CPU)
+    "out_dir": "runs/default",
+    "data": {
+        "dataset": "digits",      # digits (built in) | folder (an ImageNet-layout tree)
+        "root": None,             # folder with train/ and val/ (dataset: folder)
+        "cache_dir": None,        # where the digits tree is written (default ~/.cache/bsnas)
+        "loader": "auto",         # auto (DALI when importable) | dali | torch
+        "holdout": 300,           # training images held out for shrinking and search
+        "batch_size": 64,         # per process
+        "eval_batch_size": 256,
+        "workers": 2,
+        "size": None,             # crop size; default: the space's resolution
+        "scale": [0.08, 1.0],     # random-resized-crop area fraction
+        "ratio": [0.75, 1.3333],  # random-resized-crop aspect ratio
+        "flip": True,
+        "crop_fraction": 0.875,   # eval: resize to size / crop_fraction, centre crop
+        "verify": True,           # read every image header before training
+    },
+    "train": {
+        "epochs": 120,
+        "lr": 0.1,                # for a global batch of 256; scaled linearly
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 4.0e-5,   # not on BN parameters or biases
+        "label_smoothing": 0.1,
+        "schedule": "cosine",     # cosine | linear
+        "warmup_epochs": 1.0,     # linear learning-rate warm-up
+        "amp": False,             # bf16 autocast on CUDA
+        "sampling": "uniform",    # uniform single path | fair (FairNAS strict fairness)
+        "channels_last": False,
+        "checkpoint_every": 0,    # steps; 0 = only at epoch ends
+        "keep_checkpoints": 3,
+        "log_every": 20,          # steps between CSV rows
+        "progress": True,         # a progress bar per epoch
+    },
+    "broaden": {
+        "warmup_epochs": 10,      # every spring block at its largest width
+        "broaden_epochs": 40,     # width range grows from [max] to [min, max]
+        "reorder": True,          # re-order channels by importance at each step
+    },
+    "shrink": {
+        "enabled": True,
+        "start": 60,              # epoch of the first decision
+        "interval": 10,           # epochs between decisions
+        "samples": 100,           # paths evaluated per decision
+        "drop_fraction": 0.2,     # of the enabled candidates, per decision
+        "min_ops": 1,
+        "min_widths": 2,
+        "score": "accuracy",      # accuracy | loss
+        "bn_batches": 10,         # recalibration batches per path
+        "eval_batches": 0,        # held-out batches per path; 0 = all
+    },
+    "search": {
+        "population": 50,
+        "generations": 20,
+        "top_k": 10,
+        "mutants": 25,
+        "mutation_prob": 0.1,
+        "crossovers": 25,
+        "max_macs": None,         # constraints; None = unconstrained
+        "max_params": None,
+        "max_latency_ms": None,
+        "latency_table": None,    # JSON from `bsnas latency-table`
+        "bn_batches": 10,
+        "eval_batches": 0,
+        "max_tries": 10000,       # resampling attempts before giving up on constraints
+    },
+    "retrain": {
+        "epochs": 20,
+        "lr": 0.05,
+        "inherit": True,          # fine-tune inherited weights (False: from scratch)
+    },
+}
+
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "data.dataset": ("digits", "folder"),
+    "data.loader": ("auto", "dali", "torch"),
+    "train.schedule": ("cosine", "linear"),
+    "train.sampling": ("uniform", "fair"),
+    "shrink.score": ("accuracy", "loss"),
+}
+
+POSITIVE = {"data.batch_size", "data.eval_batch_size", "train.epochs", "train.lr",
+            "train.keep_checkpoints", "train.log_every", "search.population",
+            "search.generations", "search.top_k", "shrink.interval", "shrink.samples",
+            "shrink.bn_batches", "search.bn_batches", "search.max_tries", "retrain.lr",
+            "shrink.min_ops", "shrink.min_widths"}
+NON_NEGATIVE = {"data.holdout", "data.workers", "train.weight_decay", "train.momentum",
+                "train.label_smoothing", "train.warmup_epochs", "train.checkpoint_every",
+                "broaden.warmup_epochs", "broaden.broaden_epochs", "shrink.start",
+                "shrink.drop_fraction", "shrink.eval_batches", "search.mutants",
+                "search.crossovers", "search.mutation_prob", "search.eval_batches",
+                "retrain.epochs"}
+
+
+# Keys whose default is None (= unset), with the type a set value must have.
+NULLABLE = {"data.root": str, "data.cache_dir": str, "data.size": int,
+            "search.max_macs": (int, float), "search.max_params": (int, float),
+            "search.max_latency_ms": (int, float), "search.latency_table": str}
+
+
+class Config(dict):
+    """A nested dict with attribute access (`cfg.train.lr`)."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def to_dict(self) -> dict:
+        return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v)
+                for k, v in self.items()}
+
+
+def _check_type(key: str, default, value):
+    if value is None:
+        return value
+    if default is None:
+        want = NULLABLE.get(key)
+        if want is not None and (isinstance(value, bool) or not isinstance(value, want)):
+            kind = "a number" if isinstance(want, tuple) else f"of type {want.__name__}"
+            raise ValueError(f"config key '{key}' must be {kind}, got {value!r}")
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"config key '{key}' must be true or false, got {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ValueError(f"config key '{key}' must be an integer, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise ValueError(f"config key '{key}' must be a string, got {value!r}")
+    elif isinstance(default, list):
+        if not isinstance(value, (list, tuple)) or len(value) != len(default):
+            raise ValueError(f"config key '{key}' must be a list of {len(default)}, got {value!r}")
+        return [_check_type(f"{key}[{i}]", d, v) for i, (d, v) in enumerate(zip(default, value))]
+    return value
+
+
+def _merge(base: dict, update: dict, prefix: str = "") -> None:
+    if not isinstance(update, dict):
+        raise ValueError(f"config section '{prefix or '<top>'}' must be a mapping, got {update!r}")
+    for key, value in update.items():
+        full = f"{prefix}{key}"
+        if key not in base:
+            raise ValueError(f"unknown config key '{full}'")
+        if isinstance(base[key], dict):
+            _merge(base[key], value, full + ".")
+        else:
+            base[key] = _check_type(full, DEFAULTS_FLAT.get(full), value)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+DEFAULTS_FLAT = _flatten(DEFAULTS)
+
+
+def _validate(cfg: dict) -> None:
+    flat = _flatten(cfg)
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ValueError(f"config key '{key}' must be one of {list(allowed)}, got {flat[key]!r}")
+    for key in POSITIVE:
+        if flat[key] is not None and flat[key] <= 0:
+            raise ValueError(f"config key '{key}' must be > 0, got {flat[key]!r}")
+    for key in NON_NEGATIVE:
+        if flat[key] is not None and flat[key] < 0:
+            raise ValueError(f"config key '{key}' must be >= 0, got {flat[key]!r}")
+    if not 0 <= flat["shrink.drop_fraction"] < 1:
+        raise ValueError("config key 'shrink.drop_fraction' must be in [0, 1)")
+    if not 0 <= flat["search.mutation_prob"] <= 1:
+        raise ValueError("config key 'search.mutation_prob' must be in [0, 1]")
+    if flat["search.top_k"] > flat["search.population"]:
+        raise ValueError("config key 'search.top_k' must not exceed 'search.population'")
+    if flat["data.dataset"] == "folder" and not flat["data.root"]:
+        raise ValueError("config key 'data.root' is required when data.dataset is 'folder'")
+    lo, hi = flat["data.scale"]
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"config key 'data.scale' must satisfy 0 < min <= max <= 1, got {[lo, hi]}")
+
+
+def _wrap(d: dict) -> Config:
+    return Config({k: _wrap(v) if isinstance(v, dict) else v for k, v in d.items()})
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=0.05` -> ("train.lr", 0.05); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                extra: dict | None = None) -> Config:
+    """DEFAULTS, then the YAML file at `path`, then `extra` (a nested dict), then the
+    `key.sub=value` overrides, validated. A relative `space` path is resolved against
+    the config file's folder when it exists there."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {path!r} does not exist")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        _merge(cfg, data)
+        space = cfg["space"]
+        if isinstance(space, str) and space.endswith((".yaml", ".yml")) and not os.path.isabs(space):
+            candidate = os.path.join(os.path.dirname(os.path.abspath(path)), space)
+            if os.path.isfile(candidate):
+                cfg["space"] = candidate
+    if extra:
+        _merge(cfg, extra)
+    for text in overrides:
+        key, value = parse_override(text)
+        node = {}
+        cursor = node
+        parts = key.split(".")
+        for p in parts[:-1]:
+            cursor[p] = {}
+            cursor = cursor[p]
+        cursor[parts[-1]] = value
+        _merge(cfg, node)
+    _validate(cfg)
+    return _wrap(cfg)
