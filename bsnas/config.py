@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
         "flip": True,
         "crop_fraction": 0.875,   # eval: resize to size / crop_fraction, centre crop
         "verify": True,           # read every image header before training
+        "calib_batches": 10,      # training batches for BN recalibration of a path
     },
     "train": {
         "epochs": 120,
@@ -62,8 +63,6 @@ DEFAULTS: dict[str, Any] = {
         "min_ops": 1,
         "min_widths": 2,
         "score": "accuracy",      # accuracy | loss
-        "bn_batches": 10,         # recalibration batches per path
-        "eval_batches": 0,        # held-out batches per path; 0 = all
     },
     "search": {
         "population": 50,
@@ -76,8 +75,6 @@ DEFAULTS: dict[str, Any] = {
         "max_params": None,
         "max_latency_ms": None,
         "latency_table": None,    # JSON from `bsnas latency-table`
-        "bn_batches": 10,
-        "eval_batches": 0,
         "max_tries": 10000,       # resampling attempts before giving up on constraints
     },
     "retrain": {
@@ -99,13 +96,13 @@ CHOICES = {
 POSITIVE = {"data.batch_size", "data.eval_batch_size", "train.epochs", "train.lr",
             "train.keep_checkpoints", "train.log_every", "search.population",
             "search.generations", "search.top_k", "shrink.interval", "shrink.samples",
-            "shrink.bn_batches", "search.bn_batches", "search.max_tries", "retrain.lr",
+            "data.calib_batches", "search.max_tries", "retrain.lr",
             "shrink.min_ops", "shrink.min_widths"}
 NON_NEGATIVE = {"data.holdout", "data.workers", "train.weight_decay", "train.momentum",
                 "train.label_smoothing", "train.warmup_epochs", "train.checkpoint_every",
                 "broaden.warmup_epochs", "broaden.broaden_epochs", "shrink.start",
-                "shrink.drop_fraction", "shrink.eval_batches", "search.mutants",
-                "search.crossovers", "search.mutation_prob", "search.eval_batches",
+                "shrink.drop_fraction", "search.mutants",
+                "search.crossovers", "search.mutation_prob",
                 "retrain.epochs"}
 
 

@@ -134,7 +134,7 @@ def test_no_weight_slice_is_copied():
             y.backward(torch.ones_like(y))
 
         names = _op_names_run(step)
-        assert "aten::mm" in names
+        assert {"aten::mm", "aten::bmm"} & names  # the GEMMs ran
         copies = {n for n in names if n in ("aten::copy_", "aten::clone", "aten::contiguous")}
         assert not copies, f"{fmt}: unexpected {copies}"
 

@@ -78,7 +78,8 @@ class TorchLoader:
 
     def __init__(self, images: ImageList, batch_size: int, augment: Augment, train: bool,
                  *, seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 0,
-                 device: torch.device | str = "cpu", drop_last: bool | None = None):
+                 device: torch.device | str = "cpu", drop_last: bool | None = None,
+                 shuffle: bool | None = None):
         from torchvision import transforms as T
 
         if train:
@@ -93,6 +94,7 @@ class TorchLoader:
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.device = torch.device(device)
         self.drop_last = train if drop_last is None else drop_last
+        self.shuffle = train if shuffle is None else shuffle
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -100,7 +102,7 @@ class TorchLoader:
 
     def _indices(self) -> list[int]:
         n = len(self.dataset)
-        if self.train:
+        if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
             order = torch.randperm(n, generator=g).tolist()
         else:
@@ -120,9 +122,12 @@ class TorchLoader:
         """Batches of the current epoch from `start_batch` on."""
         idx = self._indices()[start_batch * self.batch_size:]
         batches = [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        # Its own generator: creating the iterator must not draw from the global RNG,
+        # or a resumed run would see different dropout masks than an uninterrupted one.
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches,
                                              num_workers=self.workers,
-                                             pin_memory=self.device.type == "cuda")
+                                             pin_memory=self.device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(self.seed))
         for x, y in loader:
             yield (x.to(self.device, non_blocking=True),
                    torch.as_tensor(y).to(self.device, non_blocking=True))
@@ -142,7 +147,8 @@ class DaliLoader:
 
     def __init__(self, images: ImageList, batch_size: int, augment: Augment, train: bool,
                  *, seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 2,
-                 device: torch.device | str = "cpu", drop_last: bool | None = None):
+                 device: torch.device | str = "cpu", drop_last: bool | None = None,
+                 shuffle: bool | None = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.device = torch.device(device)
@@ -150,6 +156,7 @@ class DaliLoader:
         device_id = (self.device.index or 0) if gpu else None
         pipe = _dali_pipeline(
             list(images.files), list(images.labels), augment, train, gpu,
+            shuffle=train if shuffle is None else shuffle,
             batch_size=batch_size, num_threads=max(1, workers), device_id=device_id,
             seed=seed + 1000 * rank, shard_id=rank, num_shards=world_size)
         pipe.build()
@@ -178,13 +185,13 @@ class DaliLoader:
         return self.iterate(0)
 
 
-def _dali_pipeline(files, labels, augment: Augment, train: bool, gpu: bool, *, shard_id: int,
-                   num_shards: int, **pipe_kwargs):
+def _dali_pipeline(files, labels, augment: Augment, train: bool, gpu: bool, *, shuffle: bool,
+                   shard_id: int, num_shards: int, **pipe_kwargs):
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def
     def pipe():
-        jpegs, lab = fn.readers.file(files=files, labels=labels, random_shuffle=train,
+        jpegs, lab = fn.readers.file(files=files, labels=labels, random_shuffle=shuffle,
                                      shard_id=shard_id, num_shards=num_shards,
                                      name="reader", pad_last_batch=not train)
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu",

@@ -55,6 +55,15 @@ BSNAS_HD T activate(T v, int64_t act) {
   return v;
 }
 
+// Whether d act / d u is 1 (else 0) at u, as the autograd of F.relu / F.relu6 defines
+// it: 0 at the kinks u == 0 and u == 6 (and for NaN).
+template <typename T>
+BSNAS_HD bool act_passes(T u, int64_t act) {
+  if (act == kActIdentity) return true;
+  if (act == kActReLU) return u > T(0);
+  return u > T(0) && u < T(6);
+}
+
 // The memory format every op of this extension computes in and returns: channels_last
 // when the input is densely channels_last and not also plain contiguous, NCHW
 // otherwise. The Python fake kernels apply the same rule.
@@ -156,6 +165,21 @@ inline void check_affine_act(const char* op, const at::Tensor& x, const at::Tens
   }
   TORCH_CHECK(act == kActIdentity || act == kActReLU || act == kActReLU6, op,
               ": activation code must be 0 (identity), 1 (relu) or 2 (relu6), got ", act);
+}
+
+// Arguments of bsnas::_bn_act_dwconv2d_backward (the CPU and CUDA kernels).
+inline DwGeometry check_bn_act_dw_backward_args(
+    const char* op, const at::Tensor& grad_y, const at::Tensor& grad_sum,
+    const at::Tensor& grad_sumsq, const at::Tensor& z, const at::Tensor& scale,
+    const at::Tensor& shift, const at::Tensor& weight, const at::Tensor& y, int64_t width,
+    int64_t stride, int64_t padding, int64_t dilation, int64_t act) {
+  const DwGeometry g = check_dw_args(op, z, weight, width, stride, padding, dilation);
+  check_affine_act(op, z, scale, shift, width, act);
+  check_grad_out(op, grad_y, z, {g.N, g.C, g.Ho, g.Wo});
+  check_grad_out(op, y, z, {g.N, g.C, g.Ho, g.Wo});
+  check_grad_out(op, grad_sum, z, {g.C});
+  check_grad_out(op, grad_sumsq, z, {g.C});
+  return g;
 }
 
 struct PwGeometry {

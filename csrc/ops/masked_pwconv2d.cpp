@@ -4,13 +4,15 @@
 // A pointwise convolution is a matrix product, so it runs on the vendor GEMM (BLAS on
 // CPU, cuBLAS on CUDA) through ATen. The active block is passed as a strided view
 // (leading dimension Cin_max): no weight slice is ever copied and no inactive channel
-// is computed. channels_last is one GEMM over [N*H*W, in_width]; NCHW is a batch of
-// per-image products. The same code serves both devices.
+// is computed. channels_last is one GEMM over [N*H*W, in_width]; NCHW is one batched
+// GEMM whose weight operand has batch stride 0. The same code serves both devices.
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "masked_conv_common.h"
 
@@ -58,15 +60,10 @@ at::Tensor forward(const at::Tensor& x_in, const at::Tensor& weight, int64_t in_
   if (g.channels_last) {
     at::Tensor y2 = rows_view(y);
     at::mm_out(y2, rows_view(x), w.t());
-  } else if (x.is_cuda()) {
-    // A zero batch stride on the weight: cuBLAS strided-batched GEMM, no copy.
+  } else {
+    // One batched GEMM; the weight's batch stride is 0, so nothing is copied.
     at::Tensor y3 = y.view({g.N, g.out_w, g.H * g.W});
     at::bmm_out(y3, w.unsqueeze(0).expand({g.N, -1, -1}), x.view({g.N, g.in_w, g.H * g.W}));
-  } else {
-    for (int64_t n = 0; n < g.N; ++n) {
-      at::Tensor yn = y[n].view({g.out_w, g.H * g.W});
-      at::mm_out(yn, w, x[n].view({g.in_w, g.H * g.W}));
-    }
   }
   return y;
 }
@@ -90,21 +87,18 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out,
     at::Tensor gx2 = rows_view(gx);
     at::mm_out(gx2, gy2, w);
     gw.addmm_(gy2.t(), x2, /*beta=*/0);  // writes through the strided view
-  } else if (x.is_cuda()) {
+  } else {
     const int64_t hw = g.H * g.W;
     const at::Tensor gy3 = gy.view({g.N, g.out_w, hw}), x3 = x.view({g.N, g.in_w, hw});
     at::Tensor gx3 = gx.view({g.N, g.in_w, hw});
     at::bmm_out(gx3, w.t().unsqueeze(0).expand({g.N, -1, -1}), gy3);
-    // sum_n gy[n] @ x[n]^T as one GEMM over the concatenated [out, N*hw] columns would
-    // need a transpose copy of gy; a batched product plus a reduction avoids it.
-    gw.copy_(at::bmm(gy3, x3.transpose(1, 2)).sum(0));
-  } else {
-    for (int64_t n = 0; n < g.N; ++n) {
-      const at::Tensor gyn = gy[n].view({g.out_w, g.H * g.W});
-      const at::Tensor xn = x[n].view({g.in_w, g.H * g.W});
-      at::Tensor gxn = gx[n].view({g.in_w, g.H * g.W});
-      at::mm_out(gxn, w.t(), gyn);
-      gw.addmm_(gyn, xn.t(), /*beta=*/n == 0 ? 0 : 1);
+    // sum_n gy[n] @ x[n]^T: batched products summed over n, in chunks of the batch that
+    // bound the [chunk, out, in] temporary (a single GEMM would need transposed copies
+    // of gy and x).
+    const int64_t per = std::max<int64_t>(1, (int64_t{1} << 23) / (g.out_w * g.in_w));
+    for (int64_t n0 = 0; n0 < g.N; n0 += per) {
+      const int64_t len = std::min(per, g.N - n0);
+      gw.add_(at::bmm(gy3.narrow(0, n0, len), x3.narrow(0, n0, len).transpose(1, 2)).sum(0));
     }
   }
   return {gx, gw_full};

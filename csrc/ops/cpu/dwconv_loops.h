@@ -38,6 +38,34 @@ std::vector<T> pack_taps(const T* w, int64_t C, int64_t kk) {
   return out;
 }
 
+// A few rows of `len` values computed on demand and kept while they are reused: slot
+// key % rows holds the row of `key`, so any `rows` consecutive keys live together.
+// get() returns the row of `key`, calling fill(row, key) first if it is not there; the
+// pointer is valid until the next get().
+template <typename T>
+class RowCache {
+ public:
+  RowCache(int64_t rows, int64_t len)
+      : buf_(static_cast<size_t>(rows * len)), tag_(static_cast<size_t>(rows), -1),
+        rows_(rows), len_(len) {}
+  template <typename Fill>
+  const T* get(int64_t key, const Fill& fill) {
+    const int64_t slot = key % rows_;
+    T* row = buf_.data() + slot * len_;
+    if (tag_[slot] != key) {
+      fill(row, key);
+      tag_[slot] = key;
+    }
+    return row;
+  }
+  void clear() { std::fill(tag_.begin(), tag_.end(), int64_t{-1}); }
+
+ private:
+  std::vector<T> buf_;
+  std::vector<int64_t> tag_;
+  int64_t rows_, len_;
+};
+
 // One output plane [Ho, Wo] of one channel from its input plane [H, W].
 template <typename T>
 void conv_plane(const T* xp, const T* wp, T* yp, const DwGeometry& g) {
@@ -111,37 +139,39 @@ void forward_nhwc(const T* x, const T* w, T* y, const DwGeometry& g) {
   });
 }
 
-// grad_x[n, c, i] = sum over taps t with i = o * s + off_t of w[c, t] * gy[n, c, o].
+// grad_x[n, c, i] = sum over taps t with i = o * s + off_t of w[c, t] * gy[n, c, o], for
+// one plane: gyp [Ho, Wo] -> gxp [H, W] (overwritten).
+template <typename T>
+void grad_input_plane(const T* gyp, const T* wp, T* gxp, const DwGeometry& g) {
+  std::fill(gxp, gxp + g.H * g.W, T(0));
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    const T* gyr = gyp + oh * g.Wo;
+    for (int64_t kh = 0; kh < g.K; ++kh) {
+      const int64_t ih = oh * g.stride - g.pad + kh * g.dil;
+      if (ih < 0 || ih >= g.H) continue;
+      T* gxr = gxp + ih * g.W;
+      for (int64_t kw = 0; kw < g.K; ++kw) {
+        const T wv = wp[kh * g.K + kw];
+        const int64_t off = kw * g.dil - g.pad;
+        int64_t lo, hi;
+        valid_out_range(g.W, g.Wo, g.stride, off, &lo, &hi);
+        if (g.stride == 1) {
+          T* gxs = gxr + off;
+          for (int64_t ow = lo; ow < hi; ++ow) gxs[ow] += wv * gyr[ow];
+        } else {
+          for (int64_t ow = lo; ow < hi; ++ow) gxr[ow * g.stride + off] += wv * gyr[ow];
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 void backward_input_nchw(const T* gy, const T* w, T* gx, const DwGeometry& g) {
   const int64_t kk = g.K * g.K;
   at::parallel_for(0, g.N * g.C, grain_for(g.Ho * g.Wo * kk), [&](int64_t b, int64_t e) {
-    for (int64_t nc = b; nc < e; ++nc) {
-      const T* gyp = gy + nc * g.Ho * g.Wo;
-      const T* wp = w + (nc % g.C) * kk;
-      T* gxp = gx + nc * g.H * g.W;
-      std::fill(gxp, gxp + g.H * g.W, T(0));
-      for (int64_t oh = 0; oh < g.Ho; ++oh) {
-        const T* gyr = gyp + oh * g.Wo;
-        for (int64_t kh = 0; kh < g.K; ++kh) {
-          const int64_t ih = oh * g.stride - g.pad + kh * g.dil;
-          if (ih < 0 || ih >= g.H) continue;
-          T* gxr = gxp + ih * g.W;
-          for (int64_t kw = 0; kw < g.K; ++kw) {
-            const T wv = wp[kh * g.K + kw];
-            const int64_t off = kw * g.dil - g.pad;
-            int64_t lo, hi;
-            valid_out_range(g.W, g.Wo, g.stride, off, &lo, &hi);
-            if (g.stride == 1) {
-              T* gxs = gxr + off;
-              for (int64_t ow = lo; ow < hi; ++ow) gxs[ow] += wv * gyr[ow];
-            } else {
-              for (int64_t ow = lo; ow < hi; ++ow) gxr[ow * g.stride + off] += wv * gyr[ow];
-            }
-          }
-        }
-      }
-    }
+    for (int64_t nc = b; nc < e; ++nc)
+      grad_input_plane(gy + nc * g.Ho * g.Wo, w + (nc % g.C) * kk, gx + nc * g.H * g.W, g);
   });
 }
 
@@ -175,6 +205,35 @@ void backward_input_nhwc(const T* gy, const T* w, T* gx, const DwGeometry& g) {
   });
 }
 
+// acc[t] += sum over the outputs o of one plane of gy[o] * x[o * s + off_t]: each
+// (output row, tap) is summed in T, then added to the accumulator (T or double).
+template <typename T, typename Acc>
+void weight_grad_plane(const T* gyp, const T* xp, Acc* acc, const DwGeometry& g) {
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    const T* gyr = gyp + oh * g.Wo;
+    for (int64_t kh = 0; kh < g.K; ++kh) {
+      const int64_t ih = oh * g.stride - g.pad + kh * g.dil;
+      if (ih < 0 || ih >= g.H) continue;
+      const T* xr = xp + ih * g.W;
+      for (int64_t kw = 0; kw < g.K; ++kw) {
+        const int64_t off = kw * g.dil - g.pad;
+        int64_t lo, hi;
+        valid_out_range(g.W, g.Wo, g.stride, off, &lo, &hi);
+        T s = 0;
+        if (g.stride == 1) {
+          const T* xs = xr + off;
+#pragma omp simd reduction(+ : s)
+          for (int64_t ow = lo; ow < hi; ++ow) s += gyr[ow] * xs[ow];
+        } else {
+#pragma omp simd reduction(+ : s)
+          for (int64_t ow = lo; ow < hi; ++ow) s += gyr[ow] * xr[ow * g.stride + off];
+        }
+        acc[kh * g.K + kw] += s;
+      }
+    }
+  }
+}
+
 // grad_w[c, t] = sum over n and outputs o of gy[n, c, o] * x[n, c, o * s + off_t].
 // One task owns whole channels, so the reduction needs no atomics.
 template <typename T>
@@ -184,33 +243,9 @@ void backward_weight_nchw(const T* gy, const T* x, T* gw, const DwGeometry& g) {
     std::vector<T> acc(static_cast<size_t>(kk));
     for (int64_t c = b; c < e; ++c) {
       std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t n = 0; n < g.N; ++n) {
-        const T* xp = x + (n * g.C + c) * g.H * g.W;
-        const T* gyp = gy + (n * g.C + c) * g.Ho * g.Wo;
-        for (int64_t oh = 0; oh < g.Ho; ++oh) {
-          const T* gyr = gyp + oh * g.Wo;
-          for (int64_t kh = 0; kh < g.K; ++kh) {
-            const int64_t ih = oh * g.stride - g.pad + kh * g.dil;
-            if (ih < 0 || ih >= g.H) continue;
-            const T* xr = xp + ih * g.W;
-            for (int64_t kw = 0; kw < g.K; ++kw) {
-              const int64_t off = kw * g.dil - g.pad;
-              int64_t lo, hi;
-              valid_out_range(g.W, g.Wo, g.stride, off, &lo, &hi);
-              T s = 0;
-              if (g.stride == 1) {
-                const T* xs = xr + off;
-#pragma omp simd reduction(+ : s)
-                for (int64_t ow = lo; ow < hi; ++ow) s += gyr[ow] * xs[ow];
-              } else {
-#pragma omp simd reduction(+ : s)
-                for (int64_t ow = lo; ow < hi; ++ow) s += gyr[ow] * xr[ow * g.stride + off];
-              }
-              acc[kh * g.K + kw] += s;
-            }
-          }
-        }
-      }
+      for (int64_t n = 0; n < g.N; ++n)
+        weight_grad_plane(gy + (n * g.C + c) * g.Ho * g.Wo, x + (n * g.C + c) * g.H * g.W,
+                          acc.data(), g);
       for (int64_t t = 0; t < kk; ++t) gw[c * kk + t] = acc[t];
     }
   });

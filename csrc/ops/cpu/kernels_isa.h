@@ -30,6 +30,11 @@
       const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,              \
       const at::Tensor& weight, int64_t width, int64_t stride, int64_t padding,           \
       int64_t dilation, int64_t act);                                                     \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_dw_backward(          \
+      const at::Tensor& grad_y, const at::Tensor& grad_sum, const at::Tensor& grad_sumsq, \
+      const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,              \
+      const at::Tensor& weight, const at::Tensor& y, int64_t width, int64_t stride,       \
+      int64_t padding, int64_t dilation, int64_t act);                                    \
   }
 
 BSNAS_DECLARE_CPU_KERNELS(generic)

@@ -1,0 +1,182 @@
+"""Command line: `python -m bsnas <command> ...`.
+
+Commands:
+    latency-table   measure the per-choice latency table of a space on this device
+    latency-report  how well a latency table predicts end-to-end latency
+    export          export an architecture from a supernet checkpoint as plain PyTorch
+
+Each command is one `add_<command>(subparsers)` function below that declares its
+arguments and sets `func` to the function that runs it; a new command (train, search,
+...) is one more such function appended to `COMMANDS`. A command returns an exit
+status; ValueErrors (bad input) are printed as `bsnas <command>: error: ...` with
+exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Sequence
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _write_json(path: str, obj) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+def _add_timing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice); recorded in the output")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs before each timing (default 5)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per round; median kept (default 10)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved passes over everything measured; median kept (default 3)")
+
+
+# --------------------------------------------------------------------------- latency-table
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
+
+
+def _run_latency_table(args: argparse.Namespace) -> int:
+    from bsnas.latency import measure_table
+    _set_threads(args)
+    table = measure_table(args.space, args.device, batch_size=args.batch_size, resolution=args.resolution,
+                          warmup=args.warmup, repeats=args.repeats, rounds=args.rounds,
+                          progress=None if args.quiet else _log)
+    out = args.out or f"latency-{table['space']}-{table['device']}.json"
+    _write_json(out, table)
+    print(f"wrote {out}: {sum(len(w) for l in table['layers'] for w in l.values() if isinstance(w, dict))} "
+          f"choices of space {table['space']!r} on {table['device_name']} ({table['device']})")
+    return 0
+
+
+def add_latency_table(sub) -> None:
+    p = sub.add_parser("latency-table", help="measure the latency of every (layer, op, width) choice",
+                       description="Measure every (layer, op, width) choice of a space on this device "
+                                   "and write a JSON latency table (see bsnas.latency).")
+    p.add_argument("--space", required=True, help="preset name or YAML file")
+    _add_timing_args(p)
+    p.add_argument("--batch-size", type=int, default=1, help="batch size of the timed inputs (default 1)")
+    p.add_argument("--resolution", type=int, default=None, help="input resolution (default: the space's)")
+    p.add_argument("--out", default=None, help="output JSON (default latency-<space>-<device>.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_run_latency_table)
+
+
+# --------------------------------------------------------------------------- latency-report
+
+
+def _run_latency_report(args: argparse.Namespace) -> int:
+    from bsnas.cost import load_latency_table
+    from bsnas.latency import evaluate_table, measure_table
+    _set_threads(args)
+    progress = None if args.quiet else _log
+    if args.table:
+        table = load_latency_table(args.table)
+    else:
+        table = measure_table(args.space, args.device, batch_size=args.batch_size, resolution=args.resolution,
+                              warmup=args.warmup, repeats=args.repeats, rounds=args.rounds, progress=progress)
+    report = evaluate_table(args.space, table, archs=args.archs, seed=args.seed, device=args.device,
+                            warmup=args.warmup, repeats=args.repeats, rounds=args.rounds, progress=progress)
+    report["table"] = table
+    _write_json(args.out, report)
+    print(f"{report['space']} on {report['device_name']} ({report['device']}, {report['threads']} threads), "
+          f"{report['archs']} archs: Pearson {report['pearson']:.3f}, Kendall tau {report['kendall_tau']:.3f} "
+          f"(MACs: {report['kendall_tau_macs']:.3f}), mean |rel. error| {report['mean_abs_rel_error']:.1%}; "
+          f"wrote {args.out}")
+    return 0
+
+
+def add_latency_report(sub) -> None:
+    p = sub.add_parser("latency-report", help="how well a latency table predicts end-to-end latency",
+                       description="Measure N random architectures end to end and report Pearson and "
+                                   "Kendall correlations with the latency-table sums.")
+    p.add_argument("--space", required=True, help="preset name or YAML file")
+    p.add_argument("--archs", type=int, default=50, help="number of random architectures (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--table", default=None, help="latency table JSON (default: measure one first)")
+    _add_timing_args(p)
+    p.add_argument("--batch-size", type=int, default=1, help="batch size when measuring a table (default 1)")
+    p.add_argument("--resolution", type=int, default=None, help="resolution when measuring a table")
+    p.add_argument("--out", required=True, help="output JSON report (includes the table)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_run_latency_report)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from bsnas import cost
+    from bsnas.arch import Arch
+    from bsnas.export import export
+    from bsnas.supernet import Supernet
+    net, _ = Supernet.from_checkpoint(args.checkpoint)
+    arch = net.space.validate(Arch.load(args.arch))
+    model = export(net, arch)
+    parent = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(parent, exist_ok=True)
+    torch.save(model, args.out)
+    print(f"wrote {args.out}: {arch.space} arch, {cost.params(net.space, arch):,} parameters, "
+          f"{cost.flops(net.space, arch) / 1e6:.1f}M MACs at {net.space.resolution}x{net.space.resolution}")
+    return 0
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="export an architecture from a supernet checkpoint",
+                       description="Export an architecture with its weights inherited from a supernet "
+                                   "checkpoint as a plain-PyTorch module (torch.save'd; load it with "
+                                   "torch.load(path, weights_only=False), no bsnas needed).")
+    p.add_argument("--checkpoint", required=True,
+                   help="supernet checkpoint you trust (read as a full pickle): a dict with 'space' "
+                        "and 'model' (see bsnas.supernet)")
+    p.add_argument("--arch", required=True, help="architecture JSON file (see bsnas.arch)")
+    p.add_argument("--out", required=True, help="output file, e.g. model.pt")
+    p.set_defaults(func=_run_export)
+
+
+# --------------------------------------------------------------------------- main
+
+#: One function per command; each adds its parser to the subparsers.
+COMMANDS: list[Callable] = [add_latency_table, add_latency_report, add_export]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bsnas", description="BS-NAS: broadening-and-shrinking one-shot "
+                                                               "NAS with searchable channel numbers")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub.required = True
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; returns its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"bsnas {args.command}: error: {e}", file=sys.stderr)
+        return 2

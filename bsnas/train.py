@@ -1,0 +1,478 @@
+"""Supernet training (`bsnas train --config C`): single-path sampling over the enabled
+space, the broadening schedule, SGD with warm-up and cosine/linear decay, optional
+strict-fairness sampling and bf16 autocast, DDP through torchrun, atomic checkpoints
+that resume exactly, and progress/CSV/TensorBoard/PNG logging.
+
+Data flow: config -> space -> supernet -> Trainer. Shrinking plugs in through
+`Trainer.epoch_hooks` (called after every epoch with the trainer and the epoch), so
+this module does not know about it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from bsnas.arch import SKIP, Arch, LayerChoice, kernel_size
+from bsnas.broaden import BroadeningSchedule
+from bsnas.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from bsnas.config import Config
+from bsnas.data import Augment, make_loader, prepare_digits, scan_image_folder, split_holdout
+from bsnas.enabled import EnabledSpace
+from bsnas.evaluate import evaluate_path
+from bsnas.sampler import PathSampler
+from bsnas.space import load_space
+from bsnas.supernet import Supernet
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on
+    CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(name: str, d: Dist) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config device is 'cuda' but no CUDA device is available")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class DataSplits:
+    """Loaders of one run: `train` (augmented, sharded), `calib` (training images for BN
+    recalibration), `holdout` (held-out training images, for shrinking and search),
+    `val` (never used to choose anything)."""
+    train: object
+    calib: object
+    holdout: object
+    val: object
+    classes: tuple[str, ...]
+
+
+def build_data(cfg: Config, space, device, d: Dist) -> DataSplits:
+    c = cfg.data
+    root = prepare_digits(c.cache_dir) if c.dataset == "digits" else c.root
+    train = scan_image_folder(os.path.join(root, "train"), verify=c.verify)
+    val = scan_image_folder(os.path.join(root, "val"), classes=train.classes, verify=c.verify)
+    if len(train.classes) != space.classes:
+        raise ValueError(f"the data has {len(train.classes)} classes but space "
+                         f"{space.name!r} has {space.classes}")
+    train, holdout = split_holdout(train, c.holdout, cfg.seed)
+    size = c.size or space.resolution
+    aug = Augment(size, tuple(c.scale), tuple(c.ratio), c.flip, c.crop_fraction)
+    common = dict(backend=c.loader, seed=cfg.seed, workers=c.workers, device=device)
+    shard = dict(rank=d.rank, world_size=d.world_size)
+    # BN recalibration always uses the same training images (a seeded subset), so a
+    # path's fitness is a deterministic function of the weights.
+    calib = split_holdout(train, min(len(train) - 1, c.calib_batches * c.batch_size),
+                          cfg.seed + 1)[1]
+    return DataSplits(
+        train=make_loader(train, c.batch_size, aug, True, **common, **shard),
+        calib=make_loader(calib, c.batch_size, aug, True, shuffle=False, drop_last=False,
+                          **common),
+        holdout=make_loader(holdout, c.eval_batch_size, aug, False, **common),
+        val=make_loader(val, c.eval_batch_size, aug, False, **common),
+        classes=train.classes)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on convolution and linear weights only, not on BN or biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
+    """Linear warm-up to 1, then cosine or linear decay to 0 at `total_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        t = min(max(t, 0.0), 1.0)
+        return 0.5 * (1 + math.cos(math.pi * t)) if schedule == "cosine" else 1.0 - t
+    return factor
+
+
+def _short(arch) -> str:
+    return ",".join(str(c) for c in arch.layers)
+
+
+class Progress:
+    """One line per epoch, redrawn in place on a terminal, printed every `every` steps
+    otherwise."""
+
+    def __init__(self, enabled: bool, total: int, epoch: int, every: int):
+        self.enabled, self.total, self.epoch, self.every = enabled, total, epoch, every
+        self.tty = sys.stderr.isatty()
+
+    def update(self, i: int, text: str) -> None:
+        if not self.enabled:
+            return
+        width = 24
+        done = int(width * i / max(1, self.total))
+        line = f"epoch {self.epoch:3d} [{'#' * done}{'.' * (width - done)}] {i}/{self.total} {text}"
+        if self.tty:
+            print("\r" + line[:200], end="", file=sys.stderr, flush=True)
+        elif i % self.every == 0 or i == self.total:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Builds everything from `cfg` and trains; `fit()` runs to `train.epochs`."""
+
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg = cfg
+        self.dist = init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+        self.device = pick_device(cfg.device, self.dist)
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.space = load_space(cfg.space)
+        self.data = build_data(cfg, self.space, self.device, self.dist)
+        self.supernet = Supernet(self.space).to(self.device)
+        if cfg.train.channels_last:
+            self.supernet.to(memory_format=torch.channels_last)
+        self.enabled = EnabledSpace(self.space)
+        self.sampler = PathSampler(self.enabled, cfg.seed)
+        self.broadening = BroadeningSchedule(self.enabled, cfg.broaden.warmup_epochs,
+                                             cfg.broaden.broaden_epochs)
+        t = cfg.train
+        global_batch = cfg.data.batch_size * self.dist.world_size
+        self.optimizer = torch.optim.SGD(param_groups(self.supernet, t.weight_decay),
+                                         lr=t.lr * global_batch / 256, momentum=t.momentum,
+                                         nesterov=t.nesterov and t.momentum > 0)
+        self.steps_per_epoch = len(self.data.train)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"data.batch_size={cfg.data.batch_size} exceeds the training images per process")
+        self.total_steps = t.epochs * self.steps_per_epoch
+        warmup = int(round(t.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.total_steps, warmup, t.schedule))
+        self.epoch_hooks: list = []   # callables (trainer, epoch) after each epoch
+        self.history: list[dict] = []  # one row per epoch
+        self.extra_state: dict = {}   # checkpointed state of hooks, by name
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self._stages = self.broadening.stages(0.0)
+        self.out_dir = cfg.out_dir
+        if self.dist.main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            with open(os.path.join(self.out_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=2)
+        self._writer = self._tensorboard()
+        if resume:
+            self.resume()
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict:
+        return self.supernet.checkpoint(
+            self.enabled,
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
+            stages=list(self._stages), history=self.history, rng=rng_state(),
+            extra_state=self.extra_state, config=self.cfg.to_dict())
+
+    def save(self) -> str | None:
+        if not self.dist.main:
+            return None
+        path = save_checkpoint(self.state(), self.out_dir, self.step,
+                               self.cfg.train.keep_checkpoints)
+        log.info("checkpoint %s (epoch %d, step %d)", path, self.epoch, self.step)
+        return path
+
+    def resume(self, path: str | None = None) -> bool:
+        """Continue from `path` or the newest checkpoint in out_dir; False if none."""
+        path = path or latest_checkpoint(self.out_dir)
+        if path is None:
+            log.info("no checkpoint in %s: starting fresh", self.out_dir)
+            return False
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self.supernet.load_state_dict(ckpt["model"])
+        self.enabled.load_state_dict(ckpt["enabled"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step, self.epoch = ckpt["step"], ckpt["epoch"]
+        self.batch_in_epoch = ckpt["batch_in_epoch"]
+        self._stages = tuple(ckpt["stages"])
+        self.history = ckpt["history"]
+        self.extra_state = ckpt.get("extra_state", {})
+        set_rng_state(ckpt["rng"])
+        log.info("resumed from %s at epoch %d, batch %d (step %d)", path, self.epoch,
+                 self.batch_in_epoch, self.step)
+        return True
+
+    # ------------------------------------------------------------------ logging
+    def _tensorboard(self):
+        if not self.dist.main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # noqa: BLE001  (tensorboard not installed)
+            return None
+        return SummaryWriter(os.path.join(self.out_dir, "tensorboard"))
+
+    def _csv(self, name: str, row: dict) -> None:
+        if not self.dist.main:
+            return
+        path = os.path.join(self.out_dir, name)
+        new = not os.path.exists(path)
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    # ------------------------------------------------------------------ training
+    def _broaden(self, epoch_float: float) -> None:
+        """Apply a step of the broadening schedule: re-order the channels of every layer
+        whose allowed range just grew, so narrow prefixes hold the strongest channels."""
+        stages = self.broadening.stages(epoch_float)
+        if stages == self._stages:
+            return
+        grown = [i for i, (a, b) in enumerate(zip(stages, self._stages)) if a != b]
+        if self.cfg.broaden.reorder:
+            for i in grown:
+                for block in self.supernet.layers[i].blocks.values():
+                    block.reorder_channels(self.optimizer)
+        self._stages = stages
+        if self.dist.main:
+            allowed = [list(self.broadening.allowed(i, epoch_float)) for i in range(len(stages))]
+            log.info("broadening at epoch %.2f: layers %s grow; allowed widths %s",
+                     epoch_float, grown, allowed)
+            self._csv("broadening.csv", {"step": self.step, "epoch": round(epoch_float, 4),
+                                         "stages": " ".join(map(str, stages)),
+                                         "reordered": " ".join(map(str, grown))})
+
+    def _paths(self, epoch_float: float):
+        allowed = lambda i: self.broadening.allowed(i, epoch_float)  # noqa: E731
+        if self.cfg.train.sampling == "fair":
+            return self.sampler.fair(self.step, allowed)
+        return [self.sampler.uniform(self.step, allowed)]
+
+    def _sync_gradients(self) -> None:
+        # Every rank trained the same path, so the same parameters hold gradients.
+        if self.dist.world_size <= 1:
+            return
+        grads = [p.grad for p in self.supernet.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.dist.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch_float: float) -> dict:
+        self._broaden(epoch_float)
+        paths = self._paths(epoch_float)
+        self.supernet.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        amp = self.cfg.train.amp and self.device.type == "cuda"
+        loss_sum, correct = 0.0, 0
+        for arch in paths:
+            self.supernet.activate(arch)
+            with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+                logits = self.supernet(x)
+                loss = F.cross_entropy(logits.float(), y,
+                                       label_smoothing=self.cfg.train.label_smoothing)
+            loss.backward()
+            loss_sum += loss.item()
+            correct += (logits.argmax(1) == y).sum().item()
+        self._sync_gradients()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": loss_sum / len(paths), "top1": correct / (len(paths) * y.numel()),
+                "path": paths[-1]}
+
+    def fit(self) -> dict:
+        """Train until `train.epochs`; returns the last epoch's summary."""
+        t = self.cfg.train
+        while self.epoch < t.epochs:
+            self._run_epoch()
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            for hook in self.epoch_hooks:
+                hook(self, self.epoch)
+            self.save()
+        self._finish()
+        return self.history[-1] if self.history else {}
+
+    def _run_epoch(self) -> None:
+        t, loader = self.cfg.train, self.data.train
+        loader.set_epoch(self.epoch)
+        progress = Progress(t.progress and self.dist.main, self.steps_per_epoch, self.epoch,
+                            t.log_every)
+        losses, tic, seen = [], time.perf_counter(), 0
+        for x, y in loader.iterate(self.batch_in_epoch):
+            epoch_float = self.epoch + self.batch_in_epoch / self.steps_per_epoch
+            out = self.train_step(x, y, epoch_float)
+            self.batch_in_epoch += 1
+            seen += y.numel() * self.dist.world_size
+            losses.append(out["loss"])
+            rate = seen / max(1e-9, time.perf_counter() - tic)
+            lr = self.scheduler.get_last_lr()[0]
+            progress.update(self.batch_in_epoch, f"loss {out['loss']:.3f} lr {lr:.4f} "
+                            f"{rate:.0f} img/s path {_short(out['path'])}")
+            if self.step % t.log_every == 0:
+                self._csv("train_log.csv", {
+                    "step": self.step, "epoch": round(epoch_float, 4), "loss": out["loss"],
+                    "top1": out["top1"], "lr": lr, "images_per_s": round(rate, 1),
+                    "path": _short(out["path"])})
+                if self._writer:
+                    self._writer.add_scalar("train/loss", out["loss"], self.step)
+                    self._writer.add_scalar("train/lr", lr, self.step)
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0 \
+                    and self.batch_in_epoch < self.steps_per_epoch:
+                self.save()
+        progress.close()
+        row = {"epoch": self.epoch + 1, "step": self.step,
+               "train_loss": float(np.mean(losses)) if losses else float("nan"),
+               "enabled_size": self.enabled.size()}
+        row.update(self._evaluate_largest())
+        self.history.append(row)
+        self._csv("epochs.csv", row)
+        if self._writer:
+            for k in ("train_loss", "val_top1", "holdout_top1"):
+                self._writer.add_scalar(f"epoch/{k}", row[k], self.epoch + 1)
+        if self.dist.main:
+            log.info("epoch %d: train loss %.4f, largest path: holdout top-1 %.4f, val top-1 %.4f",
+                     self.epoch + 1, row["train_loss"], row["holdout_top1"], row["val_top1"])
+
+    def _evaluate_largest(self) -> dict:
+        """The largest enabled path after BN recalibration, on holdout and val (for the
+        curves only: nothing is chosen from val)."""
+        layers = []
+        for i in range(self.enabled.num_layers):
+            ops = self.enabled.kernel_ops(i)
+            layers.append(LayerChoice(max(ops, key=kernel_size), max(self.enabled.widths(i)))
+                          if ops else LayerChoice(SKIP))
+        arch = Arch(self.space.name, layers)
+        held = evaluate_path(self.supernet, arch, self.data.calib, self.data.holdout)
+        val = evaluate_path(self.supernet, arch, self.data.calib, self.data.val)
+        return {"holdout_top1": held["top1"], "val_top1": val["top1"], "val_top5": val["top5"]}
+
+    def _finish(self) -> None:
+        summary = {"steps": self.step, "epochs": self.epoch,
+                   "history": self.history, "enabled": self.enabled.state_dict()}
+        if self.dist.world_size > 1:
+            summary["params_in_sync"] = self._params_in_sync()
+        if self.dist.main:
+            with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            plot_curves(self.out_dir)
+        if self._writer:
+            self._writer.close()
+
+    def _params_in_sync(self) -> bool:
+        flat = torch.cat([p.detach().reshape(-1).double() for p in self.supernet.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(self.dist.world_size)]
+        dist.all_gather(gathered, flat)
+        return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+def plot_curves(out_dir: str) -> str | None:
+    """training_curves.png from train_log.csv and epochs.csv (matplotlib, headless)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001
+        return None
+    steps, losses = [], []
+    path = os.path.join(out_dir, "train_log.csv")
+    if os.path.exists(path):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                steps.append(int(row["step"]))
+                losses.append(float(row["loss"]))
+    epochs, val, held = [], [], []
+    path = os.path.join(out_dir, "epochs.csv")
+    if os.path.exists(path):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                epochs.append(int(row["epoch"]))
+                val.append(100 * float(row["val_top1"]))
+                held.append(100 * float(row["holdout_top1"]))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot(steps, losses, lw=1)
+    a.set(xlabel="step", ylabel="training loss (sampled path)", title="supernet training")
+    b.plot(epochs, held, marker="o", label="held-out")
+    b.plot(epochs, val, marker="s", label="validation")
+    b.set(xlabel="epoch", ylabel="top-1 % (largest path)", title="largest enabled path")
+    b.legend()
+    fig.tight_layout()
+    out = os.path.join(out_dir, "training_curves.png")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
