@@ -3,6 +3,7 @@ folder), the last few kept, the newest found again on resume."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import tempfile
@@ -12,15 +13,15 @@ import torch
 PATTERN = re.compile(r"ckpt-(\d+)\.pt$")
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save `obj` to `path` so that `path` is always either the old file or the
+def _write_atomic(path: str, write, suffix: str) -> None:
+    """Call `write(binary_file)` so that `path` is always either the old file or the
     complete new one, even if the process is killed mid-write."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -33,6 +34,19 @@ def save_atomic(obj, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save `obj` to `path` so that `path` is always either the old file or the
+    complete new one, even if the process is killed mid-write."""
+    _write_atomic(path, lambda f: torch.save(obj, f), ".pt")
+
+
+def save_json_atomic(obj, path: str) -> None:
+    """Write `obj` as indented JSON to `path`, atomically like `save_atomic` (logs and
+    resumable state that other processes may read while it is rewritten)."""
+    text = json.dumps(obj, indent=1) + "\n"
+    _write_atomic(path, lambda f: f.write(text.encode()), ".json")
 
 
 def checkpoint_path(folder: str, step: int) -> str:

@@ -48,10 +48,11 @@ DEFAULTS: dict[str, Any] = {
         "keep_checkpoints": 3,
         "log_every": 20,          # steps between CSV rows
         "progress": True,         # a progress bar per epoch
+        "eval_every": 1,          # epochs between evaluations of the largest path; 0 = never
     },
     "broaden": {
-        "warmup_epochs": 10,      # every spring block at its largest width
-        "broaden_epochs": 40,     # width range grows from [max] to [min, max]
+        "warmup_epochs": 10.0,    # every spring block at its largest width
+        "broaden_epochs": 40.0,   # width range grows from [max] to [min, max]
         "reorder": True,          # re-order channels by importance at each step
     },
     "shrink": {
@@ -100,6 +101,7 @@ POSITIVE = {"data.batch_size", "data.eval_batch_size", "train.epochs", "train.lr
             "shrink.min_ops", "shrink.min_widths"}
 NON_NEGATIVE = {"data.holdout", "data.workers", "train.weight_decay", "train.momentum",
                 "train.label_smoothing", "train.warmup_epochs", "train.checkpoint_every",
+                "train.eval_every",
                 "broaden.warmup_epochs", "broaden.broaden_epochs", "shrink.start",
                 "shrink.drop_fraction", "search.mutants",
                 "search.crossovers", "search.mutation_prob",
@@ -159,7 +161,8 @@ def _check_type(key: str, default, value):
 
 def _merge(base: dict, update: dict, prefix: str = "") -> None:
     if not isinstance(update, dict):
-        raise ValueError(f"config section '{prefix or '<top>'}' must be a mapping, got {update!r}")
+        raise ValueError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, "
+                         f"got {update!r}")
     for key, value in update.items():
         full = f"{prefix}{key}"
         if key not in base:

@@ -399,7 +399,11 @@ class Trainer:
         row = {"epoch": self.epoch + 1, "step": self.step,
                "train_loss": float(np.mean(losses)) if losses else float("nan"),
                "enabled_size": self.enabled.size()}
-        row.update(self._evaluate_largest())
+        every = t.eval_every
+        if every and ((self.epoch + 1) % every == 0 or self.epoch + 1 == t.epochs):
+            row.update(self._evaluate_largest())
+        else:
+            row.update(holdout_top1=float("nan"), val_top1=float("nan"), val_top5=float("nan"))
         self.history.append(row)
         self._csv("epochs.csv", row)
         if self._writer:

@@ -55,11 +55,11 @@ def test_matches_reference(dtype, fmt, act):
         assert not d_got[3][width:].any()
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 @pytest.mark.parametrize("act", sorted(ACTS))
-def test_gradcheck(act):
+def test_gradcheck(act, fmt):
     rng = random.Random(1)
-    z, scale, shift, weight, width, stride, pad = _inputs(rng, torch.float64,
-                                                          torch.contiguous_format)
+    z, scale, shift, weight, width, stride, pad = _inputs(rng, torch.float64, fmt)
     assert torch.autograd.gradcheck(
         lambda *t: bn_act_dwconv2d(*t, width, stride, pad, 1, act), (z, scale, shift, weight))
 
@@ -88,6 +88,92 @@ def test_deterministic_across_thread_counts():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dilation,stride,pad", [(2, 1, 2), (2, 2, 1), (1, 3, 0)])
+def test_dilation_and_stride(fmt, dilation, stride, pad):
+    """Dilation, stride 3 and unusual padding; upstream gradient on y only (no gradient
+    through the statistics, so the kernels skip reading y)."""
+    rng = random.Random(dilation * 10 + stride)
+    for act in sorted(ACTS):
+        z, scale, shift, weight, width, _, _ = _inputs(rng, torch.float64, fmt)
+        k = weight.shape[-1]
+        if z.shape[2] + 2 * pad < dilation * (k - 1) + 1 or z.shape[3] + 2 * pad < dilation * (k - 1) + 1:
+            z = z.detach().repeat(1, 1, 3, 3).contiguous(memory_format=fmt).requires_grad_(True)
+        got = bn_act_dwconv2d(z, scale, shift, weight, width, stride, pad, dilation, act)
+        a = ACTS[act](z * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+        want = F.conv2d(a, weight[:width], None, stride, pad, dilation, width)
+        gy = torch.randn_like(want)
+        d_got = torch.autograd.grad(got[0], (z, scale, shift, weight), gy)
+        d_want = torch.autograd.grad(want, (z, scale, shift, weight), gy)
+        torch.testing.assert_close(got[0], want, rtol=1e-10, atol=1e-9)
+        torch.testing.assert_close(got[1], want.sum((0, 2, 3)), rtol=1e-10, atol=1e-9)
+        for a_, b_ in zip(d_got, d_want):
+            torch.testing.assert_close(a_, b_, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_activation_kinks(dtype, fmt):
+    """u = z * scale + shift exactly 0 or 6 (exact in any rounding): the gradient there is
+    0, as F.relu / F.relu6 autograd define it, and 1 for identity."""
+    vals = torch.tensor([-1.0, 0.0, 0.5, 3.0, 6.0, 7.0, 3.0, 4.5], dtype=dtype)
+    z = vals[torch.randperm(8, generator=torch.Generator().manual_seed(0))].repeat(2, 3, 6, 1)
+    z = z.contiguous(memory_format=fmt).requires_grad_(True)  # [2, 3, 6, 8]
+    scale = torch.tensor([1.0, 2.0, 0.5], dtype=dtype, requires_grad=True)
+    shift = torch.tensor([0.0, -6.0, 1.5], dtype=dtype, requires_grad=True)  # u = 0 / 6 hit
+    weight = torch.randn(4, 1, 3, 3, dtype=dtype, requires_grad=True)
+    for act in sorted(ACTS):
+        got = bn_act_dwconv2d(z, scale, shift, weight, 3, 1, 1, 1, act)
+        want = _reference(z, scale, shift, weight, 3, 1, 1, act)
+        grads = [torch.randn_like(t) for t in want]
+        d_got = torch.autograd.grad(sum((g * t).sum() for g, t in zip(grads, got)),
+                                    (z, scale, shift, weight))
+        d_want = torch.autograd.grad(sum((g * t).sum() for g, t in zip(grads, want)),
+                                     (z, scale, shift, weight))
+        tol = dict(rtol=1e-10, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+        for a, b in zip([*got, *d_got], [*want, *d_want]):
+            torch.testing.assert_close(a, b, **tol)
+        # Exactly zero where the reference's act' is zero.
+        u = z.detach() * scale.detach().view(1, -1, 1, 1) + shift.detach().view(1, -1, 1, 1)
+        if act != "identity":
+            dead = (u <= 0) | ((u >= 6) if act == "relu6" else torch.zeros_like(u, dtype=torch.bool))
+            assert ((u == 0) | (u == 6)).any()
+            assert (d_got[0][dead] == 0).all()
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_backward_deterministic_across_thread_counts(fmt):
+    rng = random.Random(4)
+    z, scale, shift, weight, width, stride, pad = _inputs(rng, torch.float32, fmt, grad=False)
+    z = z.repeat(4, 1, 2, 2).contiguous(memory_format=fmt)
+    y, s, q = bn_act_dwconv2d(z, scale, shift, weight, width, stride, pad)
+    gy = torch.randn_like(y)
+    gs, gq = torch.randn_like(s), torch.randn_like(q)
+    op = torch.ops.bsnas._bn_act_dwconv2d_backward
+    args = (gy, gs, gq, z, scale, shift, weight, y, width, stride, pad, 1, 2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op(*args)
+        torch.set_num_threads(max(2, threads))
+        many = op(*args)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+def test_empty_batch():
+    z = torch.randn(0, 3, 6, 6, requires_grad=True)
+    scale = torch.ones(3, requires_grad=True)
+    shift = torch.zeros(3, requires_grad=True)
+    weight = torch.randn(5, 1, 3, 3, requires_grad=True)
+    y, s, q = bn_act_dwconv2d(z, scale, shift, weight, 3)
+    assert y.shape == (0, 3, 6, 6) and (s == 0).all() and (q == 0).all()
+    grads = torch.autograd.grad((y.sum() + s.sum() + q.sum()), (z, scale, shift, weight))
+    assert grads[0].shape == z.shape and all((g == 0).all() for g in grads[1:])
+
+
 def test_bad_input():
     z, w = torch.randn(1, 4, 6, 6), torch.randn(8, 1, 3, 3)
     s, b = torch.ones(4), torch.zeros(4)
@@ -102,3 +188,11 @@ def test_bad_input():
         op(z, s, b, w, 9, 1, 1, 1, 2)
     with pytest.raises(ValueError, match="activation must be one of"):
         bn_act_dwconv2d(z, s, b, w, activation="gelu")
+    y, ys, yq = op(z, s, b, w, 4, 1, 1, 1, 2)
+    bwd = torch.ops.bsnas._bn_act_dwconv2d_backward
+    with pytest.raises(RuntimeError, match="grad_out has shape"):
+        bwd(y[:, :3], ys, yq, z, s, b, w, y, 4, 1, 1, 1, 2)
+    with pytest.raises(RuntimeError, match="grad_out has shape"):
+        bwd(y, ys[:3], yq, z, s, b, w, y, 4, 1, 1, 1, 2)
+    with pytest.raises(RuntimeError, match="activation code must be"):
+        bwd(y, ys, yq, z, s, b, w, y, 4, 1, 1, 1, 3)

@@ -1,0 +1,49 @@
+"""Configuration: defaults, YAML files, overrides and errors that name the key."""
+import pytest
+
+from bsnas.config import DEFAULTS, load_config, parse_override
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 7\ndata:\n  loader: torch\n")
+    cfg = load_config(str(path), ["train.lr=0.05", "data.scale=[0.5, 1.0]"])
+    assert cfg.train.epochs == 7 and cfg.data.loader == "torch"
+    assert cfg.train.lr == 0.05 and cfg.data.scale == [0.5, 1.0]
+    assert cfg.train.momentum == DEFAULTS["train"]["momentum"]
+    assert isinstance(cfg.to_dict()["train"], dict)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lrr=1", "unknown config key 'train.lrr'"),
+    ("nope=1", "unknown config key 'nope'"),
+    ("data.loader=fast", "'data.loader' must be one of"),
+    ("train.epochs=0", "'train.epochs' must be > 0"),
+    ("data.batch_size=big", "'data.batch_size' must be an integer"),
+    ("train.amp=yes please", "'train.amp' must be true or false"),
+    ("data.scale=[0.5]", "'data.scale' must be a list of 2"),
+    ("data.scale=[0.9, 0.5]", "'data.scale' must satisfy"),
+    ("shrink.drop_fraction=1.5", "'shrink.drop_fraction'"),
+    ("search.max_macs=lots", "'search.max_macs' must be a number"),
+    ("data.dataset=folder", "'data.root' is required"),
+    ("train=3", "config section 'train' must be a mapping"),
+    ("search.top_k=100", "'search.top_k' must not exceed"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, [override])
+
+
+def test_missing_file_and_bad_override():
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config("/nonexistent/c.yaml")
+    with pytest.raises(ValueError, match="key.sub=value"):
+        parse_override("train.lr")
+
+
+def test_shipped_configs_load():
+    import glob
+    files = glob.glob("configs/*.yaml")
+    assert files
+    for f in files:
+        load_config(f)

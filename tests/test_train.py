@@ -1,0 +1,166 @@
+"""Supernet training: a short run, exact resume after SIGKILL, DDP with 2 CPU processes,
+the broadening schedule, sampling and the learning-rate schedule."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bsnas.broaden import BroadeningSchedule
+from bsnas.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from bsnas.config import load_config
+from bsnas.enabled import EnabledSpace
+from bsnas.sampler import PathSampler
+from bsnas.space import load_space
+from bsnas.train import Trainer, lr_lambda
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def _overrides(cache, out_dir, **extra):
+    o = {"out_dir": out_dir, "data.cache_dir": cache, "data.loader": "torch",
+         "data.holdout": 900, "data.batch_size": 32, "data.eval_batch_size": 128,
+         "data.workers": 0, "data.calib_batches": 1, "data.scale": "[0.5, 1.0]",
+         "data.flip": "false", "data.verify": "false", "train.epochs": 2, "train.lr": 0.4,
+         "train.eval_every": 0, "train.progress": "false", "train.log_every": 2, "broaden.warmup_epochs": 0.5,
+         "broaden.broaden_epochs": 1, "deterministic": "true", "seed": 3}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def test_short_run_writes_logs_and_checkpoints(cache, tmp_path):
+    out = str(tmp_path / "run")
+    cfg = load_config(None, _overrides(cache, out, **{"train.eval_every": 2,
+                                                     "train.keep_checkpoints": 2,
+                                                     "train.checkpoint_every": 5}))
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    assert summary["epoch"] == 2 and summary["val_top1"] >= 0
+    for name in ("train_log.csv", "epochs.csv", "summary.json", "broadening.csv",
+                 "training_curves.png", "config.json"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert len(list_checkpoints(out)) == 2  # only the newest `keep_checkpoints`
+    ckpt = load_checkpoint(latest_checkpoint(out))
+    assert ckpt["epoch"] == 2 and ckpt["step"] == trainer.step == 2 * trainer.steps_per_epoch
+    # Broadening reached the full width range and logged each step of it.
+    with open(os.path.join(out, "broadening.csv")) as f:
+        rows = f.read().strip().splitlines()[1:]
+    assert len(rows) >= 2
+    full = tuple(len(layer.widths) for layer in trainer.space.layers)
+    assert trainer.broadening.stages(2.0) == full
+
+
+SCRIPT = """
+import sys
+from bsnas.config import load_config
+from bsnas.train import Trainer
+cfg = load_config(None, sys.argv[2:])
+Trainer(cfg, resume=sys.argv[1] == "resume").fit()
+"""
+
+
+def _run(args, resume=False, **kw):
+    cmd = [sys.executable, "-c", SCRIPT, "resume" if resume else "fresh", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, **kw)
+
+
+def _final_model(out):
+    return load_checkpoint(latest_checkpoint(out))["model"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(cache, tmp_path):
+    common = {"train.checkpoint_every": 4, "train.keep_checkpoints": 50}
+    ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
+    ref = _run(_overrides(cache, ref_dir, **common))
+    assert ref.wait(timeout=600) == 0, ref.stdout.read().decode()[-3000:]
+
+    victim = _run(_overrides(cache, cut_dir, **common))
+    deadline = time.time() + 600
+    # Kill it hard once a mid-epoch checkpoint of the second epoch exists.
+    while time.time() < deadline:
+        found = list_checkpoints(cut_dir)
+        if found and int(os.path.basename(found[-1])[5:14]) > 20:
+            break
+        if victim.poll() is not None:
+            pytest.fail("training finished before it could be killed: " +
+                        victim.stdout.read().decode()[-2000:])
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = load_checkpoint(latest_checkpoint(cut_dir))
+    assert 0 < killed_at["batch_in_epoch"] or killed_at["epoch"] < 2
+
+    resumed = _run(_overrides(cache, cut_dir, **common), resume=True)
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read().decode()[-3000:]
+    a, b = _final_model(ref_dir), _final_model(cut_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_ddp_two_cpu_processes_stay_in_sync(cache, tmp_path):
+    out = str(tmp_path / "ddp")
+    script = tmp_path / "ddp_train.py"
+    script.write_text(SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", str(script), "fresh", *_overrides(cache, out, **{"train.epochs": 1})]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["params_in_sync"] is True
+    assert summary["steps"] > 0
+    # Only rank 0 wrote: one CSV header in the training log.
+    with open(os.path.join(out, "train_log.csv")) as f:
+        assert f.read().count("step,epoch") == 1
+
+
+def test_broadening_schedule():
+    space = load_space("tiny")
+    enabled = EnabledSpace(space)
+    sched = BroadeningSchedule(enabled, warmup_epochs=2, broaden_epochs=4)
+    grid = space.layers[0].widths
+    assert sched.allowed(0, 0.0) == (grid[-1],) and sched.allowed(0, 1.99) == (grid[-1],)
+    assert sched.allowed(0, 6.0) == grid
+    sizes = [len(sched.allowed(0, e / 4)) for e in range(0, 30)]
+    assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] == len(grid)
+    assert sched.stage(0, 4.0) == 1 + int(0.5 * (len(grid) - 1))
+    enabled.disable_width(0, grid[-1])  # shrinking removed the top width
+    assert sched.allowed(0, 0.0) == (grid[-2],)  # falls back to the largest enabled
+
+
+def test_sampler_is_deterministic_and_fair():
+    space = load_space("tiny")
+    enabled = EnabledSpace(space)
+    sampler = PathSampler(enabled, seed=5)
+    allowed = lambda i: enabled.widths(i)  # noqa: E731
+    assert sampler.uniform(7, allowed) == PathSampler(enabled, 5).uniform(7, allowed)
+    assert len({sampler.uniform(s, allowed) for s in range(20)}) > 10
+    paths = sampler.fair(3, allowed)
+    m = max(len(enabled.ops(i)) for i in range(enabled.num_layers))
+    assert len(paths) == m
+    for i in range(enabled.num_layers):
+        used = [p.layers[i].op for p in paths]
+        assert set(used) == set(enabled.ops(i))  # every enabled op trained this step
+        if len(enabled.ops(i)) == m:
+            assert sorted(used) == sorted(enabled.ops(i))  # exactly once each
+
+
+def test_learning_rate_schedule():
+    f = lr_lambda(total_steps=100, warmup_steps=10, schedule="cosine")
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5, abs=1e-6) and f(100) == pytest.approx(0.0, abs=1e-9)
+    g = lr_lambda(total_steps=100, warmup_steps=0, schedule="linear")
+    assert g(50) == pytest.approx(0.5)
