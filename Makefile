@@ -27,10 +27,14 @@ test: build
 	$(PY) -m pytest -q tests
 
 demo: build
-	QUICK=1 PY=$(PY) bash benchmarks/run_cpu_bench.sh
+	$(PY) -m bsnas run --config configs/quickstart.yaml
 
 bench: build
 	PY=$(PY) bash benchmarks/run_cpu_bench.sh
+	$(PY) benchmarks/bench_training.py --out benchmarks/out/training.md
+
+bench-quick: build
+	QUICK=1 PY=$(PY) bash benchmarks/run_cpu_bench.sh
 
 clean:
 	rm -rf build bsnas/*.so .pytest_cache

@@ -107,7 +107,9 @@ class SpringBlock(nn.Module):
     def _forward_train_fused(self, x: torch.Tensor) -> torch.Tensor:
         c, k = self._width, self.kernel_size
         z = self.expand(x, c)
-        var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
+        # Batch statistics in float32 at least (autocast may hand us bf16/fp16).
+        zs = z if z.dtype in (torch.float32, torch.float64) else z.float()
+        var, mean = torch.var_mean(zs, dim=(0, 2, 3), unbiased=False)
         scale, shift = self.expand_bn.batch_affine(mean, var, z.numel() // c)
         y, ysum, ysq = bn_act_dwconv2d(z, scale, shift, self.depthwise.weight, c, self.stride,
                                        k // 2, 1, self.activation)

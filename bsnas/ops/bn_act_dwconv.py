@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from bsnas import _C  # noqa: F401  (registers the ops)
-from bsnas.ops.masked_conv import _conv_out, _format
+from bsnas.ops.masked_conv import _autocast, _conv_out, _format
 
 __all__ = ["ACTIVATION_CODES", "bn_act_dwconv2d"]
 
@@ -34,6 +34,7 @@ def bn_act_dwconv2d(z, scale, shift, weight, width=None, stride: int = 1, paddin
         width = z.shape[1]
     if padding is None:
         padding = dilation * (weight.shape[-1] - 1) // 2
+    z, scale, shift, weight = _autocast(z, scale, shift, weight)
     return _ops.bn_act_dwconv2d(z, scale, shift, weight, width, stride, padding, dilation,
                                 ACTIVATION_CODES[activation])
 

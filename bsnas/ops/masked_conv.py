@@ -31,6 +31,15 @@ def _format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _autocast(*tensors):
+    """Under CUDA autocast, run in the autocast dtype (like F.conv2d): cast the floating
+    inputs, weights included, to it. Outside autocast the tensors pass unchanged."""
+    if tensors[0].is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+    return tensors
+
+
 def _conv_out(size, k: int, stride: int, padding: int, dilation: int):
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
@@ -47,6 +56,7 @@ def masked_dwconv2d(x: torch.Tensor, weight: torch.Tensor, width=None, stride: i
         width = x.shape[1]
     if padding is None:
         padding = dilation * (weight.shape[-1] - 1) // 2
+    x, weight = _autocast(x, weight)
     return _ops.masked_dwconv2d(x, weight, width, stride, padding, dilation)
 
 
@@ -99,6 +109,7 @@ def masked_pwconv2d(x: torch.Tensor, weight: torch.Tensor, in_width=None,
         in_width = x.shape[1]
     if out_width is None:
         out_width = weight.shape[0]
+    x, weight = _autocast(x, weight)
     return _ops.masked_pwconv2d(x, weight, in_width, out_width)
 
 

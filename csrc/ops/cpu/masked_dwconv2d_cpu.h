@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "dwconv_loops.h"
+#include "dwconv_plane.h"
 
 namespace bsnas {
 namespace cpu {
@@ -31,7 +32,7 @@ at::Tensor dw_forward(const at::Tensor& x_in, const at::Tensor& weight_in, int64
     const auto* wp = weight.const_data_ptr<scalar_t>();
     auto* yp = y.mutable_data_ptr<scalar_t>();
     if (g.channels_last) forward_nhwc(xp, wp, yp, g);
-    else forward_nchw(xp, wp, yp, g);
+    else plane::forward(xp, wp, yp, g);
   });
   return y;
 }
@@ -61,8 +62,8 @@ std::tuple<at::Tensor, at::Tensor> dw_backward(const at::Tensor& grad_out,
       backward_input_nhwc(gyp, wp, gxp, g);
       backward_weight_nhwc(gyp, xp, gwp, g);
     } else {
-      backward_input_nchw(gyp, wp, gxp, g);
-      backward_weight_nchw(gyp, xp, gwp, g);
+      plane::backward_input(gyp, wp, gxp, g);
+      plane::backward_weight(gyp, xp, gwp, g);
     }
   });
   return {gx, gw};
