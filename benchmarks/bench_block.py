@@ -1,0 +1,156 @@
+"""Issue 3 benchmark: the spring block, training step (forward + backward) and inference
+(forward in eval mode under no_grad), at the shapes of the `proxyless` preset's stages
+(224x224 input), widths 25/50/100% of the block's max width, against
+
+- slicing: the same block through `F.conv2d` on weight slices (Once-for-All), eager;
+- masking: full-width computation times a 0/1 channel mask, eager;
+- compiled: the slicing block under `torch.compile(dynamic=True)` (optional, slow to
+  compile on a small CPU: `--compile`).
+
+Each layer: the second layer of each stage (stride 1, residual) and the first
+(stride 2 where the stage downsamples). Kernel size 5 unless `--kernel`.
+Times are medians of repeats after warm-up (CUDA events on GPU). Usage:
+    python benchmarks/bench_block.py [--device cpu|cuda] [--batch 16] [--compile]
+        [--channels-last] [--quick] [--out FILE.md]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from baselines import use_baseline  # noqa: E402
+
+from bsnas.nn import SpringBlock  # noqa: E402
+from bsnas.space import load_space  # noqa: E402
+
+
+def stage_layers(quick: bool):
+    """(name, in, out, stride, H) of the proxyless stages' first and second layers."""
+    space = load_space("proxyless")
+    out, seen = [], set()
+    size = space.resolution // space.stem.stride
+    for layer in space.layers:
+        h = size
+        size = size // layer.stride
+        key = (layer.stage, layer.stride == 1 and layer.in_channels == layer.out_channels)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append((f"s{layer.stage}{'r' if key[1] else 'd'} {h}x{h}", layer.in_channels,
+                    layer.out_channels, layer.stride, h, layer.widths[-1]))
+    return out[::3] if quick else out
+
+
+def _timer(device):
+    if device.type == "cuda":
+        def run(fn, reps):
+            for _ in range(3):
+                fn()
+            times = []
+            for _ in range(reps):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b) / 1e3)
+            return statistics.median(times)
+    else:
+        def run(fn, reps):
+            fn()
+            times = []
+            for _ in range(reps):
+                tic = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - tic)
+            return statistics.median(times)
+    return run
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=None, help="default 64 on GPU, 16 on CPU")
+    p.add_argument("--kernel", type=int, default=5)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    batch = a.batch or (64 if device.type == "cuda" else 16)
+    reps = a.reps or (30 if device.type == "cuda" else 5)
+    run = _timer(device)
+    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
+    amp = a.dtype == "bfloat16"
+    kinds = ["fused", "slicing", "masking"] + (["compiled"] if a.compile else [])
+    lines = [f"torch {torch.__version__}, {device}, batch {batch}, k{a.kernel}, {a.dtype}, "
+             f"{'channels_last' if a.channels_last else 'NCHW'}, threads {torch.get_num_threads()}, "
+             f"{time.strftime('%Y-%m-%d')}; medians of {reps}", ""]
+    header = "| layer | width | " + " | ".join(f"{k} (ms)" for k in kinds) + " | " + \
+        " | ".join(f"{k} / fused" for k in kinds[1:]) + " |"
+    sep = "|---|---:|" + "---:|" * (2 * len(kinds) - 1)
+    tables = {"train": [header, sep], "infer": [header, sep]}
+    for name, cin, cout, stride, h, wmax in stage_layers(a.quick):
+        torch.manual_seed(0)
+        block = SpringBlock(cin, cout, wmax, a.kernel, stride).to(device)
+        x = torch.randn(batch, cin, h, h, device=device).to(memory_format=fmt)
+        g = torch.randn(batch, cout, h // stride, h // stride, device=device).to(memory_format=fmt)
+        compiled = torch.compile(use_baseline(SpringBlock(cin, cout, wmax, a.kernel, stride).to(device),
+                                              "slicing"), dynamic=True) if a.compile else None
+        if compiled is not None:
+            compiled._orig_mod.load_state_dict(block.state_dict())
+        for frac in (0.25, 0.5, 1.0):
+            width = max(8, int(round(wmax * frac / 8)) * 8)
+            times = {"train": {}, "infer": {}}
+            for kind in kinds:
+                if kind == "compiled":
+                    mod = compiled
+                    compiled._orig_mod.width = width
+                else:
+                    mod = use_baseline(block, kind)
+                    block.width = width
+
+                def train_step():
+                    with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                        y = mod(x)
+                    y.backward(g)
+
+                def infer():
+                    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                        mod(x)
+
+                mod.train()
+                times["train"][kind] = run(train_step, reps)
+                mod.eval()
+                times["infer"][kind] = run(infer, reps)
+            use_baseline(block, "fused")
+            for mode in ("train", "infer"):
+                t = times[mode]
+                tables[mode].append(
+                    f"| {name} {cin}->{cout} s{stride} | {width} ({int(frac * 100)}%) | " +
+                    " | ".join(f"{1e3 * t[k]:.2f}" for k in kinds) + " | " +
+                    " | ".join(f"{t[k] / t['fused']:.2f}x" for k in kinds[1:]) + " |")
+            print(tables["train"][-1], flush=True)
+    text = "\n".join(lines + ["Training step (forward + backward):", ""] + tables["train"] +
+                     ["", "Inference (eval, no_grad):", ""] + tables["infer"])
+    print(text)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
