@@ -81,4 +81,5 @@ setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
+    entry_points={"console_scripts": ["bsnas = bsnas.cli:main"]},
 )

@@ -1,9 +1,17 @@
 """Command line: `python -m bsnas <command> ...`.
 
 Commands:
+    train           train the supernet (broadening, shrinking); works under torchrun
+    search          evolutionary search on a trained supernet checkpoint
+    retrain         retrain an architecture (inherited weights or from scratch)
+    run             the whole pipeline: train, search, export, retrain, report
     latency-table   measure the per-choice latency table of a space on this device
     latency-report  how well a latency table predicts end-to-end latency
     export          export an architecture from a supernet checkpoint as plain PyTorch
+
+Run commands take `--config C` (a YAML file under configs/, see bsnas.config) and
+`key.sub=value` overrides after it, e.g. `bsnas train --config configs/quickstart.yaml
+train.epochs=3`. They log to stderr at INFO (rank 0 only under torchrun).
 
 Each command is one `add_<command>(subparsers)` function below that declares its
 arguments and sets `func` to the function that runs it; a new command (train, search,
@@ -15,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import time
 from typing import Callable, Sequence
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -155,10 +165,128 @@ def add_export(sub) -> None:
     p.set_defaults(func=_run_export)
 
 
+# --------------------------------------------------------------------------- train / search / retrain / run
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="run config YAML (default: bsnas.config.DEFAULTS)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, e.g. train.epochs=3 search.max_macs=2e6")
+
+
+def _config(args: argparse.Namespace):
+    from bsnas.config import load_config
+    return load_config(args.config, args.overrides)
+
+
+def _single_process(command: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"`bsnas {command}` runs in one process; only `bsnas train` runs under torchrun")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from bsnas.run import build_trainer
+    trainer = build_trainer(_config(args), args.resume)
+    try:
+        last = trainer.fit()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if trainer.dist.main:
+        print(f"trained {trainer.epoch} epochs ({trainer.step} steps) into {trainer.out_dir}: "
+              f"largest path held-out top-1 {last.get('holdout_top1', float('nan')):.4f}, "
+              f"enabled space {trainer.enabled.size():.3e} archs")
+    return 0
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the supernet (broadening and shrinking)",
+                       description="Train the supernet of the config's space with single-path sampling, "
+                                   "the broadening schedule and, when shrink.enabled, shrinking. Also "
+                                   "runs under `torchrun --nproc_per_node N -m bsnas train ...`.")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.set_defaults(func=_run_train)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from bsnas.search import search_checkpoint
+    _single_process("search")
+    cfg = _config(args)
+    out = args.out or os.path.join(cfg.out_dir, "search")
+    result = search_checkpoint(cfg, args.checkpoint, out, args.resume)
+    b = result.best
+    print(f"best of {len(result.candidates)} candidates: {b.arch} (held-out top-1 {b.top1:.4f}, "
+          f"{b.macs / 1e6:.2f}M MACs, {b.params:,} params); wrote {os.path.join(out, 'best_arch.json')}")
+    return 0
+
+
+def add_search(sub) -> None:
+    p = sub.add_parser("search", help="evolutionary search on a supernet checkpoint",
+                       description="SPOS-style evolutionary search over the enabled space stored in a "
+                                   "training checkpoint, with the held-out top-1 after BN recalibration "
+                                   "as fitness and the search.* constraints (see bsnas.search).")
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (ckpt-*.pt) you trust")
+    _add_config_args(p)
+    p.add_argument("--out", default=None, help="output folder (default <out_dir>/search)")
+    p.add_argument("--resume", action="store_true", help="continue the search saved in the output folder")
+    p.set_defaults(func=_run_search)
+
+
+def _run_retrain(args: argparse.Namespace) -> int:
+    from bsnas.arch import Arch
+    from bsnas.retrain import retrain
+    _single_process("retrain")
+    cfg = _config(args)
+    out = args.out or os.path.join(cfg.out_dir, "retrain")
+    report = retrain(cfg, Arch.load(args.arch), checkpoint=args.checkpoint, out_dir=out)
+    summary = {k: report[k] for k in ("val_top1", "val_top5", "macs", "params")}
+    summary["latency_ms"] = report["latency"]["median_ms"]
+    print(json.dumps(summary))
+    return 0
+
+
+def add_retrain(sub) -> None:
+    p = sub.add_parser("retrain", help="retrain an architecture and report its accuracy and cost",
+                       description="Train an exported architecture from scratch or fine-tune its weights "
+                                   "inherited from a supernet checkpoint (retrain.inherit); writes "
+                                   "retrain.json with validation top-1/top-5, MACs, parameters and the "
+                                   "latency measured on this device (see bsnas.retrain).")
+    p.add_argument("--arch", required=True, help="architecture JSON (e.g. search/best_arch.json)")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", default=None, help="supernet checkpoint to inherit weights from")
+    p.add_argument("--out", default=None, help="output folder (default <out_dir>/retrain)")
+    p.set_defaults(func=_run_retrain)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from bsnas.run import run
+    tic = time.perf_counter()
+    summary = run(_config(args), args.resume, progress=_log)
+    print(f"done in {time.perf_counter() - tic:.0f}s: best {summary['best']['macs'] / 1e6:.2f}M MACs, "
+          f"held-out top-1 {summary['best']['top1']:.4f} in the supernet, validation top-1 "
+          f"{summary['val_top1']:.4f} after retraining")
+    print(f"report: {summary['report']}")
+    return 0
+
+
+def add_run(sub) -> None:
+    p = sub.add_parser("run", help="the whole pipeline: train, search, export, retrain, report",
+                       description="Train the supernet (broadening + shrinking), search it, export the "
+                                   "best architecture, retrain it briefly and write <out_dir>/report/"
+                                   "report.md (see bsnas.run).")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.set_defaults(func=_run_run)
+
+
 # --------------------------------------------------------------------------- main
 
 #: One function per command; each adds its parser to the subparsers.
-COMMANDS: list[Callable] = [add_latency_table, add_latency_report, add_export]
+COMMANDS: list[Callable] = [add_train, add_search, add_retrain, add_run, add_latency_table,
+                            add_latency_report, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns its exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # INFO to stderr; under torchrun only rank 0 says more than warnings.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:

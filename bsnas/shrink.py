@@ -55,6 +55,8 @@ __all__ = ["CandidateScore", "PathResult", "Shrinker", "choose_drops", "score_ca
 log = logging.getLogger(__name__)
 
 LOG_NAME = "shrink_log.json"
+#: Gaps up to this are ties with the layer's best (float noise of averaging), never dropped.
+TIE = 1e-9
 STATE_KEY = "shrink"
 
 
@@ -119,14 +121,14 @@ def drop_target(enabled: EnabledSpace, drop_fraction: float) -> int:
 def choose_drops(enabled: EnabledSpace, scores: Sequence[CandidateScore], target: int,
                  min_ops: int = 1, min_widths: int = 1) -> list[CandidateScore]:
     """Up to `target` candidates to turn off: the scored ones with the largest gap to
-    their layer's best (> 0), skipping any whose removal would leave its layer with
+    their layer's best (> `TIE`), skipping any whose removal would leave its layer with
     fewer than `min_ops` ops or `min_widths` widths. Ties are broken by (layer, kind,
     name) so the choice is deterministic. `enabled` is not modified."""
     if min_ops < 1 or min_widths < 1:
         raise ValueError(f"min_ops and min_widths must be >= 1, got {min_ops} and {min_widths}")
     ops = [len(enabled.ops(i)) for i in range(enabled.num_layers)]
     widths = [len(enabled.widths(i)) for i in range(enabled.num_layers)]
-    ranked = sorted((s for s in scores if s.gap is not None and s.gap > 0),
+    ranked = sorted((s for s in scores if s.gap is not None and s.gap > TIE),
                     key=lambda s: (-s.gap, s.layer, s.kind, str(s.name)))
     chosen = []
     for s in ranked:

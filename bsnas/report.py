@@ -1,0 +1,254 @@
+"""The report of an end-to-end run: `<run>/report/report.md` with PNG plots, built only
+from the files the run wrote (so it can be rebuilt at any time):
+
+    config.json, epochs.csv, train_log.csv   supernet training (bsnas.train)
+    shrink_log.json                          shrinking decisions (bsnas.shrink)
+    search/search_result.json, pareto.png    evolutionary search (bsnas.search)
+    retrain/retrain.json                     the retrained architecture (bsnas.retrain)
+
+Plots: the training curves (`bsnas.train.plot_curves`), a layer x op heat map of the
+epoch at which shrinking turned each op off (and a layer x width one), and the
+accuracy-MACs Pareto front of the search. Missing pieces (e.g. shrinking disabled) are
+reported as such.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from typing import Any
+
+from bsnas.arch import SKIP, Arch, kernel_size
+from bsnas.space import SearchSpace, load_space
+
+__all__ = ["plot_shrink_heatmap", "turned_off", "write_report"]
+
+
+def _load_json(path: str) -> Any:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def turned_off(shrink_log: dict | None) -> dict[tuple[int, str, Any], int]:
+    """`{(layer, "op"|"width", name): epoch}` of every candidate a decision turned off."""
+    out = {}
+    for d in (shrink_log or {}).get("decisions", []):
+        for s in d["dropped"]:
+            out[(s["layer"], s["kind"], s["name"])] = d["epoch"]
+    return out
+
+
+def _op_order(space: SearchSpace) -> list[str]:
+    ops = {op for layer in space.layers for op in layer.ops}
+    return sorted((op for op in ops if op != SKIP), key=kernel_size) + ([SKIP] if SKIP in ops else [])
+
+
+def plot_shrink_heatmap(space: SearchSpace, shrink_log: dict | None, path: str,
+                        last_epoch: int | None = None) -> str | None:
+    """Two heat maps: layer x op and layer x width option, coloured by the epoch at which
+    shrinking turned the candidate off; white "on" cells were never turned off, grey
+    cells are not candidates of the layer. PNG at `path` (None without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+        import numpy as np
+    except Exception:  # noqa: BLE001
+        return None
+    off = turned_off(shrink_log)
+    ops = _op_order(space)
+    n_w = max(len(layer.widths) for layer in space.layers)
+    epochs = [e for e in off.values()]
+    vmax = max(epochs + [last_epoch or 1])
+    vmin = min(epochs + [vmax])
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    panels = []
+    for kind, columns, cell in (
+            ("op", ops, lambda layer, j: ops[j] if ops[j] in layer.ops else None),
+            ("width", list(range(n_w)),
+             lambda layer, j: layer.widths[j] if j < len(layer.widths) else None)):
+        grid = np.full((space.num_layers, len(columns)), np.nan)
+        labels = [["" for _ in columns] for _ in space.layers]
+        absent = np.zeros_like(grid, dtype=bool)
+        for layer in space.layers:
+            for j in range(len(columns)):
+                name = cell(layer, j)
+                if name is None:
+                    absent[layer.index, j] = True
+                    continue
+                epoch = off.get((layer.index, kind, name))
+                if epoch is not None:
+                    grid[layer.index, j] = epoch
+                text = str(name) if kind == "width" else ""
+                labels[layer.index][j] = f"{text}\n" * (kind == "width") + (
+                    f"off@{epoch}" if epoch is not None else "on")
+        panels.append((kind, columns, grid, labels, absent))
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * (len(ops) + n_w), 1.2 + 0.55 * space.num_layers),
+                             gridspec_kw={"width_ratios": [len(ops), n_w]})
+    for ax, (kind, columns, grid, labels, absent) in zip(axes, panels):
+        im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+        ax.imshow(np.ma.masked_where(~absent, absent.astype(float)), cmap="Greys", vmin=0, vmax=2,
+                  aspect="auto")
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                if not absent[i, j]:
+                    ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=7,
+                            color="black" if math.isnan(grid[i, j]) else "white")
+        ax.set_xticks(range(len(columns)))
+        ax.set_xticklabels(columns if kind == "op" else [f"w{j + 1}" for j in columns])
+        ax.set_yticks(range(space.num_layers))
+        ax.set_yticklabels([f"L{layer.index} (s{layer.stage})" for layer in space.layers])
+        ax.set_title(f"epoch each {kind} was turned off" if kind == "op" else
+                     "epoch each width option was turned off (w1 = narrowest)", fontsize=9)
+    bar = fig.colorbar(im, ax=axes, label="epoch turned off", shrink=0.8)
+    bar.locator = matplotlib.ticker.MaxNLocator(integer=True)
+    bar.update_ticks()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _fmt_int(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def _arch_table(space: SearchSpace, arch: Arch) -> list[str]:
+    lines = ["| layer | stage | channels in -> out | stride | op | hidden width (x input) |",
+             "|---|---|---|---|---|---|"]
+    for layer, c in zip(space.layers, arch.layers):
+        width = "-" if c.width is None else f"{c.width} ({c.width / layer.in_channels:.1f}x)"
+        lines.append(f"| {layer.index} | {layer.stage} | {layer.in_channels} -> {layer.out_channels} | "
+                     f"{layer.stride} | {c.op} | {width} |")
+    return lines
+
+
+def _read_csv(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def write_report(run_dir: str, out_dir: str | None = None) -> str:
+    """Write `report.md` and its PNGs into `out_dir` (default `<run_dir>/report`) from
+    the files of the run in `run_dir`; returns the path of report.md."""
+    from bsnas.train import plot_curves
+
+    out_dir = out_dir or os.path.join(run_dir, "report")
+    os.makedirs(out_dir, exist_ok=True)
+    config = _load_json(os.path.join(run_dir, "config.json"))
+    if config is None:
+        raise ValueError(f"{run_dir!r} holds no config.json: not a bsnas run folder")
+    space = load_space(config["space"])
+    shrink_log = _load_json(os.path.join(run_dir, "shrink_log.json"))
+    search = _load_json(os.path.join(run_dir, "search", "search_result.json"))
+    retrained = _load_json(os.path.join(run_dir, "retrain", "retrain.json"))
+    epochs = _read_csv(os.path.join(run_dir, "epochs.csv"))
+
+    md = ["# BS-NAS run report", "",
+          f"Run folder: `{os.path.abspath(run_dir)}`. Space `{space.name}` "
+          f"({space.num_layers} searchable layers, {space.size():.3e} architectures, "
+          f"{space.resolution}x{space.resolution} input, {space.classes} classes); "
+          f"dataset `{config['data']['dataset']}`; {config['train']['epochs']} supernet epochs, seed "
+          f"{config['seed']}.", ""]
+
+    # ---------------------------------------------------------------- result
+    md += ["## Chosen architecture", ""]
+    if search is None:
+        md += ["No search results (`search/search_result.json` is missing).", ""]
+    else:
+        best = search["best"]
+        arch = Arch.from_dict(best["arch"])
+        md += _arch_table(space, arch) + [""]
+        rows = [("MACs", _fmt_int(best["macs"])), ("parameters", f"{best['params']:,}")]
+        if best.get("latency_ms") is not None:
+            rows.append(("latency (latency table)", f"{best['latency_ms']:.3f} ms"))
+        rows.append(("held-out top-1 in the supernet (search fitness)", _pct(best["top1"])))
+        if retrained is not None:
+            lat = retrained["latency"]
+            rows.append((f"latency measured ({lat['device_name']}, {lat['threads']} threads, batch 1)",
+                         f"{lat['median_ms']:.3f} ms"))
+            if retrained.get("inherited_val_top1") is not None:
+                rows.append(("validation top-1 with inherited weights (before retraining)",
+                             _pct(retrained["inherited_val_top1"])))
+            how = "fine-tuned from inherited weights" if retrained["inherit"] else "trained from scratch"
+            rows.append((f"validation top-1 / top-5 after {retrained['epochs']} epochs, {how}",
+                         f"{_pct(retrained['val_top1'])} / {_pct(retrained['val_top5'])}"))
+        md += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+        md += [f"Architecture JSON: `{os.path.join(run_dir, 'search', 'best_arch.json')}`.", ""]
+
+    # ---------------------------------------------------------------- training
+    md += ["## Supernet training", ""]
+    curves = plot_curves(run_dir)
+    if curves:
+        shutil.copy(curves, os.path.join(out_dir, "training_curves.png"))
+        md += ["![training curves](training_curves.png)", ""]
+    if epochs:
+        last = epochs[-1]
+        md += [f"After epoch {last['epoch']}: training loss {float(last['train_loss']):.4f}; largest enabled "
+               f"path: held-out top-1 {_pct(float(last['holdout_top1']))}, validation top-1 "
+               f"{_pct(float(last['val_top1']))}; enabled space {float(last['enabled_size']):.3e} "
+               f"architectures.", ""]
+
+    # ---------------------------------------------------------------- shrinking
+    md += ["## Shrinking", ""]
+    decisions = (shrink_log or {}).get("decisions", [])
+    if not decisions:
+        md += ["No shrinking decisions were made (shrinking disabled, or the run ended before "
+               "`shrink.start`).", ""]
+    else:
+        st = shrink_log["settings"]
+        md += [f"Every {st['interval']} epochs from epoch {st['start']}: {st['samples']} sampled paths, "
+               f"scored by {st['score']}; up to {100 * st['drop_fraction']:.0f}% of the enabled candidates "
+               f"turned off per decision (at least {st['min_ops']} ops and {st['min_widths']} widths kept per "
+               f"layer). Gap = how far a candidate's mean score is below its layer's best.", "",
+               "| after epoch | paths (distinct) | turned off (layer: candidate, gap) | space size |",
+               "|---|---|---|---|"]
+        for d in decisions:
+            dropped = ", ".join(f"L{s['layer']}: {s['name']} ({s['gap']:.3f})" for s in d["dropped"]) or "none"
+            md.append(f"| {d['epoch']} | {d['samples']} ({d['distinct_paths']}) | {dropped} | "
+                      f"{d['size_before']:.3e} -> {d['size_after']:.3e} |")
+        md.append("")
+        last = int(epochs[-1]["epoch"]) if epochs else None
+        heat = plot_shrink_heatmap(space, shrink_log, os.path.join(out_dir, "shrink_heatmap.png"), last)
+        if heat:
+            md += ["![shrinking heat map](shrink_heatmap.png)", ""]
+        final = decisions[-1]["enabled"]["layers"]
+        md += ["Enabled space after the last decision:", "", "| layer | ops | widths |", "|---|---|---|"]
+        md += [f"| {i} | {', '.join(l['ops'])} | {', '.join(map(str, l['widths']))} |"
+               for i, l in enumerate(final)] + [""]
+
+    # ---------------------------------------------------------------- search
+    md += ["## Evolutionary search", ""]
+    if search is not None:
+        p = search["params"]
+        c = search["constraints"]
+        bounds = ", ".join(f"{k} <= {v:g}" for k, v in c.items() if k.startswith("max_") and v is not None)
+        md += [f"Population {p['population']}, {search['generations']} generations run (of "
+               f"{p['generations']}), top-k {p['top_k']}, {p['mutants']} mutants (gene probability "
+               f"{p['mutation_prob']}), {p['crossovers']} crossovers; constraints: {bounds or 'none'}. "
+               f"{search['evaluated']} architectures evaluated in {search['seconds']:.1f} s.", ""]
+        src = os.path.join(run_dir, "search", "pareto.png")
+        if os.path.exists(src):
+            shutil.copy(src, os.path.join(out_dir, "pareto.png"))
+            md += ["![Pareto front](pareto.png)", ""]
+        md += ["Pareto front (held-out top-1 against MACs):", "",
+               "| MACs | params | held-out top-1 | generation | architecture |", "|---|---|---|---|---|"]
+        md += [f"| {_fmt_int(x['macs'])} | {x['params']:,} | {_pct(x['top1'])} | {x['generation']} | "
+               f"`{Arch.from_dict(x['arch'])}` |" for x in search["pareto"]] + [""]
+    else:
+        md += ["No search results.", ""]
+
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(md))
+    return path

@@ -1,0 +1,102 @@
+"""The end-to-end pipeline (`bsnas run --config C`): train the supernet (broadening and
+shrinking), search it, export the best architecture with its inherited weights, retrain
+it briefly, and write the report.
+
+Everything goes into `cfg.out_dir`:
+
+    ckpt-*.pt, epochs.csv, train_log.csv, shrink_log.json, ...   training (bsnas.train, bsnas.shrink)
+    search/         best_arch.json, candidates.csv, pareto.csv/png (bsnas.search)
+    model.pt        the best architecture exported with inherited weights (bsnas.export)
+    retrain/        retrain.json, model.pt (bsnas.retrain)
+    report/         report.md and its plots (bsnas.report)
+    run.json        seconds per phase and the headline numbers
+
+`resume=True` continues an interrupted run: training from its newest checkpoint, the
+search from its saved state; export, retraining and the report are redone.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+import torch
+
+from bsnas.checkpoint import latest_checkpoint, save_json_atomic
+from bsnas.export import export
+from bsnas.report import write_report
+from bsnas.retrain import retrain
+from bsnas.search import Constraints, EvolutionParams, search_supernet
+from bsnas.shrink import Shrinker
+from bsnas.train import Trainer
+
+__all__ = ["build_trainer", "run"]
+
+log = logging.getLogger(__name__)
+
+
+def build_trainer(cfg, resume: bool = False) -> Trainer:
+    """A `Trainer` for `cfg` with the `Shrinker` hook when `cfg.shrink.enabled`."""
+    trainer = Trainer(cfg, resume)
+    if cfg.shrink.enabled:
+        s = cfg.shrink
+        if trainer.dist.main and s.start < cfg.broaden.warmup_epochs + cfg.broaden.broaden_epochs:
+            log.warning("shrink.start (%d) precedes the end of broadening (epoch %g): narrow widths "
+                        "are judged before they were trained", s.start,
+                        cfg.broaden.warmup_epochs + cfg.broaden.broaden_epochs)
+        trainer.epoch_hooks.append(Shrinker.from_config(cfg))
+    return trainer
+
+
+def run(cfg, resume: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+    """Run the whole pipeline for `cfg` (see the module doc); returns `run.json`'s
+    content, including `report` (the path of report.md). `progress` receives one line
+    per phase (the details go to the `logging` module). Single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("`bsnas run` runs in one process; only `bsnas train` runs under torchrun "
+                         "(then `bsnas search` and `bsnas retrain`)")
+    # settings of the later phases are checked before hours of training, not after
+    EvolutionParams.from_config(cfg.search)
+    Constraints.from_config(cfg.search)
+    say = progress or (lambda line: None)
+    out = cfg.out_dir
+    seconds = {}
+
+    tic = time.perf_counter()
+    trainer = build_trainer(cfg, resume)
+    say(f"[1/4] training the supernet: {cfg.train.epochs} epochs of {trainer.steps_per_epoch} steps "
+        f"on {trainer.device} -> {out}")
+    trainer.fit()
+    seconds["train"] = time.perf_counter() - tic
+    checkpoint = latest_checkpoint(out)
+
+    tic = time.perf_counter()
+    say(f"[2/4] evolutionary search over {trainer.enabled.size():.3e} architectures")
+    tag = {"checkpoint_step": trainer.step, "checkpoint_epoch": trainer.epoch, "space": trainer.space.name}
+    result = search_supernet(cfg, trainer.supernet, trainer.enabled, trainer.data,
+                             os.path.join(out, "search"), resume, tag)
+    best = result.best
+    seconds["search"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    model_path = os.path.join(out, "model.pt")
+    torch.save(export(trainer.supernet, best.arch), model_path)
+    say(f"[3/4] exported {best.arch} -> {model_path}; retraining {cfg.retrain.epochs} epochs "
+        f"({'inherited weights' if cfg.retrain.inherit else 'from scratch'})")
+    report = retrain(cfg, best.arch, out_dir=os.path.join(out, "retrain"), supernet=trainer.supernet,
+                     data=trainer.data)
+    seconds["retrain"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    path = write_report(out)
+    seconds["report"] = time.perf_counter() - tic
+    say(f"[4/4] report: {path}")
+    last = trainer.history[-1] if trainer.history else {}
+    summary = {"report": path, "checkpoint": checkpoint, "model": model_path,
+               "best_arch": os.path.join(out, "search", "best_arch.json"),
+               "best": best.to_dict(), "val_top1": report["val_top1"], "val_top5": report["val_top5"],
+               "supernet_holdout_top1": last.get("holdout_top1"),
+               "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+    save_json_atomic(summary, os.path.join(out, "run.json"))
+    return summary
