@@ -48,29 +48,31 @@ def stage_layers(quick: bool):
 
 
 def _timer(device):
-    if device.type == "cuda":
-        def run(fn, reps):
-            for _ in range(3):
-                fn()
-            times = []
-            for _ in range(reps):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b) / 1e3)
-            return statistics.median(times)
-    else:
-        def run(fn, reps):
+    """Returns interleaved(fns, reps) -> {name: median seconds}: one warm-up call of each
+    function, then `reps` rounds calling every function once per round (round-robin,
+    so load changes on a shared machine hit all of them alike). CUDA events on GPU."""
+    def once(fn):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
             fn()
-            times = []
-            for _ in range(reps):
-                tic = time.perf_counter()
+            b.record()
+            torch.cuda.synchronize()
+            return a.elapsed_time(b) / 1e3
+        tic = time.perf_counter()
+        fn()
+        return time.perf_counter() - tic
+
+    def interleaved(fns, reps):
+        for fn in fns.values():
+            for _ in range(3 if device.type == "cuda" else 1):
                 fn()
-                times.append(time.perf_counter() - tic)
-            return statistics.median(times)
-    return run
+        times = {k: [] for k in fns}
+        for _ in range(reps):
+            for k, fn in fns.items():
+                times[k].append(once(fn))
+        return {k: statistics.median(v) for k, v in times.items()}
+    return interleaved
 
 
 def main(argv=None) -> None:
@@ -113,28 +115,34 @@ def main(argv=None) -> None:
             compiled._orig_mod.load_state_dict(block.state_dict())
         for frac in (0.25, 0.5, 1.0):
             width = max(8, int(round(wmax * frac / 8)) * 8)
-            times = {"train": {}, "infer": {}}
+            fns = {"train": {}, "infer": {}}
             for kind in kinds:
-                if kind == "compiled":
-                    mod = compiled
-                    compiled._orig_mod.width = width
-                else:
-                    mod = use_baseline(block, kind)
-                    block.width = width
+                mod = compiled if kind == "compiled" else block
 
-                def train_step():
+                def select(kind=kind, mod=mod, train=True):
+                    if kind == "compiled":
+                        compiled._orig_mod.width = width
+                    else:
+                        use_baseline(block, kind)
+                        block.width = width
+                    mod.train(train)
+                    return mod
+
+                def train_step(select=select):
+                    m = select(train=True)
                     with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                        y = mod(x)
+                        y = m(x)
                     y.backward(g)
 
-                def infer():
+                def infer(select=select):
+                    m = select(train=False)
                     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                        mod(x)
+                        m(x)
 
-                mod.train()
-                times["train"][kind] = run(train_step, reps)
-                mod.eval()
-                times["infer"][kind] = run(infer, reps)
+                fns["train"][kind], fns["infer"][kind] = train_step, infer
+            # Round-robin over the implementations, so load changes on a shared machine
+            # hit them alike; medians per implementation.
+            times = {mode: run(fns[mode], reps) for mode in fns}
             use_baseline(block, "fused")
             for mode in ("train", "infer"):
                 t = times[mode]
