@@ -3,12 +3,15 @@
 # benchmarks/test_bench_ops.py with --benchmark-json into benchmarks/out/, then
 # benchmarks/ratio_table.py on it (markdown next to the JSON, and on stdout).
 #
-#   benchmarks/run_cpu_bench.sh              # full run (~15 min on 2 cores at N=8)
-#   QUICK=1 benchmarks/run_cpu_bench.sh      # a handful of cases (< 1 min)
+#   benchmarks/run_cpu_bench.sh              # full run: 900 benchmarks, ~7 min on the 2-core
+#                                            # dev box when it is quiet or with RT=1; without
+#                                            # RT it waits for quiet and can take much longer
+#   QUICK=1 benchmarks/run_cpu_bench.sh      # 8 groups / 24 benchmarks (~15 s when quiet)
 #   BSNAS_BENCH_N=64 benchmarks/run_cpu_bench.sh -k "dw and fwd-"   # extra args -> pytest
 #
 # Env: QUICK=1, RT=1 (-> BSNAS_BENCH_RT=1: measure at SCHED_FIFO priority on a busy
-# shared box, needs root/CAP_SYS_NICE; see test_bench_ops.py), PYTHON or PY (default .venv/bin/python if present, else python),
+# shared box, needs root/CAP_SYS_NICE; see test_bench_ops.py), PYTHON or PY (default
+# .venv/bin/python if present, else python),
 # BSNAS_BENCH_N / BSNAS_BENCH_TARGET_S / BSNAS_BENCH_MIN_ROUNDS / BSNAS_BENCH_MAX_ROUNDS
 # (see benchmarks/test_bench_ops.py). Outputs: benchmarks/out/cpu-{quick,full}-STAMP.{json,md}
 # and copies benchmarks/out/cpu-{quick,full}-latest.{json,md}.

@@ -195,7 +195,8 @@ def _run_train(args: argparse.Namespace) -> int:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if trainer.dist.main:
-        print(f"trained {trainer.epoch} epochs ({trainer.step} steps) into {trainer.out_dir}: "
+        print(f"trained {trainer.epoch} epoch{'s' * (trainer.epoch != 1)} ({trainer.step} steps) into "
+              f"{trainer.out_dir}: "
               f"largest path held-out top-1 {last.get('holdout_top1', float('nan')):.4f}, "
               f"enabled space {trainer.enabled.size():.3e} archs")
     return 0
