@@ -70,6 +70,11 @@ def test_opcheck(fmt):
     z, scale, shift, weight, width, stride, pad = _inputs(rng, torch.float32, fmt)
     torch.library.opcheck(torch.ops.bsnas.bn_act_dwconv2d.default,
                           (z, scale, shift, weight, width, stride, pad, 1, 2))
+    y, ys, yq = torch.ops.bsnas.bn_act_dwconv2d(z, scale, shift, weight, width, stride, pad, 1, 2)
+    torch.library.opcheck(torch.ops.bsnas._bn_act_dwconv2d_backward.default,
+                          (torch.randn_like(y), torch.randn_like(ys), torch.randn_like(yq),
+                           z.detach(), scale.detach(), shift.detach(), weight.detach(),
+                           y.detach(), width, stride, pad, 1, 2))
 
 
 def test_deterministic_across_thread_counts():

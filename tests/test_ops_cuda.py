@@ -1,4 +1,5 @@
-"""CUDA tests of the masked convolutions (`bsnas.masked_dwconv2d`, `bsnas.masked_pwconv2d`).
+"""CUDA tests of the masked convolutions (`bsnas.masked_dwconv2d`, `bsnas.masked_pwconv2d`)
+and of the fused `bsnas.ops.bn_act_dwconv2d`.
 
 Skipped unless a GPU is present and bsnas._C was built with its CUDA kernels. References
 are `F.conv2d` over the sliced weight, computed in float64 on the same (rounded) inputs,
@@ -7,7 +8,13 @@ so each tolerance below bounds the error of the op under test alone:
 - float64: 1e-10 relative; float32: 1e-4 relative to the largest reference magnitude;
 - float16 / bfloat16 (accumulated in float32, one rounding of the result):
   depthwise 2e-3 / 1.6e-2, pointwise (cuBLAS, which may reduce in half precision)
-  1e-2 / 3e-2, relative to the largest reference magnitude.
+  1e-2 / 3e-2, relative to the largest reference magnitude;
+- bn_act_dwconv2d (every output and gradient, including sum / sumsq and the gradients
+  through them, against the unfused float64 composite: affine, F.relu / F.relu6,
+  F.conv2d, y.sum, (y * y).sum): float16 / bfloat16 4e-3 / 3e-2 relative to the
+  largest reference magnitude. Looser than the depthwise bound because the statistics
+  are sums of the rounded y and the backward's 2 * y * grad_sumsq term reads the
+  rounded y, so two roundings of half precision reach each result.
 
 Tests whose names contain `smoke` are small, cover every kernel variant and compare
 against CPU float64 (no cuDNN): benchmarks/gpu_check.sh runs them under
@@ -23,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import bsnas
+from bsnas.ops import bn_act_dwconv2d
 
 _HAVE_CUDA = torch.cuda.is_available() and bsnas.cuda_compiled()
 if os.environ.get("BSNAS_REQUIRE_CUDA") == "1" and not _HAVE_CUDA:
@@ -335,6 +343,219 @@ def test_pw_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda a, b: bsnas.masked_pwconv2d(a, b, 3, 5), (x, w))
 
 
+# ------------------------------------------------------------------ fused bn_act_dwconv2d
+
+BNACT_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 4e-3,
+             torch.bfloat16: 3e-2}
+ACT_NAMES = ["identity", "relu", "relu6"]  # activation codes 0, 1, 2
+ACT_FNS = {"identity": lambda t: t, "relu": F.relu, "relu6": F.relu6}
+
+
+def _bnact_reference(z, scale, shift, w, width, s, p, d, act, grads):
+    """The unfused float64 composite: (y, sum, sumsq) and the gradients of
+    sum(grads[i] * outputs[i]) w.r.t. (z, scale, shift, w)."""
+    zr, sr, br, wr = (t.detach().double().requires_grad_(True) for t in (z, scale, shift, w))
+    a = ACT_FNS[act](zr * sr.view(1, -1, 1, 1) + br.view(1, -1, 1, 1))
+    y = F.conv2d(a, wr[:width], None, s, p, d, groups=width)
+    outs = (y, y.sum((0, 2, 3)), (y * y).sum((0, 2, 3)))
+    loss = sum((g.double() * o).sum() for g, o in zip(grads, outs))
+    return [o.detach() for o in outs], torch.autograd.grad(loss, (zr, sr, br, wr))
+
+
+def _bnact_inputs(N, c_max, width, H, W, k, dtype, fmt, device, seed):
+    """z, scale, shift, weight (requiring grad); weights scaled by 1/k so that sumsq stays
+    well inside float16's range."""
+    g = torch.Generator().manual_seed(seed)
+    z = (1.5 * torch.randn(N, width, H, W, generator=g)).to(device=device, dtype=dtype)
+    z = z.contiguous(memory_format=fmt)
+    scale = (torch.rand(width, generator=g) + 0.5).to(device=device, dtype=dtype)
+    shift = torch.randn(width, generator=g).to(device=device, dtype=dtype)
+    w = (torch.randn(c_max, 1, k, k, generator=g) / k).to(device=device, dtype=dtype)
+    return [t.requires_grad_(True) for t in (z, scale, shift, w)], g
+
+
+def _bnact_check(N, c_max, width, H, W, k, s, p, d, dtype, fmt, act, device="cuda",
+                 ref_device=None, zero_sumsq_grad=False):
+    """Forward and backward (upstream gradients on all three outputs) against the float64
+    composite."""
+    (z, scale, shift, w), g = _bnact_inputs(N, c_max, width, H, W, k, dtype, fmt, device,
+                                            N * 7 + c_max * 131 + H * 17 + k * 3 + s)
+    outs = bn_act_dwconv2d(z, scale, shift, w, width, s, p, d, act)
+    grads = [torch.randn(o.shape, generator=g).to(device=device, dtype=dtype) for o in outs]
+    grads[0] = grads[0].contiguous(memory_format=fmt)
+    if zero_sumsq_grad:  # the kernels then skip reading y
+        grads[2].zero_()
+    d_got = torch.autograd.grad(outs, (z, scale, shift, w), grads)
+    rdev = ref_device or device
+    r_outs, r_grads = _bnact_reference(*(t.to(rdev) for t in (z, scale, shift, w)), width, s,
+                                       p, d, act, [t.to(rdev) for t in grads])
+    tol = BNACT_TOL[dtype]
+    tag = (f"N={N} C_max={c_max} width={width} {H}x{W} k={k} s={s} p={p} d={d} {act} "
+           f"{dtype} {fmt}")
+    names = ["y", "sum", "sumsq", "grad_z", "grad_scale", "grad_shift", "grad_weight"]
+    for name, a, b in zip(names, [*outs, *d_got], [*r_outs, *r_grads]):
+        assert a.dtype == dtype and a.device == z.device, (name, tag)
+        _close(a, b, tol, f"{name} {tag}")
+    assert outs[0].is_contiguous(memory_format=_format(z)), tag
+    assert d_got[0].is_contiguous(memory_format=_format(z)), tag
+    assert (d_got[3][width:] == 0).all(), "grad_weight must be zero past the active width"
+
+
+def _random_bnact_case(rng, k, s):
+    c_max = rng.randint(1, 72)
+    return dict(N=rng.randint(1, 3), c_max=c_max, width=rng.randint(1, c_max),
+                H=rng.randint(k // 2 + 1, k // 2 + 20), W=rng.randint(k // 2 + 1, k // 2 + 20),
+                k=k, s=s, p=k // 2, d=1)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_bnact_matches_reference(dtype, fmt):
+    rng = random.Random(f"bnact-{dtype}-{fmt}")
+    for i, (k, s) in enumerate([(3, 1), (3, 2), (5, 1), (5, 2), (7, 1), (7, 2)]):
+        _bnact_check(**_random_bnact_case(rng, k, s), dtype=dtype, fmt=FORMATS[fmt],
+                     act=ACT_NAMES[i % 3], zero_sumsq_grad=i == 4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("k,s,d", [(1, 1, 1), (9, 1, 1), (3, 3, 1), (5, 3, 2), (3, 1, 2)])
+def test_bnact_runtime_kernel_size_stride_dilation(k, s, d, fmt):
+    """k outside {3, 5, 7}, strides outside {1, 2} and dilation: the runtime-parameter
+    kernels and the generic gather index."""
+    rng = random.Random(f"bnact-{k}-{s}-{d}-{fmt}")
+    for dtype, act in ((torch.float64, "relu6"), (torch.float32, "relu"),
+                       (torch.float16, "identity")):
+        case = _random_bnact_case(rng, k, s)
+        case["d"], case["p"] = d, d * (k - 1) // 2
+        case["H"] += d * (k - 1)
+        case["W"] += d * (k - 1)
+        _bnact_check(**case, dtype=dtype, fmt=FORMATS[fmt], act=act)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_bnact_split_reduction(dtype, fmt):
+    """Few channels over many positions: every per-channel reduction (statistics, weight
+    gradient, grad_scale / grad_shift) splits over the grid and is summed by sum_splits."""
+    for c_max, width, k in ((4, 3, 3), (8, 8, 7), (2, 1, 5)):
+        _bnact_check(N=8, c_max=c_max, width=width, H=64, W=48, k=k, s=1, p=k // 2, d=1,
+                     dtype=dtype, fmt=FORMATS[fmt], act="relu6")
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("act", ACT_NAMES)
+def test_bnact_gradcheck_float64(act, fmt):
+    (z, scale, shift, w), _ = _bnact_inputs(2, 5, 3, 7, 8, 3, torch.float64, FORMATS[fmt],
+                                            "cuda", seed=11)
+    assert torch.autograd.gradcheck(
+        lambda *t: bn_act_dwconv2d(*t, 3, 2, 1, 1, act), (z, scale, shift, w),
+        atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_bnact_opcheck(dtype, fmt):
+    (z, scale, shift, w), _ = _bnact_inputs(2, 7, 5, 9, 8, 3, dtype, FORMATS[fmt], "cuda", seed=2)
+    torch.library.opcheck(torch.ops.bsnas.bn_act_dwconv2d.default,
+                          (z, scale, shift, w, 5, 2, 1, 1, 2))
+    y, ys, yq = torch.ops.bsnas.bn_act_dwconv2d(z, scale, shift, w, 5, 2, 1, 1, 2)
+    gy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.bsnas._bn_act_dwconv2d_backward.default,
+                          (gy, torch.randn_like(ys), torch.randn_like(yq), z.detach(),
+                           scale.detach(), shift.detach(), w.detach(), y.detach(), 5, 2, 1,
+                           1, 2))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_bnact_is_deterministic(fmt):
+    """Fixed-order reductions, no atomics: two runs are bit-identical."""
+    (z, scale, shift, w), g = _bnact_inputs(16, 8, 6, 40, 40, 5, torch.float32, FORMATS[fmt],
+                                            "cuda", seed=5)
+    z, scale, shift, w = (t.detach() for t in (z, scale, shift, w))
+    op = torch.ops.bsnas.bn_act_dwconv2d
+    a = op(z, scale, shift, w, 6, 1, 2, 1, 2)
+    b = op(z, scale, shift, w, 6, 1, 2, 1, 2)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    grads = (torch.randn(a[0].shape, generator=g).cuda().contiguous(memory_format=FORMATS[fmt]),
+             torch.randn(6, generator=g).cuda(), torch.randn(6, generator=g).cuda())
+    bwd = torch.ops.bsnas._bn_act_dwconv2d_backward
+    a = bwd(*grads, z, scale, shift, w, a[0], 6, 1, 2, 1, 2)
+    b = bwd(*grads, z, scale, shift, w, b[0], 6, 1, 2, 1, 2)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_bnact_activation_kinks(fmt):
+    """u = z * scale + shift exactly 0 or 6: the gradient there is 0, as F.relu / F.relu6
+    autograd define it; everything matches the composite."""
+    vals = torch.tensor([-1.0, 0.0, 0.5, 3.0, 6.0, 7.0, 3.0, 4.5], dtype=torch.float64)
+    z = vals[torch.randperm(8, generator=torch.Generator().manual_seed(0))].repeat(2, 3, 6, 1)
+    z = z.cuda().contiguous(memory_format=FORMATS[fmt]).requires_grad_(True)
+    scale = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64, device="cuda", requires_grad=True)
+    shift = torch.tensor([0.0, -6.0, 1.5], dtype=torch.float64, device="cuda", requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    u = z.detach() * scale.detach().view(1, -1, 1, 1) + shift.detach().view(1, -1, 1, 1)
+    assert (u == 0).any() and (u == 6).any()
+    for act in ACT_NAMES:
+        outs = bn_act_dwconv2d(z, scale, shift, w, 3, 1, 1, 1, act)
+        grads = [torch.randn_like(o) for o in outs]
+        d_got = torch.autograd.grad(outs, (z, scale, shift, w), grads)
+        r_outs, r_grads = _bnact_reference(z, scale, shift, w, 3, 1, 1, 1, act, grads)
+        for a, b in zip([*outs, *d_got], [*r_outs, *r_grads]):
+            _close(a, b, BNACT_TOL[torch.float64], f"kinks {act}")
+        if act == "relu":
+            assert (d_got[0][u <= 0] == 0).all()
+        if act == "relu6":
+            assert (d_got[0][(u <= 0) | (u >= 6)] == 0).all()
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_bnact_matches_cpu_kernels(fmt):
+    """The CUDA and CPU kernels agree in float64 (both against each other, not only
+    against the composite)."""
+    for k, s in ((3, 1), (5, 2), (7, 1)):
+        (z, scale, shift, w), g = _bnact_inputs(2, 12, 9, 13, 11, k, torch.float64,
+                                                FORMATS[fmt], "cpu", seed=k)
+        args = (9, s, k // 2, 1, 2)
+        cpu = torch.ops.bsnas.bn_act_dwconv2d(z, scale, shift, w, *args)
+        gpu = torch.ops.bsnas.bn_act_dwconv2d(*(t.cuda() for t in (z, scale, shift, w)), *args)
+        for a, b in zip(gpu, cpu):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-12, atol=1e-12)
+        grads = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in cpu]
+        bwd = torch.ops.bsnas._bn_act_dwconv2d_backward
+        cpu_g = bwd(*grads, z, scale, shift, w, cpu[0], *args)
+        gpu_g = bwd(*(t.cuda() for t in (*grads, z, scale, shift, w, cpu[0])), *args)
+        for a, b in zip(gpu_g, cpu_g):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_bnact_empty(fmt):
+    """An empty batch, and an empty input whose output is all padding."""
+    for shape, pad in (((0, 4, 8, 8), 1), ((2, 4, 0, 3), 2)):
+        z = torch.randn(*shape, device="cuda").contiguous(memory_format=FORMATS[fmt])
+        scale = torch.ones(4, device="cuda", requires_grad=True)
+        shift = torch.ones(4, device="cuda", requires_grad=True)
+        w = torch.randn(6, 1, 3, 3, device="cuda", requires_grad=True)
+        y, ys, yq = bn_act_dwconv2d(z.requires_grad_(True), scale, shift, w, 4, 1, pad)
+        assert (y == 0).all() and (ys == 0).all() and (yq == 0).all()
+        grads = torch.autograd.grad((y.sum() + ys.sum() + yq.sum()), (z, scale, shift, w))
+        assert grads[0].shape == z.shape and all((t == 0).all() for t in grads[1:])
+
+
+# Small cases for every fused kernel variant, compared with CPU float64; run under
+# compute-sanitizer by benchmarks/gpu_check.sh.
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("k", [3, 5, 7, 9])
+def test_bnact_smoke(k, fmt):
+    for s, d, act in ((1, 1, "relu6"), (2, 1, "relu"), (3, 2, "identity")):
+        p = d * (k - 1) // 2
+        _bnact_check(N=2, c_max=11, width=9, H=d * (k - 1) + 4, W=d * (k - 1) + 6, k=k, s=s,
+                     p=p, d=d, dtype=torch.float32, fmt=FORMATS[fmt], act=act, ref_device="cpu")
+    _bnact_check(N=4, c_max=3, width=2, H=34, W=33, k=k, s=1, p=k // 2, d=1,
+                 dtype=torch.float32, fmt=FORMATS[fmt], act="relu6", ref_device="cpu")
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -351,6 +572,17 @@ def test_mismatched_device_raises():
     with pytest.raises(RuntimeError, match=pattern):
         torch.ops.bsnas._masked_dwconv2d_backward(y.cpu(), x, torch.randn(4, 1, 3, 3, device="cuda"),
                                                    3, 1, 1, 1)
+
+
+def test_bnact_mismatched_device_raises():
+    z = torch.randn(1, 3, 8, 8, device="cuda")
+    w = torch.randn(4, 1, 3, 3, device="cuda")
+    s, b = torch.ones(3, device="cuda"), torch.zeros(3, device="cuda")
+    with pytest.raises(RuntimeError, match="scale is on cpu but z is on cuda"):
+        torch.ops.bsnas.bn_act_dwconv2d(z, s.cpu(), b, w, 3, 1, 1, 1, 2)
+    y, ys, yq = torch.ops.bsnas.bn_act_dwconv2d(z, s, b, w, 3, 1, 1, 1, 2)
+    with pytest.raises(RuntimeError, match="grad_out is on cpu but x is on cuda"):
+        torch.ops.bsnas._bn_act_dwconv2d_backward(y, ys.cpu(), yq, z, s, b, w, y, 3, 1, 1, 1, 2)
 
 
 def test_half_precision_rejected_on_cpu_only():

@@ -2,14 +2,16 @@
 // float32/float64/float16/bfloat16, NCHW and channels_last, float (double for float64)
 // arithmetic and accumulation:
 //
-//   forward:  a = act(z * scale + shift) applied as z is read, y = depthwise conv of a
-//             with weight[:width], and the per-channel sum and sum of squares of y (as
-//             stored, i.e. rounded to its dtype), all in one kernel;
-//   backward: with gyt = grad_y + grad_sum[c] + 2 * y * grad_sumsq[c] formed where read,
-//             grad_weight = the depthwise weight-gradient reduction of gyt against a
-//             (read from z through BN + act), and in one gather kernel grad_a at each
-//             input position, gu = grad_a * act'(u), grad_z = gu * scale[c] and the
-//             per-channel grad_shift = sum(gu), grad_scale = sum(gu * z).
+//   forward (this file): a = act(z * scale + shift) applied as z is read, y = depthwise
+//             conv of a with weight[:width], and the per-channel sum and sum of squares
+//             of y (as stored, i.e. rounded to its dtype), all in one kernel;
+//   backward (entry point here; kernels in bn_act_dwconv2d_wgrad.cu and
+//             bn_act_dwconv2d_igrad.cu, separate translation units so they compile in
+//             parallel): with gyt = grad_y + grad_sum[c] + 2 * y * grad_sumsq[c] formed
+//             where read, grad_weight = the depthwise weight-gradient reduction of gyt
+//             against a (read from z through BN + act), and in one gather kernel grad_a
+//             at each input position, gu = grad_a * act'(u), grad_z = gu * scale[c] and
+//             the per-channel grad_shift = sum(gu), grad_scale = sum(gu * z).
 //
 // Neither u = z * scale + shift nor a = act(u) is ever stored. u is rounded after the
 // product and after the sum (bn_affine), as PyTorch's `z * scale + shift` in float32 /
@@ -20,8 +22,16 @@
 // split order by sum_splits (dwconv_cuda.cuh); no atomics. Blocks: NCHW one block of
 // kThreads per (channel, chunk of positions), so the channel's taps and BN parameters
 // sit in registers; channels_last (channel tile, chunk of pixels) as in
-// masked_dwconv2d_kernel.cu. k = 3, 5, 7 are compile-time (unrolled taps in registers),
-// other odd k take the runtime-k kernels; int64 indices for tensors past int32.
+// masked_dwconv2d_kernel.cu. Indices are int32 when everything fits, int64 otherwise.
+//
+// Strips: applying BN + act (or forming gyt) on every tap read would cost k * k
+// transforms per output. For k = 3, 5, 7 with dilation 1 and stride 1 or 2 (forward,
+// weight gradient) or stride 1 (input gradient), each thread instead handles kStrip
+// consecutive outputs (inputs) of a row and transforms each input (gradient) row span
+// once into registers, with the taps unrolled and the filter in registers. Other
+// geometries (dilation > 1, stride > 2, other k; rare in MobileNet-like spaces) take
+// runtime-k kernels that transform per tap (conv_at, gather_at, point_weight_grad);
+// stride-2 input gradients keep a compile-time k and stride.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -38,6 +48,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "bn_act_dwconv2d_cuda.h"
 #include "dwconv_cuda.cuh"
 
 namespace bsnas {
@@ -75,9 +86,54 @@ __device__ __forceinline__ acc_t conv_at(const In& in, const typename In::Chan& 
   return s;
 }
 
-// Block (kThreads): channel blockIdx.x, output positions [q0, q1) of N*Ho*Wo, chunk
-// blockIdx.y.
-template <typename scalar_t, typename index_t, int KS>
+// kStrip consecutive outputs (ow0 .. ow0 + kStrip - 1) of one output row, for a fixed
+// k = KS, stride ST and dilation 1: each input row's span of (kStrip - 1) * ST + KS
+// values is read and put through BN + act once into registers, then feeds KS taps of
+// every output (conv_at does KS * KS reads and transforms per output). The sum of each
+// output runs over the taps in the same order as conv_at. Columns outside [0, W) read
+// as 0; outputs past the row's end are computed but not stored by the caller.
+template <int KS, int ST, typename index_t, typename In, typename acc_t>
+__device__ __forceinline__ void conv_strip(const In& in, const typename In::Chan& ch,
+                                           const acc_t* wr, const Dims<index_t>& d,
+                                           index_t xb, index_t sh, index_t sw, index_t ih0,
+                                           index_t iw0, acc_t (&out)[kStrip]) {
+#pragma unroll
+  for (int j = 0; j < kStrip; ++j) out[j] = 0;
+#pragma unroll
+  for (int kh = 0; kh < KS; ++kh) {
+    const index_t ih = ih0 + kh;
+    if (!in_range(ih, d.H)) continue;
+    acc_t xs[strip_span(KS, ST)];
+    load_span<KS, ST>(in, ch, d, xb + ih * sh, sw, iw0, xs);
+#pragma unroll
+    for (int j = 0; j < kStrip; ++j) {
+#pragma unroll
+      for (int kw = 0; kw < KS; ++kw) out[j] += wr[kh * KS + kw] * xs[j * ST + kw];
+    }
+  }
+}
+
+// Stores the outputs [ow0, min(ow0 + kStrip, Wo)) of a strip at yb + ow * step and adds
+// them (as stored) to the statistics.
+template <typename scalar_t, typename index_t, typename acc_t>
+__device__ __forceinline__ void store_strip(scalar_t* __restrict__ y, index_t yb, index_t step,
+                                            index_t ow0, index_t Wo,
+                                            const acc_t (&out)[kStrip], acc_t& s1, acc_t& s2) {
+#pragma unroll
+  for (int j = 0; j < kStrip; ++j) {
+    if (ow0 + j < Wo) {
+      const scalar_t v = static_cast<scalar_t>(out[j]);
+      y[yb + (ow0 + j) * step] = v;
+      const acc_t f = static_cast<acc_t>(v);
+      s1 += f;
+      s2 += f * f;
+    }
+  }
+}
+
+// Block (kThreads): channel blockIdx.x, positions [q0, q1) of N*Ho*(outputs or strips
+// per row), chunk blockIdx.y. ST > 0: strips (conv_strip, stride ST, dilation 1).
+template <typename scalar_t, typename index_t, int KS, int ST>
 __global__ void __launch_bounds__(kThreads)
     bnact_fwd_nchw(const BnActInput<scalar_t> in, const scalar_t* __restrict__ w,
                    scalar_t* __restrict__ y, scalar_t* __restrict__ sum,
@@ -89,7 +145,8 @@ __global__ void __launch_bounds__(kThreads)
   const index_t c = blockIdx.x;
   const index_t K = KS > 0 ? index_t(KS) : d.K;
   const index_t HoWo = d.Ho * d.Wo, HW = d.H * d.W;
-  const index_t M = d.N * HoWo;
+  const index_t Wq = row_positions<ST>(d.Wo), HoWq = d.Ho * Wq;
+  const index_t M = d.N * HoWq;
   const index_t q0 = index_t(blockIdx.y) * chunk;
   const index_t q1 = q0 + (chunk < M - q0 ? chunk : M - q0);
   const auto ch = in.channel(c);
@@ -101,25 +158,33 @@ __global__ void __launch_bounds__(kThreads)
   }
   acc_t s1 = 0, s2 = 0;
   for (index_t q = q0 + threadIdx.x; q < q1; q += blockDim.x) {
-    const index_t n = q / HoWo;
-    const index_t r = q - n * HoWo;
-    const index_t oh = r / d.Wo, ow = r - oh * d.Wo;
+    const index_t n = q / HoWq;
+    const index_t r = q - n * HoWq;
+    const index_t oh = r / Wq, oq = r - oh * Wq;
     const index_t nc = n * d.C + c;
-    const acc_t s = conv_at<KS>(in, ch, wr, wp, d, nc * HW, d.W, index_t(1),
-                                oh * d.stride - d.pad, ow * d.stride - d.pad);
-    const scalar_t v = static_cast<scalar_t>(s);
-    y[nc * HoWo + r] = v;
-    const acc_t f = static_cast<acc_t>(v);
-    s1 += f;
-    s2 += f * f;
+    if constexpr (ST > 0) {
+      acc_t out[kStrip];
+      const index_t ow0 = oq * kStrip;
+      conv_strip<KS, ST>(in, ch, wr, d, nc * HW, d.W, index_t(1), oh * ST - d.pad,
+                         ow0 * ST - d.pad, out);
+      store_strip(y, nc * HoWo + oh * d.Wo, index_t(1), ow0, d.Wo, out, s1, s2);
+    } else {
+      const acc_t s = conv_at<KS>(in, ch, wr, wp, d, nc * HW, d.W, index_t(1),
+                                  oh * d.stride - d.pad, oq * d.stride - d.pad);
+      const scalar_t v = static_cast<scalar_t>(s);
+      y[nc * HoWo + r] = v;
+      const acc_t f = static_cast<acc_t>(v);
+      s1 += f;
+      s2 += f * f;
+    }
   }
   block_sum2(s1, s2, red);
   if (threadIdx.x == 0) store_pair(sum, sumsq, part, blockIdx.y, d.C, c, s1, s2);
 }
 
-// Block (ct channels) x (py pixel lanes): channel tile blockIdx.x, output pixels
-// [p0, p1) of N*Ho*Wo, chunk blockIdx.y.
-template <typename scalar_t, typename index_t, int KS>
+// Block (ct channels) x (py pixel lanes): channel tile blockIdx.x, positions [p0, p1)
+// of N*Ho*(outputs or strips per row), chunk blockIdx.y.
+template <typename scalar_t, typename index_t, int KS, int ST>
 __global__ void __launch_bounds__(kTileThreads)
     bnact_fwd_nhwc(const BnActInput<scalar_t> in, const scalar_t* __restrict__ w,
                    scalar_t* __restrict__ y, scalar_t* __restrict__ sum,
@@ -131,7 +196,8 @@ __global__ void __launch_bounds__(kTileThreads)
   const index_t c = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool active = c < d.C;
   const index_t K = KS > 0 ? index_t(KS) : d.K;
-  const index_t P = d.N * d.Ho * d.Wo;
+  const index_t Wq = row_positions<ST>(d.Wo);
+  const index_t P = d.N * d.Ho * Wq;
   const index_t p0 = index_t(blockIdx.y) * chunk;
   const index_t p1 = p0 + (chunk < P - p0 ? chunk : P - p0);
   const index_t cc = active ? c : index_t(0);
@@ -146,150 +212,31 @@ __global__ void __launch_bounds__(kTileThreads)
   acc_t s1 = 0, s2 = 0;
   if (active) {
     for (index_t p = p0 + threadIdx.y; p < p1; p += blockDim.y) {
-      const index_t ow = p % d.Wo;
-      const index_t t = p / d.Wo;
+      const index_t oq = p % Wq;
+      const index_t t = p / Wq;  // n * Ho + oh
       const index_t oh = t % d.Ho, n = t / d.Ho;
-      const acc_t s = conv_at<KS>(in, ch, wr, wp, d, n * HWC + c, WC, d.C,
-                                  oh * d.stride - d.pad, ow * d.stride - d.pad);
-      const scalar_t v = static_cast<scalar_t>(s);
-      y[p * d.C + c] = v;
-      const acc_t f = static_cast<acc_t>(v);
-      s1 += f;
-      s2 += f * f;
+      if constexpr (ST > 0) {
+        acc_t out[kStrip];
+        const index_t ow0 = oq * kStrip;
+        conv_strip<KS, ST>(in, ch, wr, d, n * HWC + c, WC, d.C, oh * ST - d.pad,
+                           ow0 * ST - d.pad, out);
+        store_strip(y, t * d.Wo * d.C + c, d.C, ow0, d.Wo, out, s1, s2);
+      } else {
+        const acc_t s = conv_at<KS>(in, ch, wr, wp, d, n * HWC + c, WC, d.C,
+                                    oh * d.stride - d.pad, oq * d.stride - d.pad);
+        const scalar_t v = static_cast<scalar_t>(s);
+        y[p * d.C + c] = v;
+        const acc_t f = static_cast<acc_t>(v);
+        s1 += f;
+        s2 += f * f;
+      }
     }
   }
   tile_sum2(s1, s2, red);
   if (threadIdx.y == 0 && active) store_pair(sum, sumsq, part, blockIdx.y, d.C, c, s1, s2);
 }
 
-// ------------------------------------------------- grad z, grad scale, grad shift
-
-// grad_a at input (ih, iw) of channel `ch`: sum over the taps (kh, kw) with
-// ih = oh*s - p + kh*d (same for w) of w * gyt[n, c, oh, ow]; `gb` is the flat index of
-// (n, c, 0, 0) in grad_y and (sh, sw) the element strides of an output row and column.
-template <int KS, int ST, typename index_t, typename Loads, typename acc_t>
-__device__ __forceinline__ acc_t gather_at(const Loads& ld, const typename Loads::Chan& ch,
-                                           const acc_t* wr, const typename Loads::scalar* wp,
-                                           const Dims<index_t>& d, index_t gb, index_t sh,
-                                           index_t sw, index_t ih, index_t iw) {
-  const index_t K = KS > 0 ? index_t(KS) : d.K;
-  acc_t s = 0;
-#pragma unroll
-  for (index_t kh = 0; kh < K; ++kh) {
-    const index_t oh = gather_index<ST>(ih, kh * d.dil - d.pad, d.stride, d.Ho);
-    if (oh < 0) continue;
-    const index_t gr = gb + oh * sh;
-#pragma unroll
-    for (index_t kw = 0; kw < K; ++kw) {
-      const index_t ow = gather_index<ST>(iw, kw * d.dil - d.pad, d.stride, d.Wo);
-      if (ow < 0) continue;
-      acc_t wv;
-      if constexpr (KS > 0) wv = wr[kh * KS + kw];
-      else wv = static_cast<acc_t>(wp[kh * K + kw]);
-      s += wv * ld.g(ch, gr + ow * sw);
-    }
-  }
-  return s;
-}
-
-// Block (kThreads): channel blockIdx.x, input positions [q0, q1) of N*H*W, chunk
-// blockIdx.y. grad_scale -> out0 / partial 0, grad_shift -> out1 / partial 1.
-template <typename scalar_t, typename index_t, int KS, int ST>
-__global__ void __launch_bounds__(kThreads)
-    bnact_bwd_in_nchw(const BnActLoads<scalar_t> ld, const scalar_t* __restrict__ w,
-                      scalar_t* __restrict__ gz, scalar_t* __restrict__ gscale,
-                      scalar_t* __restrict__ gshift,
-                      at::opmath_type<scalar_t>* __restrict__ part, const Dims<index_t> d,
-                      const index_t chunk) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kR = KS > 0 ? KS * KS : 1;
-  __shared__ acc_t red[2 * kWarps];
-  const index_t c = blockIdx.x;
-  const index_t K = KS > 0 ? index_t(KS) : d.K;
-  const index_t HoWo = d.Ho * d.Wo, HW = d.H * d.W;
-  const index_t M = d.N * HW;
-  const index_t q0 = index_t(blockIdx.y) * chunk;
-  const index_t q1 = q0 + (chunk < M - q0 ? chunk : M - q0);
-  const auto ch = ld.channel(c);
-  const scalar_t* wp = w + c * K * K;
-  acc_t wr[kR];
-  if constexpr (KS > 0) {
-#pragma unroll
-    for (int t = 0; t < kR; ++t) wr[t] = static_cast<acc_t>(wp[t]);
-  }
-  acc_t s_scale = 0, s_shift = 0;
-  for (index_t q = q0 + threadIdx.x; q < q1; q += blockDim.x) {
-    const index_t n = q / HW;
-    const index_t r = q - n * HW;
-    const index_t ih = r / d.W, iw = r - ih * d.W;
-    const index_t nc = n * d.C + c;
-    const index_t zi = nc * HW + r;
-    const acc_t zv = static_cast<acc_t>(ld.in.z[zi]);
-    acc_t gu = 0;
-    if (act_passes(bn_affine(zv, ch.in.scale, ch.in.shift), ld.in.act))
-      gu = gather_at<KS, ST>(ld, ch, wr, wp, d, nc * HoWo, d.Wo, index_t(1), ih, iw);
-    gz[zi] = static_cast<scalar_t>(gu * ch.in.scale);
-    s_scale += gu * zv;
-    s_shift += gu;
-  }
-  block_sum2(s_scale, s_shift, red);
-  if (threadIdx.x == 0) store_pair(gscale, gshift, part, blockIdx.y, d.C, c, s_scale, s_shift);
-}
-
-// Block (ct channels) x (py pixel lanes): channel tile blockIdx.x, input pixels
-// [p0, p1) of N*H*W, chunk blockIdx.y.
-template <typename scalar_t, typename index_t, int KS, int ST>
-__global__ void __launch_bounds__(kTileThreads)
-    bnact_bwd_in_nhwc(const BnActLoads<scalar_t> ld, const scalar_t* __restrict__ w,
-                      scalar_t* __restrict__ gz, scalar_t* __restrict__ gscale,
-                      scalar_t* __restrict__ gshift,
-                      at::opmath_type<scalar_t>* __restrict__ part, const Dims<index_t> d,
-                      const index_t chunk) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kR = KS > 0 ? KS * KS : 1;
-  __shared__ acc_t red[2 * kTileThreads];
-  const index_t c = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const bool active = c < d.C;
-  const index_t K = KS > 0 ? index_t(KS) : d.K;
-  const index_t P = d.N * d.H * d.W;
-  const index_t p0 = index_t(blockIdx.y) * chunk;
-  const index_t p1 = p0 + (chunk < P - p0 ? chunk : P - p0);
-  const index_t cc = active ? c : index_t(0);
-  const auto ch = ld.channel(cc);
-  const scalar_t* wp = w + cc * K * K;
-  acc_t wr[kR];
-  if constexpr (KS > 0) {
-#pragma unroll
-    for (int t = 0; t < kR; ++t) wr[t] = static_cast<acc_t>(wp[t]);
-  }
-  const index_t WoC = d.Wo * d.C, HoWoC = d.Ho * WoC;
-  acc_t s_scale = 0, s_shift = 0;
-  if (active) {
-    for (index_t p = p0 + threadIdx.y; p < p1; p += blockDim.y) {
-      const index_t iw = p % d.W;
-      const index_t t = p / d.W;
-      const index_t ih = t % d.H, n = t / d.H;
-      const index_t zi = p * d.C + c;
-      const acc_t zv = static_cast<acc_t>(ld.in.z[zi]);
-      acc_t gu = 0;
-      if (act_passes(bn_affine(zv, ch.in.scale, ch.in.shift), ld.in.act))
-        gu = gather_at<KS, ST>(ld, ch, wr, wp, d, n * HoWoC + c, WoC, d.C, ih, iw);
-      gz[zi] = static_cast<scalar_t>(gu * ch.in.scale);
-      s_scale += gu * zv;
-      s_shift += gu;
-    }
-  }
-  tile_sum2(s_scale, s_shift, red);
-  if (threadIdx.y == 0 && active)
-    store_pair(gscale, gshift, part, blockIdx.y, d.C, c, s_scale, s_shift);
-}
-
 // ------------------------------------------------------------------------------ host
-
-template <typename acc_t>
-at::Tensor partial_buffer(const at::Tensor& like, int64_t splits, int64_t rows, int64_t L) {
-  return at::empty({splits, rows, L}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-}
 
 template <typename scalar_t>
 void launch_forward(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
@@ -304,110 +251,33 @@ void launch_forward(const at::Tensor& z, const at::Tensor& scale, const at::Tens
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
   scalar_t* sump = sum.mutable_data_ptr<scalar_t>();
   scalar_t* sqp = sumsq.mutable_data_ptr<scalar_t>();
-  const int64_t M = g.N * g.Ho * g.Wo;
   const Tile tile = g.channels_last ? channel_tile(g.C) : Tile{0, 0, 0};
-  const Split sp = g.channels_last ? split_positions(M, tile.tiles, tile.py, sms)
-                                   : split_positions(M, g.C, kThreads, sms);
-  const int64_t splits = sp.splits, chunk = sp.chunk;
   at::Tensor part;
-  acc_t* partp = nullptr;
-  if (splits > 1) {
-    part = partial_buffer<acc_t>(z, splits, 2, g.C);
-    partp = part.mutable_data_ptr<acc_t>();
-  }
-  dispatch_index_k(g, weight.numel(), [&]<typename index_t, int KS>() {
+  dispatch_strips(g, weight.numel(), [&]<typename index_t, int KS, int ST>() {
+    const int64_t M = g.N * g.Ho * row_positions<ST>(g.Wo);
+    const Split sp = g.channels_last ? split_positions(M, tile.tiles, tile.py, sms)
+                                     : split_positions(M, g.C, kThreads, sms);
+    acc_t* partp = nullptr;
+    if (sp.splits > 1) {
+      part = partial_buffer<acc_t>(z, sp.splits, 2, g.C);
+      partp = part.mutable_data_ptr<acc_t>();
+    }
     const Dims<index_t> d = make_dims<index_t>(g);
+    const auto chunk = static_cast<index_t>(sp.chunk);
     if (g.channels_last) {
-      const dim3 grid(static_cast<unsigned>(tile.tiles), static_cast<unsigned>(splits));
-      bnact_fwd_nhwc<scalar_t, index_t, KS><<<grid, dim3(tile.ct, tile.py), 0, stream>>>(
-          in, wp, yp, sump, sqp, partp, d, static_cast<index_t>(chunk));
+      const dim3 grid(static_cast<unsigned>(tile.tiles), static_cast<unsigned>(sp.splits));
+      bnact_fwd_nhwc<scalar_t, index_t, KS, ST><<<grid, dim3(tile.ct, tile.py), 0, stream>>>(
+          in, wp, yp, sump, sqp, partp, d, chunk);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      const dim3 grid(static_cast<unsigned>(g.C), static_cast<unsigned>(splits));
-      bnact_fwd_nchw<scalar_t, index_t, KS><<<grid, kThreads, 0, stream>>>(
-          in, wp, yp, sump, sqp, partp, d, static_cast<index_t>(chunk));
+      const dim3 grid(static_cast<unsigned>(g.C), static_cast<unsigned>(sp.splits));
+      bnact_fwd_nchw<scalar_t, index_t, KS, ST><<<grid, kThreads, 0, stream>>>(
+          in, wp, yp, sump, sqp, partp, d, chunk);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    if (sp.splits > 1)
+      launch_sum_splits<scalar_t, acc_t>(partp, sp.splits, g.C, sump, sqp, sms, stream);
   });
-  if (splits > 1) launch_sum_splits<scalar_t, acc_t>(partp, splits, g.C, sump, sqp, sms, stream);
-}
-
-template <typename scalar_t>
-void launch_backward(const at::Tensor& gy, const at::Tensor& gsum, const at::Tensor& gsq,
-                     const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
-                     const at::Tensor& weight, const at::Tensor& y, int64_t act,
-                     at::Tensor& gz, at::Tensor& gscale, at::Tensor& gshift, at::Tensor& gw,
-                     const DwGeometry& g) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int sms = sm_count(z.get_device());
-  const BnActLoads<scalar_t> ld{
-      {z.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
-       shift.const_data_ptr<scalar_t>(), static_cast<int>(act)},
-      gy.const_data_ptr<scalar_t>(),
-      y.const_data_ptr<scalar_t>(),
-      gsum.const_data_ptr<scalar_t>(),
-      gsq.const_data_ptr<scalar_t>()};
-  const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-  scalar_t* gzp = gz.mutable_data_ptr<scalar_t>();
-  scalar_t* gsp = gscale.mutable_data_ptr<scalar_t>();
-  scalar_t* gbp = gshift.mutable_data_ptr<scalar_t>();
-  scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
-  const int64_t KK = g.K * g.K;
-  // The weight gradient reduces over the N*Ho*Wo outputs, grad_scale / grad_shift over
-  // the N*H*W inputs of each channel.
-  const int64_t Mw = g.N * g.Ho * g.Wo, Mi = g.N * g.H * g.W;
-  const Tile tile = g.channels_last ? channel_tile(g.C) : Tile{0, 0, 0};
-  const int64_t groups = g.channels_last ? tile.tiles : g.C;
-  const int64_t threads = g.channels_last ? tile.py : kThreads;
-  const Split sw = split_positions(Mw, groups, threads, sms);
-  const Split si = split_positions(Mi, groups, threads, sms);
-  at::Tensor part_w, part_i;
-  acc_t* pwp = nullptr;
-  acc_t* pip = nullptr;
-  if (sw.splits > 1) {
-    part_w = partial_buffer<acc_t>(z, sw.splits, g.C, KK);
-    pwp = part_w.mutable_data_ptr<acc_t>();
-  }
-  if (si.splits > 1) {
-    part_i = partial_buffer<acc_t>(z, si.splits, 2, g.C);
-    pip = part_i.mutable_data_ptr<acc_t>();
-  }
-  dispatch_index_k(g, weight.numel(), [&]<typename index_t, int KS>() {
-    const Dims<index_t> d = make_dims<index_t>(g);
-    // grad_weight
-    if (g.channels_last) {
-      const dim3 grid(static_cast<unsigned>(tile.tiles), static_cast<unsigned>(sw.splits));
-      dw_bwd_w_nhwc<scalar_t, index_t, KS><<<grid, dim3(tile.ct, tile.py), 0, stream>>>(
-          ld, gwp, pwp, d, static_cast<index_t>(sw.chunk));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      const dim3 grid(static_cast<unsigned>(g.C), static_cast<unsigned>(sw.splits));
-      dw_bwd_w_nchw<scalar_t, index_t, KS><<<grid, kThreads, 0, stream>>>(
-          ld, gwp, pwp, d, static_cast<index_t>(sw.chunk));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    // grad_z, grad_scale, grad_shift
-    dispatch_stride<index_t, KS>(g.stride, [&]<int ST>() {
-      if (g.channels_last) {
-        const dim3 grid(static_cast<unsigned>(tile.tiles), static_cast<unsigned>(si.splits));
-        bnact_bwd_in_nhwc<scalar_t, index_t, KS, ST>
-            <<<grid, dim3(tile.ct, tile.py), 0, stream>>>(ld, wp, gzp, gsp, gbp, pip, d,
-                                                          static_cast<index_t>(si.chunk));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      } else {
-        const dim3 grid(static_cast<unsigned>(g.C), static_cast<unsigned>(si.splits));
-        bnact_bwd_in_nchw<scalar_t, index_t, KS, ST><<<grid, kThreads, 0, stream>>>(
-            ld, wp, gzp, gsp, gbp, pip, d, static_cast<index_t>(si.chunk));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-    });
-  });
-  // Rows [0, width) of the full-width weight gradient (rows past `width` stay zero).
-  if (sw.splits > 1)
-    launch_sum_splits<scalar_t, acc_t>(pwp, sw.splits, g.C * KK, gwp, nullptr, sms, stream);
-  if (si.splits > 1)
-    launch_sum_splits<scalar_t, acc_t>(pip, si.splits, g.C, gsp, gbp, sms, stream);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
@@ -464,12 +334,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     gshift.zero_();
     return {gz, gscale, gshift, gw};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16,
-                                  z.scalar_type(), kBwd, [&] {
-                                    launch_backward<scalar_t>(gy, gsum, gsq, z, scale, shift,
-                                                              weight, y, act, gz, gscale,
-                                                              gshift, gw, g);
-                                  });
+  bn_act_cuda::weight_grad(gy, gsum, gsq, z, scale, shift, y, act, gw, g);
+  bn_act_cuda::input_grad(gy, gsum, gsq, z, scale, shift, y, weight, act, gz, gscale, gshift,
+                          g);
   return {gz, gscale, gshift, gw};
 }
 

@@ -1,7 +1,8 @@
 // Device and host helpers shared by the CUDA depthwise kernels: bsnas::masked_dwconv2d
 // (masked_dwconv2d_kernel.cu) and the fused bsnas::bn_act_dwconv2d
-// (bn_act_dwconv2d_kernel.cu). Everything here has internal linkage (an unnamed
-// namespace), so each translation unit gets its own copies of the kernels it uses.
+// (bn_act_dwconv2d_kernel.cu, bn_act_dwconv2d_wgrad.cu, bn_act_dwconv2d_igrad.cu).
+// Everything here has internal linkage (an unnamed namespace), so each translation unit
+// gets its own copies of the kernels it uses.
 //
 // Conventions (see masked_dwconv2d_kernel.cu for the full description):
 // - NCHW flat kernels: one thread per element in a grid-stride loop; NCHW reductions:
@@ -12,10 +13,16 @@
 //   positions are split over gridDim.y, per-split partials in a small buffer summed in
 //   split order by sum_splits (no atomics);
 // - kernel size k = 3, 5, 7 is a template parameter (KS; 0 = runtime k), indices are
-//   int32 when everything fits, int64 otherwise (runtime-k kernels only).
+//   int32 when everything fits, int64 otherwise (runtime-k kernels only);
+// - the weight-gradient kernels read their operands through a loading policy
+//   (PlainLoads: as stored; BnActLoads: the fused op's gyt and act(z * scale + shift)),
+//   and optionally in strips of kStrip outputs (ST > 0).
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/ScalarType.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
@@ -182,6 +189,48 @@ struct BnActLoads {
   }
 };
 
+// ------------------------------------------------------------------------- strips
+
+// Outputs per thread along a row in the strip kernels: for a fixed k, stride ST and
+// dilation 1, a thread handles kStrip consecutive outputs of a row, so each input row's
+// span of (kStrip - 1) * ST + k values is read (and transformed) once into registers and
+// feeds k taps of every output, instead of one read per (output, tap).
+constexpr int kStrip = 4;
+
+constexpr int strip_span(int KS, int ST) { return (kStrip - 1) * ST + KS; }
+
+// Positions along a row of Wo outputs: the outputs, or strips of kStrip when ST > 0.
+template <int ST, typename index_t>
+__host__ __device__ __forceinline__ index_t row_positions(index_t Wo) {
+  return ST > 0 ? (Wo + kStrip - 1) / kStrip : Wo;
+}
+
+// xs[t] = ld.x(input row xr, column iw0 + t) for t < strip_span(KS, ST), 0 for columns
+// outside [0, W); `sw` is the element stride of a column.
+template <int KS, int ST, typename index_t, typename Loads, typename acc_t>
+__device__ __forceinline__ void load_span(const Loads& ld, const typename Loads::Chan& ch,
+                                          const Dims<index_t>& d, index_t xr, index_t sw,
+                                          index_t iw0, acc_t (&xs)[strip_span(KS, ST)]) {
+#pragma unroll
+  for (int t = 0; t < strip_span(KS, ST); ++t) {
+    const index_t iw = iw0 + t;
+    xs[t] = in_range(iw, d.W) ? ld.x(ch, xr + iw * sw) : acc_t(0);
+  }
+}
+
+template <typename scalar_t>
+BnActLoads<scalar_t> make_bn_act_loads(const at::Tensor& gy, const at::Tensor& gsum,
+                                       const at::Tensor& gsq, const at::Tensor& z,
+                                       const at::Tensor& scale, const at::Tensor& shift,
+                                       const at::Tensor& y, int64_t act) {
+  return {{z.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
+           shift.const_data_ptr<scalar_t>(), static_cast<int>(act)},
+          gy.const_data_ptr<scalar_t>(),
+          y.const_data_ptr<scalar_t>(),
+          gsum.const_data_ptr<scalar_t>(),
+          gsq.const_data_ptr<scalar_t>()};
+}
+
 // ------------------------------------------------------------------ block reductions
 
 // Sums of a and b over a block of kThreads threads (1-D), valid in thread 0. `red`
@@ -262,6 +311,60 @@ __global__ void __launch_bounds__(kThreads)
 
 // ------------------------------------------------------------------ grad weight (reduce)
 
+// One output position's contribution g * x(ih0 + kh * dil, iw0 + kw * dil) to every tap
+// (fixed k: acc[kh * KS + kw]) or to the tap (ph, pw) of this pass (runtime k: acc[0]).
+template <int KS, typename index_t, typename Loads, typename acc_t>
+__device__ __forceinline__ void point_weight_grad(const Loads& ld,
+                                                  const typename Loads::Chan& ch,
+                                                  const Dims<index_t>& d, acc_t g,
+                                                  index_t xb, index_t sh, index_t sw,
+                                                  index_t ih0, index_t iw0, index_t ph,
+                                                  index_t pw, acc_t* acc) {
+  if constexpr (KS > 0) {
+#pragma unroll
+    for (int kh = 0; kh < KS; ++kh) {
+      const index_t ih = ih0 + kh * d.dil;
+      if (!in_range(ih, d.H)) continue;
+      const index_t xr = xb + ih * sh;
+#pragma unroll
+      for (int kw = 0; kw < KS; ++kw) {
+        const index_t iw = iw0 + kw * d.dil;
+        if (in_range(iw, d.W)) acc[kh * KS + kw] += g * ld.x(ch, xr + iw * sw);
+      }
+    }
+  } else {
+    const index_t ih = ih0 + ph * d.dil, iw = iw0 + pw * d.dil;
+    if (in_range(ih, d.H) && in_range(iw, d.W)) acc[0] += g * ld.x(ch, xb + ih * sh + iw * sw);
+  }
+}
+
+// acc[kh * KS + kw] += sum over the kStrip outputs j of a strip of gv[j] * x(ih0 + kh,
+// iw0 + j * ST + kw) (fixed k, stride ST, dilation 1); gv[j] = 0 for outputs past the
+// row's end. `xb` is the flat index of the input's (n, c, 0, 0), (sh, sw) the element
+// strides of an input row and column.
+template <int KS, int ST, typename index_t, typename Loads, typename acc_t>
+__device__ __forceinline__ void strip_weight_grad(const Loads& ld,
+                                                  const typename Loads::Chan& ch,
+                                                  const Dims<index_t>& d,
+                                                  const acc_t (&gv)[kStrip], index_t xb,
+                                                  index_t sh, index_t sw, index_t ih0,
+                                                  index_t iw0, acc_t (&acc)[KS * KS]) {
+#pragma unroll
+  for (int kh = 0; kh < KS; ++kh) {
+    const index_t ih = ih0 + kh;
+    if (!in_range(ih, d.H)) continue;
+    acc_t xs[strip_span(KS, ST)];
+    load_span<KS, ST>(ld, ch, d, xb + ih * sh, sw, iw0, xs);
+#pragma unroll
+    for (int kw = 0; kw < KS; ++kw) {
+      acc_t s = 0;
+#pragma unroll
+      for (int j = 0; j < kStrip; ++j) s += gv[j] * xs[j * ST + kw];
+      acc[kh * KS + kw] += s;
+    }
+  }
+}
+
 // Stores one reduced (channel, tap) value: into grad_weight (its dtype) when the
 // positions were not split, else into the [splits, width, k*k] partial buffer.
 template <typename scalar_t, typename acc_t>
@@ -274,10 +377,11 @@ __device__ __forceinline__ void store_gw(scalar_t* gw, acc_t* part, int64_t spli
 
 // gw[c, kh, kw] = sum over n, oh, ow of g[n, c, oh, ow] * x[n, c, ih, iw], the operands
 // read through `Loads` (PlainLoads, BnActLoads).
-// Block (kThreads threads): channel blockIdx.x, positions [q0, q1) of N*Ho*Wo, chunk
-// blockIdx.y. Fixed-K: all taps accumulate in registers in one pass; runtime-K: one pass
-// (and one block reduction) per tap.
-template <typename scalar_t, typename index_t, int KS, typename Loads>
+// Block (kThreads threads): channel blockIdx.x, positions [q0, q1) of N*Ho*Wo (or of
+// N*Ho*strips when ST > 0: fixed k, stride ST, dilation 1), chunk blockIdx.y. Fixed-K:
+// all taps accumulate in registers in one pass; runtime-K: one pass (and one block
+// reduction) per tap.
+template <typename scalar_t, typename index_t, int KS, typename Loads, int ST = 0>
 __global__ void __launch_bounds__(kThreads)
     dw_bwd_w_nchw(const Loads ld, scalar_t* __restrict__ gw,
                   at::opmath_type<scalar_t>* __restrict__ part, const Dims<index_t> d,
@@ -289,7 +393,8 @@ __global__ void __launch_bounds__(kThreads)
   const index_t K = KS > 0 ? index_t(KS) : d.K;
   const index_t KK = K * K;
   const index_t HoWo = d.Ho * d.Wo, HW = d.H * d.W;
-  const index_t M = d.N * HoWo;
+  const index_t Wq = row_positions<ST>(d.Wo), HoWq = d.Ho * Wq;
+  const index_t M = d.N * HoWq;
   const index_t q0 = index_t(blockIdx.y) * chunk;
   const index_t q1 = q0 + (chunk < M - q0 ? chunk : M - q0);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -305,28 +410,21 @@ __global__ void __launch_bounds__(kThreads)
       pw = pass % K;
     }
     for (index_t q = q0 + threadIdx.x; q < q1; q += blockDim.x) {
-      const index_t n = q / HoWo;
-      const index_t r = q - n * HoWo;
-      const index_t oh = r / d.Wo, ow = r - oh * d.Wo;
+      const index_t n = q / HoWq;
+      const index_t r = q - n * HoWq;
+      const index_t oh = r / Wq, oq = r - oh * Wq;
       const index_t nc = n * d.C + c;
-      const acc_t g = ld.g(ch, nc * HoWo + r);
-      const index_t xb = nc * HW;
-      const index_t ih0 = oh * d.stride - d.pad, iw0 = ow * d.stride - d.pad;
-      if constexpr (KS > 0) {
+      if constexpr (ST > 0) {
+        static_assert(KS > 0, "strips need a fixed k");
+        const index_t ow0 = oq * kStrip, gb = nc * HoWo + oh * d.Wo;
+        acc_t gv[kStrip];
 #pragma unroll
-        for (int kh = 0; kh < KS; ++kh) {
-          const index_t ih = ih0 + kh * d.dil;
-          if (!in_range(ih, d.H)) continue;
-          const index_t xr = xb + ih * d.W;
-#pragma unroll
-          for (int kw = 0; kw < KS; ++kw) {
-            const index_t iw = iw0 + kw * d.dil;
-            if (in_range(iw, d.W)) acc[kh * KS + kw] += g * ld.x(ch, xr + iw);
-          }
-        }
+        for (int j = 0; j < kStrip; ++j) gv[j] = ow0 + j < d.Wo ? ld.g(ch, gb + ow0 + j) : acc_t(0);
+        strip_weight_grad<KS, ST>(ld, ch, d, gv, nc * HW, d.W, index_t(1), oh * ST - d.pad,
+                                  ow0 * ST - d.pad, acc);
       } else {
-        const index_t ih = ih0 + ph * d.dil, iw = iw0 + pw * d.dil;
-        if (in_range(ih, d.H) && in_range(iw, d.W)) acc[0] += g * ld.x(ch, xb + ih * d.W + iw);
+        point_weight_grad<KS>(ld, ch, d, ld.g(ch, nc * HoWo + r), nc * HW, d.W, index_t(1),
+                              oh * d.stride - d.pad, oq * d.stride - d.pad, ph, pw, acc);
       }
     }
     // Block reduction: warp shuffles, then one thread per tap sums the warps.
@@ -349,10 +447,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // channels_last: block (ct channels) x (py pixel lanes); channel tile blockIdx.x,
-// pixels [p0, p1) of N*Ho*Wo, chunk blockIdx.y. Each thread accumulates its channel's
-// taps over its pixels; the py partial sums of each (channel, tap) are then added in
-// shared memory, G taps at a time.
-template <typename scalar_t, typename index_t, int KS, typename Loads>
+// pixels [p0, p1) of N*Ho*Wo (or strips of N*Ho*strips, ST > 0), chunk blockIdx.y. Each
+// thread accumulates its channel's taps over its pixels; the py partial sums of each
+// (channel, tap) are then added in shared memory, G taps at a time.
+template <typename scalar_t, typename index_t, int KS, typename Loads, int ST = 0>
 __global__ void __launch_bounds__(kTileThreads)
     dw_bwd_w_nhwc(const Loads ld, scalar_t* __restrict__ gw,
                   at::opmath_type<scalar_t>* __restrict__ part, const Dims<index_t> d,
@@ -368,7 +466,8 @@ __global__ void __launch_bounds__(kTileThreads)
   const bool active = c < d.C;
   const index_t K = KS > 0 ? index_t(KS) : d.K;
   const index_t KK = K * K;
-  const index_t P = d.N * d.Ho * d.Wo;
+  const index_t Wq = row_positions<ST>(d.Wo);
+  const index_t P = d.N * d.Ho * Wq;
   const index_t WC = d.W * d.C, HWC = d.H * d.W * d.C;
   const index_t p0 = index_t(blockIdx.y) * chunk;
   const index_t p1 = p0 + (chunk < P - p0 ? chunk : P - p0);
@@ -385,28 +484,21 @@ __global__ void __launch_bounds__(kTileThreads)
     }
     if (active) {
       for (index_t p = p0 + threadIdx.y; p < p1; p += blockDim.y) {
-        const index_t ow = p % d.Wo;
-        const index_t t = p / d.Wo;
+        const index_t oq = p % Wq;
+        const index_t t = p / Wq;  // n * Ho + oh
         const index_t oh = t % d.Ho, n = t / d.Ho;
-        const acc_t g = ld.g(ch, p * d.C + c);
-        const index_t xn = n * HWC + c;
-        const index_t ih0 = oh * d.stride - d.pad, iw0 = ow * d.stride - d.pad;
-        if constexpr (KS > 0) {
+        if constexpr (ST > 0) {
+          static_assert(KS > 0, "strips need a fixed k");
+          const index_t ow0 = oq * kStrip, gb = t * d.Wo * d.C + c;
+          acc_t gv[kStrip];
 #pragma unroll
-          for (int kh = 0; kh < KS; ++kh) {
-            const index_t ih = ih0 + kh * d.dil;
-            if (!in_range(ih, d.H)) continue;
-            const index_t xr = xn + ih * WC;
-#pragma unroll
-            for (int kw = 0; kw < KS; ++kw) {
-              const index_t iw = iw0 + kw * d.dil;
-              if (in_range(iw, d.W)) acc[kh * KS + kw] += g * ld.x(ch, xr + iw * d.C);
-            }
-          }
+          for (int j = 0; j < kStrip; ++j)
+            gv[j] = ow0 + j < d.Wo ? ld.g(ch, gb + (ow0 + j) * d.C) : acc_t(0);
+          strip_weight_grad<KS, ST>(ld, ch, d, gv, n * HWC + c, WC, d.C, oh * ST - d.pad,
+                                    ow0 * ST - d.pad, acc);
         } else {
-          const index_t ih = ih0 + ph * d.dil, iw = iw0 + pw * d.dil;
-          if (in_range(ih, d.H) && in_range(iw, d.W))
-            acc[0] += g * ld.x(ch, xn + ih * WC + iw * d.C);
+          point_weight_grad<KS>(ld, ch, d, ld.g(ch, p * d.C + c), n * HWC + c, WC, d.C,
+                                oh * d.stride - d.pad, oq * d.stride - d.pad, ph, pw, acc);
         }
       }
     }
@@ -520,6 +612,36 @@ void dispatch_stride(int64_t stride, const Fn& fn) {
     if (stride == 2) return fn.template operator()<2>();
   }
   fn.template operator()<0>();
+}
+
+// The fused kernels' variants: strips (ST > 0, the hot path) for k = 3, 5, 7 with
+// dilation 1 and stride ST = 1 or 2, int32 indices; otherwise the runtime-k, per-tap
+// kernels (ST = 0), int32 or int64 indices. Calls fn.template operator()<index_t, KS,
+// ST>().
+template <typename Fn>
+void dispatch_strips(const DwGeometry& g, int64_t weight_numel, const Fn& fn) {
+  const bool i32 = fits_int32(g, weight_numel);
+  if (i32 && g.dil == 1 && (g.stride == 1 || g.stride == 2)) {
+    const auto by_stride = [&]<int KS>() {
+      if (g.stride == 1) fn.template operator()<int32_t, KS, 1>();
+      else fn.template operator()<int32_t, KS, 2>();
+    };
+    switch (g.K) {
+      case 3: return by_stride.template operator()<3>();
+      case 5: return by_stride.template operator()<5>();
+      case 7: return by_stride.template operator()<7>();
+      default: break;
+    }
+  }
+  if (i32) fn.template operator()<int32_t, 0, 0>();
+  else fn.template operator()<int64_t, 0, 0>();
+}
+
+// A [splits, rows, L] buffer of per-split partial sums in the accumulation type.
+template <typename acc_t>
+at::Tensor partial_buffer(const at::Tensor& like, int64_t splits, int64_t rows, int64_t L) {
+  return at::empty({splits, rows, L},
+                   like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
 // Launches sum_splits over a [splits, nout, L] partial buffer (nout = 2 when out1 is

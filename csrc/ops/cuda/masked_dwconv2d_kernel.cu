@@ -283,13 +283,13 @@ void launch_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor
     if (g.channels_last) {
       const dim3 block(tile.ct, tile.py);
       const dim3 grid(static_cast<unsigned>(tile.tiles), static_cast<unsigned>(splits));
-      dw_bwd_w_nhwc<scalar_t, index_t, KS><<<grid, block, 0, stream>>>(
+      dw_bwd_w_nhwc<scalar_t, index_t, KS, PlainLoads<scalar_t>><<<grid, block, 0, stream>>>(
           loads, gwp, partp, d, static_cast<index_t>(chunk));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       const dim3 grid(static_cast<unsigned>(g.C), static_cast<unsigned>(splits));
-      dw_bwd_w_nchw<scalar_t, index_t, KS><<<grid, kThreads, 0, stream>>>(
-          loads, gwp, partp, d, static_cast<index_t>(chunk));
+      dw_bwd_w_nchw<scalar_t, index_t, KS, PlainLoads<scalar_t>>
+          <<<grid, kThreads, 0, stream>>>(loads, gwp, partp, d, static_cast<index_t>(chunk));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
