@@ -61,6 +61,32 @@ def test_dwconv_matches_sliced_reference(dtype, fmt):
 
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n,c_max,width,h,w,k,s,p,d", [
+    (2, 70, 67, 9, 41, 3, 1, 1, 1),    # several vectors per row and channel blocks, ragged
+    (1, 20, 17, 23, 38, 5, 2, 2, 1),   # stride 2, even and odd phases
+    (2, 9, 9, 17, 16, 3, 3, 1, 1),     # stride 3
+    (1, 5, 4, 8, 9, 3, 1, 4, 1),       # padding past the kernel's reach
+    (1, 6, 6, 12, 13, 5, 2, 5, 2),     # dilation 2, stride 2, large padding
+    (3, 33, 32, 7, 7, 7, 1, 3, 1),     # 7x7 plane, k7
+    (1, 4, 3, 1, 1, 1, 1, 0, 1),       # 1x1
+    (9, 17, 17, 5, 6, 3, 1, 1, 1),     # more images than one weight-gradient partial
+])
+def test_dwconv_unusual_geometry(dtype, fmt, n, c_max, width, h, w, k, s, p, d):
+    torch.manual_seed(0)
+    x = _rand(n, width, h, w, dtype=dtype, fmt=fmt)
+    weight = _rand(c_max, 1, k, k, dtype=dtype)
+    y = masked_dwconv2d(x, weight, width, s, p, d)
+    ref = F.conv2d(x, weight[:width], None, s, p, d, width)
+    _close(y, ref, dtype)
+    g = torch.randn_like(ref)
+    gx, gw = torch.autograd.grad(y, (x, weight), g)
+    rx, rw = torch.autograd.grad(ref, (x, weight), g)
+    _close(gx, rx, dtype)
+    _close(gw, rw, dtype)
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_pwconv_matches_sliced_reference(dtype, fmt):
     rng = random.Random(7 + hash((str(dtype), str(fmt))) % 1000)
     for _ in range(25):

@@ -5,6 +5,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi,bmi2,f16c,popcnt")
 #define BSNAS_CPU_ISA avx2
+#define BSNAS_VEC_BYTES 32
 #include "bn_act_dwconv2d_cpu.h"
 #include "masked_dwconv2d_cpu.h"
 #pragma GCC pop_options

@@ -2,5 +2,6 @@
 #include "kernels_isa.h"
 
 #define BSNAS_CPU_ISA generic
+#define BSNAS_VEC_BYTES 16
 #include "bn_act_dwconv2d_cpu.h"
 #include "masked_dwconv2d_cpu.h"

@@ -1,7 +1,7 @@
 #pragma once
 // CPU kernels of bsnas::masked_dwconv2d: direct depthwise convolution over the first
 // `width` filters of a full-width weight, NCHW and channels_last, float32/float64.
-// Tensor-level drivers; the loops live in dwconv_loops.h. Compiled once per
+// Tensor-level entry points; the passes live in dwconv_passes.h. Compiled once per
 // instruction set (kernels_isa.h), like everything this header includes.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -9,8 +9,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include "dwconv_loops.h"
-#include "dwconv_plane.h"
+#include "dwconv_passes.h"
 
 namespace bsnas {
 namespace cpu {
@@ -18,6 +17,57 @@ namespace BSNAS_CPU_ISA {
 
 constexpr const char* kDwFwd = "masked_dwconv2d";
 constexpr const char* kDwBwd = "masked_dwconv2d_backward";
+
+// Reads a tensor as is: (index within a plane) for NCHW, (channel, offset) for NHWC.
+template <typename T>
+struct Plain {
+  const T* p;
+  T operator()(int64_t off) const { return p[off]; }
+  T operator()(int64_t, int64_t off) const { return p[off]; }
+};
+
+template <typename T>
+void dw_forward_impl(const T* x, const T* w, T* y, const DwGeometry& g) {
+  using namespace simd;
+  const int64_t kk = g.K * g.K;
+  if (g.channels_last) {
+    const Pass p = Pass::forward(g, 1);
+    block_pass<T>(p, g.N, g.C, g.H * g.W * g.C, w, false, Plain<T>{x},
+                  [&](int64_t n, int64_t, const ChannelBlock& cb, int64_t oh, int64_t ow,
+                      const Vec<T>& v) { store_block(y, cb, (n * g.Ho + oh) * g.Wo + ow, v); });
+  } else {
+    const Pass p = Pass::forward(g, kLanes<T>);
+    plane_pass<T>(
+        p, g.N * g.C, [&](int64_t nc) { return Plain<T>{x + nc * g.H * g.W}; },
+        [&](int64_t nc, T* wf) { std::copy_n(w + (nc % g.C) * kk, kk, wf); },
+        [&](int64_t nc) { return y + nc * g.Ho * g.Wo; }, [](int64_t, const T*) {});
+  }
+}
+
+template <typename T>
+void dw_backward_impl(const T* gy, const T* x, const T* w, T* gx, T* gw, const DwGeometry& g) {
+  using namespace simd;
+  const int64_t kk = g.K * g.K;
+  if (g.channels_last) {
+    const Pass p = Pass::input_grad(g, 1);
+    block_pass<T>(p, g.N, g.C, g.Ho * g.Wo * g.C, w, true, Plain<T>{gy},
+                  [&](int64_t n, int64_t, const ChannelBlock& cb, int64_t ih, int64_t iw,
+                      const Vec<T>& v) { store_block(gx, cb, (n * g.H + ih) * g.W + iw, v); });
+    block_weight_grad(g, Plain<T>{x}, Plain<T>{gy}, gw);
+  } else {
+    const Pass p = Pass::input_grad(g, kLanes<T>);
+    plane_pass<T>(
+        p, g.N * g.C, [&](int64_t nc) { return Plain<T>{gy + nc * g.Ho * g.Wo}; },
+        [&](int64_t nc, T* wf) {
+          const T* wc = w + (nc % g.C) * kk;
+          for (int64_t t = 0; t < kk; ++t) wf[t] = wc[kk - 1 - t];
+        },
+        [&](int64_t nc) { return gx + nc * g.H * g.W; }, [](int64_t, const T*) {});
+    plane_weight_grad(
+        g, [&](int64_t nc) { return Plain<T>{x + nc * g.H * g.W}; },
+        [&](int64_t nc) { return Plain<T>{gy + nc * g.Ho * g.Wo}; }, gw);
+  }
+}
 
 at::Tensor dw_forward(const at::Tensor& x_in, const at::Tensor& weight_in, int64_t width,
                        int64_t stride, int64_t padding, int64_t dilation) {
@@ -31,8 +81,7 @@ at::Tensor dw_forward(const at::Tensor& x_in, const at::Tensor& weight_in, int64
     const auto* xp = x.const_data_ptr<scalar_t>();
     const auto* wp = weight.const_data_ptr<scalar_t>();
     auto* yp = y.mutable_data_ptr<scalar_t>();
-    if (g.channels_last) forward_nhwc(xp, wp, yp, g);
-    else plane::forward(xp, wp, yp, g);
+    dw_forward_impl(xp, wp, yp, g);
   });
   return y;
 }
@@ -58,13 +107,7 @@ std::tuple<at::Tensor, at::Tensor> dw_backward(const at::Tensor& grad_out,
     const auto* gyp = gy.const_data_ptr<scalar_t>();
     auto* gxp = gx.mutable_data_ptr<scalar_t>();
     auto* gwp = gw.mutable_data_ptr<scalar_t>();
-    if (g.channels_last) {
-      backward_input_nhwc(gyp, wp, gxp, g);
-      backward_weight_nhwc(gyp, xp, gwp, g);
-    } else {
-      plane::backward_input(gyp, wp, gxp, g);
-      plane::backward_weight(gyp, xp, gwp, g);
-    }
+    dw_backward_impl(gyp, xp, wp, gxp, gwp, g);
   });
   return {gx, gw};
 }

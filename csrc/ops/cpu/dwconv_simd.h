@@ -1,0 +1,530 @@
+// The depthwise convolution engine of the CPU backend, shared by bsnas::masked_dwconv2d
+// and the fused bsnas::bn_act_dwconv2d (forward, input gradient, weight gradient).
+//
+// Every pass first copies what it reads into a zero-padded scratch ("pack"), applying a
+// per-value transform on the way (the fused op's BN + activation, or its upstream
+// gradient with the statistics terms), so the inner loops have no bounds checks. The
+// scratch splits columns by phase (column mod stride): the taps of a stride-2
+// convolution then read consecutive values, like those of a stride-1 one.
+//
+// Two register-blocked micro-kernels, both accumulating in vector registers across all
+// k*k taps before a single store (GCC vector extensions, BSNAS_VEC_BYTES wide, so the
+// same code serves every instruction-set build of kernels_isa.h):
+// - Plane (NCHW): lanes run along an output row of one channel; R output rows at once,
+//   each tap is one broadcast weight times R loads.
+// - Blocked (channels_last): lanes hold BSNAS_VEC_BYTES of consecutive channels; R
+//   neighbouring output pixels at once, each tap is one weight vector times R loads.
+//
+// The input gradient is a stride-1 convolution with the flipped filter over the output
+// gradient spread by the stride (zeros between values) and padded by
+// dil * (k - 1) - pad; the weight gradient correlates the output gradient with the
+// padded input, K accumulators per kernel row.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../masked_conv_common.h"
+
+#ifndef BSNAS_CPU_ISA
+#error "define BSNAS_CPU_ISA (the instruction-set namespace) before including"
+#endif
+#ifndef BSNAS_VEC_BYTES
+#error "define BSNAS_VEC_BYTES (the vector width in bytes) before including"
+#endif
+
+namespace bsnas {
+namespace cpu {
+namespace BSNAS_CPU_ISA {
+namespace simd {
+
+// ------------------------------------------------------------------ vectors
+
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(BSNAS_VEC_BYTES), aligned(4), may_alias));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(BSNAS_VEC_BYTES), aligned(8), may_alias));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t kLanes = BSNAS_VEC_BYTES / sizeof(T);
+
+template <typename T>
+inline Vec<T> vload(const T* p) { return *reinterpret_cast<const Vec<T>*>(p); }
+template <typename T>
+inline void vstore(T* p, const Vec<T>& v) { *reinterpret_cast<Vec<T>*>(p) = v; }
+template <typename T>
+inline Vec<T> vsplat(T s) { return s - Vec<T>{}; }  // x - 0 == x: a plain broadcast
+// Calls f with the compile-time kernel size (3, 5, 7, or 0 for any other).
+template <typename F>
+inline void with_kernel_size(int64_t K, const F& f) {
+  switch (K) {
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 0>{});
+  }
+}
+
+// Calls f(start, integral_constant<R>) over [0, n) in register blocks of 8 and one
+// block of the remainder (1..7), so short runs still fill as many accumulators as
+// they can.
+template <typename F>
+inline void for_blocks(int64_t n, const F& f) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) f(i, std::integral_constant<int, 8>{});
+  switch (n - i) {
+    case 7: f(i, std::integral_constant<int, 7>{}); break;
+    case 6: f(i, std::integral_constant<int, 6>{}); break;
+    case 5: f(i, std::integral_constant<int, 5>{}); break;
+    case 4: f(i, std::integral_constant<int, 4>{}); break;
+    case 3: f(i, std::integral_constant<int, 3>{}); break;
+    case 2: f(i, std::integral_constant<int, 2>{}); break;
+    case 1: f(i, std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+
+// Parallel tasks of about this many multiply-adds.
+inline int64_t grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_item));
+}
+
+// ------------------------------------------------------------------ geometry
+
+// One convolution pass as the micro-kernels see it: a stride-S, dilation-d, k x k
+// correlation of a padded source into an Ho x Wo output. The source is an Hs x Ws
+// plane whose value (hs, ws) sits at padded position (hs * spread + pad,
+// ws * spread + pad); everything else is zero.
+struct Pass {
+  int64_t K, S, d;          // kernel, stride, dilation
+  int64_t Ho, Wo;           // output
+  int64_t Hs, Ws;           // source
+  int64_t pad, spread;      // source placement (pad may exceed the reach: not read)
+  int64_t rows;             // padded rows read: (Ho - 1) * S + (K - 1) * d + 1
+  int64_t phase_len;        // columns per phase in the scratch
+  int64_t row0 = 0;         // first padded row held (strips of a larger pass)
+  int64_t row_len() const { return S * phase_len; }
+  int64_t reach() const { return (K - 1) * d / S; }  // largest in-phase tap offset
+
+  // `cols` outputs are computed per phase row chunk: Wo rounded up to whole vectors
+  // for the plane kernel (cols_round = lanes), Wo for the blocked one.
+  static Pass make(int64_t K, int64_t S, int64_t d, int64_t Ho, int64_t Wo, int64_t Hs,
+                   int64_t Ws, int64_t pad, int64_t spread, int64_t cols_round) {
+    Pass p{K, S, d, Ho, Wo, Hs, Ws, pad, spread, 0, 0, 0};
+    p.rows = (Ho - 1) * S + (K - 1) * d + 1;
+    const int64_t cols = (Wo + cols_round - 1) / cols_round * cols_round;
+    p.phase_len = cols + p.reach();
+    return p;
+  }
+  // The convolution's own forward pass over an H x W input.
+  static Pass forward(const DwGeometry& g, int64_t cols_round) {
+    return make(g.K, g.stride, g.dil, g.Ho, g.Wo, g.H, g.W, g.pad, 1, cols_round);
+  }
+  // The input-gradient pass: grad_out spread by the stride, stride-1 output H x W.
+  static Pass input_grad(const DwGeometry& g, int64_t cols_round) {
+    return make(g.K, 1, g.dil, g.H, g.W, g.Ho, g.Wo, g.dil * (g.K - 1) - g.pad, g.stride,
+                cols_round);
+  }
+  // Output rows [oh0, oh0 + count) of this pass as a pass of their own (its output row
+  // i is row oh0 + i here; it holds only the padded rows those read).
+  Pass strip(int64_t oh0, int64_t count) const {
+    Pass q = *this;
+    q.Ho = count;
+    q.row0 = row0 + oh0 * S;
+    q.rows = (count - 1) * S + (K - 1) * d + 1;
+    return q;
+  }
+  // Output rows per strip so that a strip's scratch holds about `bytes`, and the rows
+  // shared by neighbouring strips are re-packed at most about half the time.
+  int64_t strip_rows(int64_t bytes_per_row, int64_t bytes) const {
+    const int64_t by_size = bytes / std::max<int64_t>(1, S * bytes_per_row);
+    const int64_t by_overlap = (2 * (K - 1) * d + S - 1) / S;
+    return std::max<int64_t>(1, std::min(Ho, std::max(by_size, by_overlap)));
+  }
+  // Offset of tap (kh, kw) in scratch units (values for planes, pixels for blocks).
+  int64_t tap_offset(int64_t kh, int64_t kw) const {
+    const int64_t c = kw * d;
+    return kh * d * row_len() + (c % S) * phase_len + c / S;
+  }
+};
+
+// For every source row that lands in the scratch, calls row(hs, scratch_row_base) and
+// for its columns the callback gets (ws, scratch_offset_in_row). Generic over the
+// stride/spread combination; the common cases (S = 1, spread = 1 and S = 2, spread =
+// 1) take straight loops.
+template <typename RowFn>
+inline void for_source_rows(const Pass& p, const RowFn& row) {
+  for (int64_t hs = 0; hs < p.Hs; ++hs) {
+    const int64_t r = hs * p.spread + p.pad - p.row0;
+    if (r < 0) continue;
+    if (r >= p.rows) break;
+    row(hs, r * p.row_len());
+  }
+}
+
+// Columns: calls col(ws, offset within the scratch row) for every source column held.
+template <typename ColFn>
+inline void for_source_cols(const Pass& p, const ColFn& col) {
+  if (p.S == 1) {
+    const int64_t lo = p.pad >= 0 ? 0 : (-p.pad + p.spread - 1) / p.spread;
+    for (int64_t ws = lo; ws < p.Ws; ++ws) {
+      const int64_t c = ws * p.spread + p.pad;
+      if (c >= p.phase_len) break;
+      col(ws, c);
+    }
+    return;
+  }
+  for (int64_t ws = 0; ws < p.Ws; ++ws) {
+    const int64_t c = ws * p.spread + p.pad;
+    if (c < 0) continue;
+    const int64_t i = c / p.S;
+    if (i < p.phase_len) col(ws, (c % p.S) * p.phase_len + i);
+  }
+}
+
+// ------------------------------------------------------------------ plane kernels (NCHW)
+
+// Scratch of one plane: [rows][S][phase_len] values, with `src(hs * Ws + ws)` at the
+// source positions, zero elsewhere.
+template <typename T, typename Src>
+inline void pack_plane(T* buf, const Pass& p, const Src& src) {
+  std::fill(buf, buf + p.rows * p.row_len(), T(0));
+  for_source_rows(p, [&](int64_t hs, int64_t base) {
+    T* br = buf + base;
+    const int64_t off = hs * p.Ws;
+    if (p.S == 1 && p.spread == 1) {
+      const int64_t lo = std::max<int64_t>(0, -p.pad);
+      const int64_t hi = std::min(p.Ws, p.phase_len - p.pad);
+      T* dst = br + p.pad;
+#pragma omp simd
+      for (int64_t ws = lo; ws < hi; ++ws) dst[ws] = src(off + ws);
+    } else {
+      for_source_cols(p, [&](int64_t ws, int64_t o) { br[o] = src(off + ws); });
+    }
+  });
+}
+
+// The first n lanes of v to p (n <= lanes; a short scalar loop, cheaper than a memcpy
+// call for the few lanes of a row tail).
+template <typename T>
+inline void vstore_part(T* p, const Vec<T>& v, int64_t n) {
+  if (n == kLanes<T>) {
+    vstore(p, v);
+    return;
+  }
+  for (int64_t l = 0; l < n; ++l) p[l] = v[l];
+}
+
+// R output vectors of one plane at scratch offsets base[r] (values): acc[r] over all
+// taps of the filter w [k*k]; positions may span rows, so small planes still fill R
+// independent accumulators.
+template <int KT, int R, typename T>
+inline void plane_positions(const T* buf, const Pass& p, const int64_t* toff,
+                            const int64_t* base, const T* w, Vec<T>* acc) {
+  const int64_t K = KT ? KT : p.K, kk = K * K;
+  const T* b[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = Vec<T>{};
+    b[r] = buf + base[r];
+  }
+  for (int64_t t = 0; t < kk; ++t) {
+    const int64_t o = toff[t];
+    const Vec<T> wv = vsplat(w[t]);
+    for (int r = 0; r < R; ++r) acc[r] += wv * vload(b[r] + o);
+  }
+}
+
+template <typename T>
+struct PlaneTaps {
+  std::vector<int64_t> off;
+  explicit PlaneTaps(const Pass& p) : off(static_cast<size_t>(p.K * p.K)) {
+    for (int64_t kh = 0; kh < p.K; ++kh)
+      for (int64_t kw = 0; kw < p.K; ++kw) off[kh * p.K + kw] = p.tap_offset(kh, kw);
+  }
+};
+
+// The pass over `planes` packed planes (scratch slot i at buf + i * slot) with filters
+// w + i * k*k; output plane i [Ho, Wo] at y[i].
+template <typename T>
+inline void plane_conv(const T* buf, int64_t slot, int64_t planes, const Pass& p, const T* w,
+                       const int64_t* toff, T* const* y) {
+  constexpr int64_t V = kLanes<T>;
+  const int64_t kk = p.K * p.K, rs = p.S * p.row_len(), nvec = (p.Wo + V - 1) / V;
+  with_kernel_size(p.K, [&](auto KT) {
+    for (int64_t i = 0; i < planes; ++i) {
+      int64_t oh = 0, v = 0;  // the next position: row, vector column
+      for_blocks(p.Ho * nvec, [&](int64_t, auto R) {
+        constexpr int RV = decltype(R)::value;
+        int64_t base[RV];
+        T* dst[RV];
+        int64_t n[RV];
+        for (int r = 0; r < RV; ++r) {
+          base[r] = i * slot + oh * rs + v * V;
+          dst[r] = y[i] + oh * p.Wo + v * V;
+          n[r] = std::min(V, p.Wo - v * V);
+          if (++v == nvec) {
+            v = 0;
+            ++oh;
+          }
+        }
+        Vec<T> acc[RV];
+        plane_positions<decltype(KT)::value, RV>(buf, p, toff, base, w + i * kk, acc);
+        for (int r = 0; r < RV; ++r) vstore_part(dst[r], acc[r], n[r]);
+      });
+    }
+  });
+}
+
+// acc[t] += sum over outputs o of g[o] * scratch[o * S + tap t], g packed as [Ho][gl]
+// rows with zeros past Wo (gl = Wo rounded up to vectors). Float partials per plane.
+template <int KT, typename T, typename Acc>
+inline void plane_wgrad_k(const T* buf, const Pass& p, const T* g, int64_t gl,
+                          const int64_t* toff, Acc* acc) {
+  constexpr int64_t V = kLanes<T>;
+  const int64_t K = KT ? KT : p.K, rs = p.S * p.row_len();
+  for (int64_t kh = 0; kh < K; ++kh) {
+    for (int64_t kw0 = 0; kw0 < K; kw0 += 8) {  // at most 8 accumulators (K > 8: chunks)
+      const int64_t nk = std::min<int64_t>(8, K - kw0);
+      Vec<T> a[8];
+      for (int j = 0; j < 8; ++j) a[j] = Vec<T>{};
+      for (int64_t oh = 0; oh < p.Ho; ++oh) {
+        const T* gr = g + oh * gl;
+        const T* br = buf + oh * rs;
+        for (int64_t ow0 = 0; ow0 < gl; ow0 += V) {
+          const Vec<T> gv = vload(gr + ow0);
+          if (KT) {
+            for (int j = 0; j < (KT < 8 ? KT : 8); ++j)
+              a[j] += gv * vload(br + toff[kh * K + kw0 + j] + ow0);
+          } else {
+            for (int64_t j = 0; j < nk; ++j) a[j] += gv * vload(br + toff[kh * K + kw0 + j] + ow0);
+          }
+        }
+      }
+      for (int64_t j = 0; j < nk; ++j) {
+        Acc s = 0;
+        for (int64_t l = 0; l < V; ++l) s += a[j][l];
+        acc[kh * K + kw0 + j] += s;
+      }
+    }
+  }
+}
+
+template <typename T, typename Acc>
+inline void plane_wgrad(const T* buf, const Pass& p, const T* g, int64_t gl,
+                        const int64_t* toff, Acc* acc) {
+  with_kernel_size(p.K, [&](auto KT) {
+    plane_wgrad_k<decltype(KT)::value>(buf, p, g, gl, toff, acc);
+  });
+}
+
+// g [Ho][gl] rows = src(oh * Wo + ow), zero past Wo.
+template <typename T, typename Src>
+inline void pack_rows(T* g, int64_t Ho, int64_t Wo, int64_t gl, const Src& src) {
+  for (int64_t oh = 0; oh < Ho; ++oh) {
+    T* gr = g + oh * gl;
+    const int64_t off = oh * Wo;
+#pragma omp simd
+    for (int64_t ow = 0; ow < Wo; ++ow) gr[ow] = src(off + ow);
+    std::fill(gr + Wo, gr + gl, T(0));
+  }
+}
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// ------------------------------------------------------------------ blocked kernels (channels_last)
+
+// A block of channels [c0, c0 + cb) of an NHWC tensor with C channels: pixel p's
+// values start at p * C + c0.
+struct ChannelBlock {
+  int64_t c0, cb, C;
+};
+
+// Scratch of one channel block of one image: [rows][S][phase_len] pixels of V lanes,
+// src(c, off) at the source positions (off = element offset of channel c), lanes past
+// cb and everything else zero. `image` is the image's first element offset. Only what
+// the sources do not cover is zeroed (the scratch is large on big planes).
+template <typename T, typename Src>
+inline void pack_block(T* buf, const Pass& p, const ChannelBlock& cb, int64_t image,
+                       const Src& src) {
+  constexpr int64_t V = kLanes<T>;
+  const int64_t rl = p.row_len() * V;
+  const auto put = [&](T* dst, int64_t off) {
+    if (cb.cb == V) {
+#pragma omp simd
+      for (int64_t l = 0; l < V; ++l) dst[l] = src(cb.c0 + l, off + l);
+    } else {
+      for (int64_t l = 0; l < V; ++l) dst[l] = l < cb.cb ? src(cb.c0 + l, off + l) : T(0);
+    }
+  };
+  for (int64_t r = 0; r < p.rows; ++r) {
+    T* br = buf + r * rl;
+    const int64_t t = r + p.row0 - p.pad;
+    const int64_t hs = t >= 0 && t % p.spread == 0 ? t / p.spread : -1;
+    if (hs < 0 || hs >= p.Hs) {
+      std::fill(br, br + rl, T(0));
+      continue;
+    }
+    const int64_t rowoff = image + hs * p.Ws * cb.C + cb.c0;
+    if (p.spread != 1) {
+      std::fill(br, br + rl, T(0));
+      for_source_cols(p, [&](int64_t ws, int64_t o) { put(br + o * V, rowoff + ws * cb.C); });
+      continue;
+    }
+    // Source column ws sits at padded column ws + pad; per phase a contiguous run.
+    const int64_t clo = std::max<int64_t>(p.pad, 0);
+    const int64_t chi = std::min<int64_t>(p.pad + p.Ws, p.S * p.phase_len);
+    for (int64_t ph = 0; ph < p.S; ++ph) {
+      T* seg = br + ph * p.phase_len * V;
+      const int64_t i0 = std::min(p.phase_len, clo > ph ? (clo - ph + p.S - 1) / p.S : 0);
+      const int64_t i1 =
+          std::max(i0, std::min(p.phase_len, chi > ph ? (chi - ph + p.S - 1) / p.S : 0));
+      std::fill(seg, seg + i0 * V, T(0));
+      for (int64_t i = i0; i < i1; ++i) put(seg + i * V, rowoff + (i * p.S + ph - p.pad) * cb.C);
+      std::fill(seg + i1 * V, seg + p.phase_len * V, T(0));
+    }
+  }
+}
+
+// Tap-major filters of a channel block: taps[t][l] = w[(c0 + l) * kk + t], zero past cb;
+// flip = true reverses the taps (the input-gradient pass).
+template <typename T>
+inline void pack_taps(T* taps, const T* w, const ChannelBlock& cb, int64_t kk, bool flip) {
+  constexpr int64_t V = kLanes<T>;
+  std::fill(taps, taps + kk * V, T(0));
+  for (int64_t l = 0; l < cb.cb; ++l)
+    for (int64_t t = 0; t < kk; ++t)
+      taps[(flip ? kk - 1 - t : t) * V + l] = w[(cb.c0 + l) * kk + t];
+}
+
+// R outputs of a packed block at scratch offsets base[0..R) (elements): acc[r] over
+// all taps. Positions may span rows, so small planes still fill R accumulators.
+template <int KT, int R, typename T>
+inline void block_positions(const T* buf, const Pass& p, const T* taps, const int64_t* toff,
+                            const int64_t* base, Vec<T>* acc) {
+  constexpr int64_t V = kLanes<T>;
+  const int64_t K = KT ? KT : p.K, kk = K * K;
+  int64_t bo[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = Vec<T>{};
+    bo[r] = base[r];
+  }
+  for (int64_t t = 0; t < kk; ++t) {
+    const Vec<T> wv = vload(taps + t * V);
+    const T* b = buf + toff[t] * V;
+    for (int r = 0; r < R; ++r) acc[r] += wv * vload(b + bo[r]);
+  }
+}
+
+// The pass over a packed block; out(oh, ow, acc) receives each output vector.
+template <typename T, typename Out>
+inline void block_conv(const T* buf, const Pass& p, const T* taps, const int64_t* toff,
+                       const Out& out) {
+  constexpr int64_t V = kLanes<T>;
+  const int64_t rs = p.S * p.row_len() * V;
+  with_kernel_size(p.K, [&](auto KT) {
+    int64_t ph = 0, pw = 0;  // the next position
+    for_blocks(p.Ho * p.Wo, [&](int64_t, auto R) {
+      constexpr int RV = decltype(R)::value;
+      int64_t base[RV], oh[RV], ow[RV];
+      for (int r = 0; r < RV; ++r) {
+        oh[r] = ph;
+        ow[r] = pw;
+        base[r] = ph * rs + pw * V;
+        if (++pw == p.Wo) {
+          pw = 0;
+          ++ph;
+        }
+      }
+      Vec<T> acc[RV];
+      block_positions<decltype(KT)::value, RV>(buf, p, taps, toff, base, acc);
+      for (int r = 0; r < RV; ++r) out(oh[r], ow[r], acc[r]);
+    });
+  });
+}
+
+// acc[t][l] += sum over the outputs o of g[o][l] * scratch[o * S + tap t][l]; g packed
+// as [Ho][Wo][V]. Float partials per output row, added into the double accumulator.
+template <int KT, typename T>
+inline void block_wgrad_k(const T* buf, const Pass& p, const T* g, const int64_t* toff,
+                          double* acc) {
+  constexpr int64_t V = kLanes<T>;
+  const int64_t K = KT ? KT : p.K, rs = p.S * p.row_len();
+  for (int64_t kh = 0; kh < K; ++kh) {
+    for (int64_t kw0 = 0; kw0 < K; kw0 += 8) {
+      const int64_t nk = std::min<int64_t>(8, K - kw0);
+      const int64_t* to = toff + kh * K + kw0;
+      for (int64_t oh = 0; oh < p.Ho; ++oh) {
+        Vec<T> a[8];
+        for (int j = 0; j < 8; ++j) a[j] = Vec<T>{};
+        const T* gr = g + oh * p.Wo * V;
+        const T* br = buf + oh * rs * V;
+        for (int64_t ow = 0; ow < p.Wo; ++ow) {
+          const Vec<T> gv = vload(gr + ow * V);
+          const T* bp = br + ow * V;
+          if (KT) {
+            for (int j = 0; j < (KT < 8 ? KT : 8); ++j) a[j] += gv * vload(bp + to[j] * V);
+          } else {
+            for (int64_t j = 0; j < nk; ++j) a[j] += gv * vload(bp + to[j] * V);
+          }
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+          double* d = acc + (kh * K + kw0 + j) * V;
+#pragma omp simd
+          for (int64_t l = 0; l < V; ++l) d[l] += a[j][l];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+inline void block_wgrad(const T* buf, const Pass& p, const T* g, const int64_t* toff,
+                        double* acc) {
+  with_kernel_size(p.K, [&](auto KT) { block_wgrad_k<decltype(KT)::value>(buf, p, g, toff, acc); });
+}
+
+// g [Ho][Wo][V] = src(c, off) of the block's output pixels, zero past cb.
+template <typename T, typename Src>
+inline void pack_block_rows(T* g, int64_t Ho, int64_t Wo, const ChannelBlock& cb,
+                            int64_t image, const Src& src) {
+  constexpr int64_t V = kLanes<T>;
+  for (int64_t i = 0; i < Ho * Wo; ++i) {
+    T* dst = g + i * V;
+    const int64_t off = image + i * cb.C + cb.c0;
+    if (cb.cb == V) {
+#pragma omp simd
+      for (int64_t l = 0; l < V; ++l) dst[l] = src(cb.c0 + l, off + l);
+    } else {
+      for (int64_t l = 0; l < V; ++l) dst[l] = l < cb.cb ? src(cb.c0 + l, off + l) : T(0);
+    }
+  }
+}
+
+// Channel blocks of C channels.
+template <typename T>
+inline int64_t num_blocks(int64_t C) { return (C + kLanes<T> - 1) / kLanes<T>; }
+template <typename T>
+inline ChannelBlock block_of(int64_t b, int64_t C) {
+  const int64_t c0 = b * kLanes<T>;
+  return {c0, std::min(kLanes<T>, C - c0), C};
+}
+
+// Images per weight-gradient partial of the blocked kernels: a fixed number, so the
+// summation order (and the rounding) never depends on the thread count.
+constexpr int64_t kImagesPerPartial = 4;
+
+}  // namespace simd
+}  // namespace BSNAS_CPU_ISA
+}  // namespace cpu
+}  // namespace bsnas
