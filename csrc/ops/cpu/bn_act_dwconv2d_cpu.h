@@ -1,21 +1,20 @@
 #pragma once
-// CPU kernels of bsnas::bn_act_dwconv2d and its backward, fused like the CUDA ones.
+// CPU kernels of bsnas::bn_act_dwconv2d and its backward, on the depthwise engine of
+// dwconv_passes.h, fused like the CUDA ones.
 //
-// Forward: one pass per plane (NCHW) or output row (channels_last): BN + activation are
-// applied as the input is read, and the output's per-channel sum and sum of squares are
-// accumulated while it is still in cache.
+// Forward: BN + activation are applied as the input is packed into the convolution's
+// scratch, and the output's per-channel sum and sum of squares are accumulated (in
+// double) while it is still in cache.
 //
-// Backward: the upstream gradient gyt = grad_y + grad_sum[c] + 2 * y * grad_sumsq[c] and
-// the input a = act(z * scale + shift) are formed where read, into per-task scratch
-// (a plane, or a few rows kept in a RowCache), never as tensors. NCHW: one task per
-// plane computes its grad_weight partial, grad_a (scatter within the plane), grad_z and
-// the grad_scale / grad_shift partials. channels_last: tasks over input rows compute
-// grad_a in gather form, then grad_z and per-row grad_scale / grad_shift partials;
-// tasks over channel blocks reduce grad_weight over every pixel.
+// Backward: the upstream gradient gyt = grad_y + grad_sum[c] + 2 * y * grad_sumsq[c] is
+// formed while packing, and the input a = act(z * scale + shift) again for the weight
+// gradient: never as tensors. The input-gradient pass ends in the BN-activation
+// backward: grad_z = gu * scale with gu = grad_a * act'(u), and the grad_scale /
+// grad_shift partials sum(gu * z), sum(gu).
 //
-// Partial sums are kept per plane / row in double and reduced in a fixed order (per
-// channel, the order never depends on how work is split), so results do not depend on
-// the number of threads.
+// Partial sums live per plane (NCHW) or per (image, channel block) (channels_last) in
+// double and are reduced in a fixed order, so results do not depend on the number of
+// threads.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -24,7 +23,7 @@
 
 #include <vector>
 
-#include "dwconv_loops.h"
+#include "dwconv_passes.h"
 
 namespace bsnas {
 namespace cpu {
@@ -33,57 +32,97 @@ namespace BSNAS_CPU_ISA {
 constexpr const char* kBnActFwd = "bn_act_dwconv2d";
 constexpr const char* kBnActBwd = "bn_act_dwconv2d_backward";
 
-template <typename T>
+// Calls fn.template operator()<A>() with the activation code as a compile-time constant.
+template <typename Fn>
+void with_act(int64_t act, const Fn& fn) {
+  if (act == kActReLU) fn.template operator()<kActReLU>();
+  else if (act == kActReLU6) fn.template operator()<kActReLU6>();
+  else fn.template operator()<kActIdentity>();
+}
+
+// a = act(z * scale[c] + shift[c]): (c, offset) for channels_last, and per plane.
+template <int A, typename T>
 struct BnAct {
+  const T* z;
   const T* scale;
   const T* shift;
-  int64_t act;
-  T operator()(int64_t c, T v) const { return activate(v * scale[c] + shift[c], act); }
+  T operator()(int64_t c, int64_t off) const { return activate(z[off] * scale[c] + shift[c], A); }
+};
+template <int A, typename T>
+struct BnActPlane {
+  const T* z;
+  T sc, sh;
+  T operator()(int64_t i) const { return activate(z[i] * sc + sh, A); }
+};
+
+// The upstream gradient of y including the statistics outputs: grad_y + grad_sum[c] +
+// gsq2[c] * y with gsq2 = 2 * grad_sumsq (y is not read when every gsq2 is 0).
+template <bool UseY, typename T>
+struct GradY {
+  const T* gy;
+  const T* y;
+  const T* gsum;
+  const T* gsq2;
+  T operator()(int64_t c, int64_t off) const {
+    if constexpr (UseY) return gy[off] + gsum[c] + gsq2[c] * y[off];
+    else return gy[off] + gsum[c];
+  }
+};
+template <bool UseY, typename T>
+struct GradYPlane {
+  const T* gy;
+  const T* y;
+  T gs, g2;
+  T operator()(int64_t i) const {
+    if constexpr (UseY) return gy[i] + gs + g2 * y[i];
+    else return gy[i] + gs;
+  }
 };
 
 template <typename T>
-void fused_nchw(const T* z, const T* w, const BnAct<T>& in, T* y, double* psum, double* psq,
-                const DwGeometry& g) {
-  const int64_t kk = g.K * g.K, hw = g.H * g.W, ohw = g.Ho * g.Wo;
-  at::parallel_for(0, g.N * g.C, grain_for(ohw * kk), [&](int64_t b, int64_t e) {
-    std::vector<T> a(static_cast<size_t>(hw));  // this plane's BN + act input
-    for (int64_t nc = b; nc < e; ++nc) {
-      const int64_t c = nc % g.C;
-      const T* zp = z + nc * hw;
-      for (int64_t i = 0; i < hw; ++i) a[i] = in(c, zp[i]);
-      T* yp = y + nc * ohw;
-      conv_plane(a.data(), w + c * kk, yp, g);
-      double s = 0, q = 0;
+void fused_forward(const T* z, const T* scale, const T* shift, const T* w, T* y, int64_t act,
+                   double* psum, double* psq, const DwGeometry& g) {
+  using namespace simd;
+  constexpr int64_t V = kLanes<T>;
+  const int64_t kk = g.K * g.K, nb = num_blocks<T>(g.C);
+  with_act(act, [&]<int A>() {
+    if (g.channels_last) {
+      const Pass p = Pass::forward(g, 1);
+      block_pass<T>(p, g.N, g.C, g.H * g.W * g.C, w, false, BnAct<A, T>{z, scale, shift},
+                    [&](int64_t n, int64_t bi, const ChannelBlock& cb, int64_t oh, int64_t ow,
+                        const Vec<T>& v) {
+                      store_block(y, cb, (n * g.Ho + oh) * g.Wo + ow, v);
+                      double* s = psum + (n * nb + bi) * V;
+                      double* q = psq + (n * nb + bi) * V;
+#pragma omp simd
+                      for (int64_t l = 0; l < V; ++l) {
+                        const double d = v[l];
+                        s[l] += d;
+                        q[l] += d * d;
+                      }
+                    });
+    } else {
+      const Pass p = Pass::forward(g, V);
+      const int64_t ohw = g.Ho * g.Wo;
+      plane_pass<T>(
+          p, g.N * g.C,
+          [&](int64_t nc) {
+            const int64_t c = nc % g.C;
+            return BnActPlane<A, T>{z + nc * g.H * g.W, scale[c], shift[c]};
+          },
+          [&](int64_t nc, T* wf) { std::copy_n(w + (nc % g.C) * kk, kk, wf); },
+          [&](int64_t nc) { return y + nc * ohw; },
+          [&](int64_t nc, const T* yp) {
+            double s = 0, q = 0;
 #pragma omp simd reduction(+ : s, q)
-      for (int64_t i = 0; i < ohw; ++i) {
-        s += yp[i];
-        q += double(yp[i]) * yp[i];
-      }
-      psum[nc] = s;
-      psq[nc] = q;
-    }
-  });
-}
-
-template <typename T>
-void fused_nhwc(const T* z, const T* w, const BnAct<T>& in, T* y, double* psum, double* psq,
-                const DwGeometry& g) {
-  const int64_t C = g.C;
-  const std::vector<T> taps = pack_taps(w, C, g.K * g.K);
-  at::parallel_for(0, g.N * g.Ho, grain_for(g.Wo * C * g.K * g.K), [&](int64_t b, int64_t e) {
-    for (int64_t row = b; row < e; ++row) {
-      T* yr = y + row * g.Wo * C;
-      conv_row_nhwc(z, taps.data(), yr, row / g.Ho, row % g.Ho, g, in);
-      double* s = psum + row * C;
-      double* q = psq + row * C;
-      std::fill(s, s + C, 0.0);
-      std::fill(q, q + C, 0.0);
-      for (int64_t ow = 0; ow < g.Wo; ++ow)
-        for (int64_t c = 0; c < C; ++c) {
-          const double v = yr[ow * C + c];
-          s[c] += v;
-          q[c] += v * v;
-        }
+            for (int64_t i = 0; i < ohw; ++i) {
+              const double d = yp[i];
+              s += d;
+              q += d * d;
+            }
+            psum[nc] = s;
+            psq[nc] = q;
+          });
     }
   });
 }
@@ -99,31 +138,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_dw_forward(
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
   at::Tensor y = at::empty({g.N, g.C, g.Ho, g.Wo}, z.options().memory_format(fmt));
-  // Partial sums: one slot per (n, c) plane (NCHW) or per (n, oh) row x channel.
-  const int64_t slots = g.channels_last ? g.N * g.Ho : g.N;
-  std::vector<double> psum(static_cast<size_t>(slots * g.C)), psq(psum.size());
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), kBnActFwd, [&] {
-    const BnAct<scalar_t> in{scale.const_data_ptr<scalar_t>(), shift.const_data_ptr<scalar_t>(),
-                             act};
-    const auto* zp = z.const_data_ptr<scalar_t>();
-    const auto* wp = weight.const_data_ptr<scalar_t>();
-    auto* yp = y.mutable_data_ptr<scalar_t>();
-    if (y.numel() == 0) return;
-    if (g.channels_last) fused_nhwc(zp, wp, in, yp, psum.data(), psq.data(), g);
-    else fused_nchw(zp, wp, in, yp, psum.data(), psq.data(), g);
-  });
+  // Partial sums: one slot per plane (NCHW: [N][C]) or per image x channel block
+  // (channels_last: [N][blocks][lanes], channel = block * lanes + lane).
   at::Tensor sum = at::empty({g.C}, z.options()), sumsq = at::empty({g.C}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), kBnActFwd, [&] {
-    auto* s = sum.mutable_data_ptr<scalar_t>();
-    auto* q = sumsq.mutable_data_ptr<scalar_t>();
+    using T = scalar_t;
+    constexpr int64_t V = simd::kLanes<T>;
+    const int64_t nb = simd::num_blocks<T>(g.C);
+    const int64_t slots = g.channels_last ? nb * V : g.C;
+    std::vector<double> psum(static_cast<size_t>(g.N * slots), 0.0), psq(psum.size(), 0.0);
+    if (y.numel() > 0)
+      fused_forward(z.const_data_ptr<T>(), scale.const_data_ptr<T>(), shift.const_data_ptr<T>(),
+                    weight.const_data_ptr<T>(), y.mutable_data_ptr<T>(), act, psum.data(),
+                    psq.data(), g);
+    auto* s = sum.mutable_data_ptr<T>();
+    auto* q = sumsq.mutable_data_ptr<T>();
     for (int64_t c = 0; c < g.C; ++c) {
       double a = 0, b = 0;
-      for (int64_t i = 0; i < slots; ++i) {
-        a += psum[i * g.C + c];
-        b += psq[i * g.C + c];
+      for (int64_t n = 0; n < g.N; ++n) {
+        a += psum[n * slots + c];
+        b += psq[n * slots + c];
       }
-      s[c] = static_cast<scalar_t>(a);
-      q[c] = static_cast<scalar_t>(b);
+      s[c] = static_cast<T>(a);
+      q[c] = static_cast<T>(b);
     }
   });
   return {y, sum, sumsq};
@@ -131,204 +168,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_dw_forward(
 
 // ------------------------------------------------------------------------ backward
 
-// Calls fn.template operator()<A>() with the activation code as a compile-time constant.
-template <typename Fn>
-void with_act(int64_t act, const Fn& fn) {
-  if (act == kActReLU) fn.template operator()<kActReLU>();
-  else if (act == kActReLU6) fn.template operator()<kActReLU6>();
-  else fn.template operator()<kActIdentity>();
+// grad_z and the grad_scale / grad_shift partials of one value: gu = ga * act'(u).
+template <int A, typename T>
+inline T bn_act_grad(T ga, T zv, T sc, T sh, double& ps, double& pb) {
+  const T u = zv * sc + sh;  // as the forward computes it
+  const T gu = act_passes(u, A) ? ga : T(0);
+  ps += double(gu) * double(zv);
+  pb += double(gu);
+  return gu * sc;
 }
 
-// The upstream gradient of y including the statistics outputs: grad_y + grad_sum[c] +
-// gsq2[c] * y with gsq2 = 2 * grad_sumsq (y is not read when every gsq2 is 0).
-template <typename T>
-struct GradY {
-  const T* gsum;
-  const T* gsq2;
-  bool use_y;
-  // `n` values of channels c0, c0 + 1, ... (channels_last) or of channel c0 (NCHW:
-  // cstep = 0) from grad_y / y at gyp / yp into dst.
-  void fill(T* dst, const T* gyp, const T* yp, int64_t n, int64_t c0, int64_t cstep) const {
-    if (use_y) {
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t c = c0 + i * cstep;
-        dst[i] = gyp[i] + gsum[c] + gsq2[c] * yp[i];
-      }
-    } else {
-      for (int64_t i = 0; i < n; ++i) dst[i] = gyp[i] + gsum[c0 + i * cstep];
-    }
-  }
-};
-
-// grad_z = gu * scale and the (grad_scale, grad_shift) partials += (gu * z, gu) over `n`
-// inputs, where gu = ga * act'(z * scale + shift): of channel c0 (CS = 0, one partial
-// pair) or of channels c0, c0 + 1, ... (CS = 1, one partial pair per channel).
-template <int A, int CS, typename T>
-void bn_act_input_grad(const T* ga, const T* zp, const BnAct<T>& in, T* gzp, double* ps,
-                       double* pb, int64_t n, int64_t c0) {
-  if constexpr (CS == 0) {
-    const T sc = in.scale[c0], sh = in.shift[c0];
-    double s = 0, b = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const T zv = zp[i];
-      const T u = zv * sc + sh;  // as BnAct computes it
-      const T gu = act_passes(u, A) ? ga[i] : T(0);
-      gzp[i] = gu * sc;
-      s += double(gu) * double(zv);
-      b += double(gu);
-    }
-    *ps += s;
-    *pb += b;
+template <int A, bool UseY, typename T>
+void fused_backward(const T* gy, const T* y, const T* gsum, const T* gsq2, const T* z,
+                    const T* scale, const T* shift, const T* w, T* gz, T* gw, double* ps,
+                    double* pb, const DwGeometry& g) {
+  using namespace simd;
+  constexpr int64_t V = kLanes<T>;
+  const int64_t kk = g.K * g.K, nb = num_blocks<T>(g.C), hw = g.H * g.W, ohw = g.Ho * g.Wo;
+  if (g.channels_last) {
+    const Pass p = Pass::input_grad(g, 1);
+    const GradY<UseY, T> gyt{gy, y, gsum, gsq2};
+    block_pass<T>(p, g.N, g.C, ohw * g.C, w, true, gyt,
+                  [&](int64_t n, int64_t bi, const ChannelBlock& cb, int64_t ih, int64_t iw,
+                      const Vec<T>& v) {
+                    const int64_t o = ((n * g.H + ih) * g.W + iw) * g.C + cb.c0;
+                    double* s = ps + (n * nb + bi) * V;
+                    double* b = pb + (n * nb + bi) * V;
+                    for (int64_t l = 0; l < cb.cb; ++l)
+                      gz[o + l] = bn_act_grad<A>(v[l], z[o + l], scale[cb.c0 + l],
+                                                 shift[cb.c0 + l], s[l], b[l]);
+                  });
+    block_weight_grad(g, BnAct<A, T>{z, scale, shift}, gyt, gw);
   } else {
-    const T* sc = in.scale + c0;
-    const T* sh = in.shift + c0;
-    for (int64_t i = 0; i < n; ++i) {
-      const T zv = zp[i];
-      const T u = zv * sc[i] + sh[i];
-      const T gu = act_passes(u, A) ? ga[i] : T(0);
-      gzp[i] = gu * sc[i];
-      ps[i] += double(gu) * double(zv);
-      pb[i] += double(gu);
-    }
+    const Pass p = Pass::input_grad(g, V);
+    plane_pass<T>(
+        p, g.N * g.C,
+        [&](int64_t nc) {
+          const int64_t c = nc % g.C;
+          return GradYPlane<UseY, T>{gy + nc * ohw, y + nc * ohw, gsum[c], gsq2[c]};
+        },
+        [&](int64_t nc, T* wf) {
+          const T* wc = w + (nc % g.C) * kk;
+          for (int64_t t = 0; t < kk; ++t) wf[t] = wc[kk - 1 - t];
+        },
+        [&](int64_t nc) { return gz + nc * hw; },  // grad_a first, then grad_z in place
+        [&](int64_t nc, T* gp) {
+          const int64_t c = nc % g.C;
+          const T* zp = z + nc * hw;
+          const T sc = scale[c], sh = shift[c];
+          double s = 0, b = 0;
+          for (int64_t i = 0; i < hw; ++i) gp[i] = bn_act_grad<A>(gp[i], zp[i], sc, sh, s, b);
+          ps[nc] = s;
+          pb[nc] = b;
+        });
+    plane_weight_grad(
+        g,
+        [&](int64_t nc) {
+          const int64_t c = nc % g.C;
+          return BnActPlane<A, T>{z + nc * hw, scale[c], shift[c]};
+        },
+        [&](int64_t nc) {
+          const int64_t c = nc % g.C;
+          return GradYPlane<UseY, T>{gy + nc * ohw, y + nc * ohw, gsum[c], gsq2[c]};
+        },
+        gw);
   }
-}
-
-// NCHW: one task per plane (n, c). Writes grad_z and the plane's partials: pw [N*C, kk]
-// (grad_weight), ps / pb [N*C] (grad_scale / grad_shift).
-template <typename T>
-void bn_act_bwd_nchw(const T* gy, const T* y, const T* z, const T* w, const BnAct<T>& in,
-                     const GradY<T>& gyt, T* gz, double* pw, double* ps, double* pb,
-                     const DwGeometry& g) {
-  const int64_t kk = g.K * g.K, hw = g.H * g.W, ohw = g.Ho * g.Wo;
-  at::parallel_for(0, g.N * g.C, grain_for(2 * ohw * kk), [&](int64_t b, int64_t e) {
-    std::vector<T> gt(static_cast<size_t>(ohw)), a(static_cast<size_t>(hw)),
-        ga(static_cast<size_t>(hw));
-    std::vector<double> acc(static_cast<size_t>(kk));
-    for (int64_t nc = b; nc < e; ++nc) {
-      const int64_t c = nc % g.C;
-      const T* zp = z + nc * hw;
-      gyt.fill(gt.data(), gy + nc * ohw, y + nc * ohw, ohw, c, 0);
-      for (int64_t i = 0; i < hw; ++i) a[i] = in(c, zp[i]);
-      std::fill(acc.begin(), acc.end(), 0.0);
-      weight_grad_plane(gt.data(), a.data(), acc.data(), g);
-      std::copy(acc.begin(), acc.end(), pw + nc * kk);
-      grad_input_plane(gt.data(), w + c * kk, ga.data(), g);
-      ps[nc] = pb[nc] = 0.0;
-      with_act(in.act, [&]<int A>() {
-        bn_act_input_grad<A, 0>(ga.data(), zp, in, gz + nc * hw, ps + nc, pb + nc, hw, c);
-      });
-    }
-  });
-}
-
-// channels_last grad_z and the per-input-row partials ps / pb [N*H, C]: one task per
-// input row (n, ih), grad_a in gather form from a RowCache of gyt output rows.
-template <typename T>
-void bn_act_bwd_input_nhwc(const T* gy, const T* y, const T* z, const T* w,
-                           const BnAct<T>& in, const GradY<T>& gyt, T* gz, double* ps,
-                           double* pb, const DwGeometry& g) {
-  const int64_t kk = g.K * g.K, C = g.C;
-  const std::vector<T> taps = pack_taps(w, C, kk);
-  // The output rows read by one input row are consecutive, at most this many.
-  const int64_t cache_rows = (g.K - 1) * g.dil / g.stride + 2;
-  at::parallel_for(0, g.N * g.H, grain_for(g.W * C * kk), [&](int64_t b, int64_t e) {
-    RowCache<T> rows(cache_rows, g.Wo * C);
-    std::vector<T> ga(static_cast<size_t>(g.W * C));
-    const auto fill = [&](T* dst, int64_t key) {  // key = n * Ho + oh
-      for (int64_t ow = 0; ow < g.Wo; ++ow) {
-        const int64_t o = (key * g.Wo + ow) * C;
-        gyt.fill(dst + ow * C, gy + o, y + o, C, 0, 1);
-      }
-    };
-    for (int64_t row = b; row < e; ++row) {
-      const int64_t n = row / g.H, ih = row % g.H;
-      std::fill(ga.begin(), ga.end(), T(0));
-      for (int64_t kh = 0; kh < g.K; ++kh) {
-        const int64_t oh = out_index_for_input(ih, kh * g.dil - g.pad, g.stride, g.Ho);
-        if (oh < 0) continue;
-        const T* gr = rows.get(n * g.Ho + oh, fill);
-        for (int64_t kw = 0; kw < g.K; ++kw) {
-          const T* wt = taps.data() + (kh * g.K + kw) * C;
-          const int64_t off = kw * g.dil - g.pad;
-          for (int64_t iw = 0; iw < g.W; ++iw) {
-            const int64_t ow = out_index_for_input(iw, off, g.stride, g.Wo);
-            if (ow < 0) continue;
-            const T* gp = gr + ow * C;
-            T* gap = ga.data() + iw * C;
-            for (int64_t c = 0; c < C; ++c) gap[c] += wt[c] * gp[c];
-          }
-        }
-      }
-      double* s = ps + row * C;
-      double* bb = pb + row * C;
-      std::fill(s, s + C, 0.0);
-      std::fill(bb, bb + C, 0.0);
-      const T* zr = z + row * g.W * C;
-      T* gzr = gz + row * g.W * C;
-      with_act(in.act, [&]<int A>() {
-        for (int64_t iw = 0; iw < g.W; ++iw)
-          bn_act_input_grad<A, 1>(ga.data() + iw * C, zr + iw * C, in, gzr + iw * C, s, bb, C,
-                                  0);
-      });
-    }
-  });
-}
-
-// channels_last grad_weight: tasks own blocks of channels and accumulate, per output
-// row, a tap-major [k*k, block] tile in T from a gyt row and a RowCache of input rows
-// a = act(z * scale + shift), added into a double tile after each row.
-template <typename T>
-void bn_act_bwd_weight_nhwc(const T* gy, const T* y, const T* z, const BnAct<T>& in,
-                            const GradY<T>& gyt, T* gw, const DwGeometry& g) {
-  const int64_t kk = g.K * g.K, C = g.C;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t block = std::max<int64_t>(8, (C + 2 * threads - 1) / (2 * threads));
-  const int64_t nblocks = (C + block - 1) / block;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
-    std::vector<double> acc(static_cast<size_t>(kk * block));
-    std::vector<T> racc(static_cast<size_t>(kk * block)), gr(static_cast<size_t>(g.Wo * block));
-    // The input rows of one output row are consecutive, (K - 1) * dil + 1 of them.
-    RowCache<T> rows((g.K - 1) * g.dil + 1, g.W * block);
-    for (int64_t blk = b; blk < e; ++blk) {
-      const int64_t c0 = blk * block, cb = std::min(block, C - c0);
-      std::fill(acc.begin(), acc.end(), 0.0);
-      rows.clear();
-      const auto fill = [&](T* dst, int64_t key) {  // key = n * H + ih
-        const T* zr = z + key * g.W * C + c0;
-        for (int64_t iw = 0; iw < g.W; ++iw)
-          for (int64_t c = 0; c < cb; ++c) dst[iw * block + c] = in(c0 + c, zr[iw * C + c]);
-      };
-      for (int64_t n = 0; n < g.N; ++n) {
-        for (int64_t oh = 0; oh < g.Ho; ++oh) {
-          const int64_t orow = (n * g.Ho + oh) * g.Wo;
-          for (int64_t ow = 0; ow < g.Wo; ++ow)
-            gyt.fill(gr.data() + ow * block, gy + (orow + ow) * C + c0,
-                     y + (orow + ow) * C + c0, cb, c0, 1);
-          std::fill(racc.begin(), racc.end(), T(0));
-          for (int64_t kh = 0; kh < g.K; ++kh) {
-            const int64_t ih = oh * g.stride - g.pad + kh * g.dil;
-            if (ih < 0 || ih >= g.H) continue;
-            const T* ar = rows.get(n * g.H + ih, fill);
-            for (int64_t kw = 0; kw < g.K; ++kw) {
-              const int64_t off = kw * g.dil - g.pad;
-              int64_t lo, hi;
-              valid_out_range(g.W, g.Wo, g.stride, off, &lo, &hi);
-              T* ta = racc.data() + (kh * g.K + kw) * block;
-              for (int64_t ow = lo; ow < hi; ++ow) {
-                const T* gp = gr.data() + ow * block;
-                const T* xp = ar + (ow * g.stride + off) * block;
-                for (int64_t c = 0; c < cb; ++c) ta[c] += gp[c] * xp[c];
-              }
-            }
-          }
-          for (int64_t i = 0; i < kk * block; ++i) acc[i] += racc[i];
-        }
-      }
-      for (int64_t c = 0; c < cb; ++c)
-        for (int64_t t = 0; t < kk; ++t)
-          gw[(c0 + c) * kk + t] = static_cast<T>(acc[t * block + c]);
-    }
-  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_dw_backward(
@@ -351,10 +255,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_dw_backward(
   // Full-width gradient; rows past `width` stay zero.
   at::Tensor gw = at::zeros(weight.sizes(), weight.options());
   if (z.numel() == 0) return {gz, gscale, gshift, gw};  // a is all padding
-  const int64_t kk = g.K * g.K;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), kBnActBwd, [&] {
     using T = scalar_t;
-    const BnAct<T> in{scale.const_data_ptr<T>(), shift.const_data_ptr<T>(), act};
+    constexpr int64_t V = simd::kLanes<T>;
     const T* gsq_p = gsq.const_data_ptr<T>();
     std::vector<T> gsq2(static_cast<size_t>(g.C));
     bool use_y = false;
@@ -362,36 +265,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_dw_backward(
       gsq2[c] = T(2) * gsq_p[c];
       use_y = use_y || gsq2[c] != T(0);
     }
-    const GradY<T> gyt{gsum.const_data_ptr<T>(), gsq2.data(), use_y};
-    const T* gyp = gy.const_data_ptr<T>();
-    const T* yp = y.const_data_ptr<T>();
-    const T* zp = z.const_data_ptr<T>();
-    const T* wp = weight.const_data_ptr<T>();
-    T* gzp = gz.mutable_data_ptr<T>();
-    T* gwp = gw.mutable_data_ptr<T>();
+    const int64_t slots = g.channels_last ? simd::num_blocks<T>(g.C) * V : g.C;
+    std::vector<double> ps(static_cast<size_t>(g.N * slots), 0.0), pb(ps.size(), 0.0);
+    with_act(act, [&]<int A>() {
+      const auto run = [&]<bool UseY>() {
+        fused_backward<A, UseY>(gy.const_data_ptr<T>(), y.const_data_ptr<T>(),
+                                gsum.const_data_ptr<T>(), gsq2.data(), z.const_data_ptr<T>(),
+                                scale.const_data_ptr<T>(), shift.const_data_ptr<T>(),
+                                weight.const_data_ptr<T>(), gz.mutable_data_ptr<T>(),
+                                gw.mutable_data_ptr<T>(), ps.data(), pb.data(), g);
+      };
+      if (use_y) run.template operator()<true>();
+      else run.template operator()<false>();
+    });
     T* gsp = gscale.mutable_data_ptr<T>();
     T* gbp = gshift.mutable_data_ptr<T>();
-    // Partial rows: one per plane (NCHW) or input row (channels_last), C channels each.
-    const int64_t slots = g.channels_last ? g.N * g.H : g.N;
-    std::vector<double> ps(static_cast<size_t>(slots * g.C)), pb(ps.size());
-    if (g.channels_last) {
-      bn_act_bwd_input_nhwc(gyp, yp, zp, wp, in, gyt, gzp, ps.data(), pb.data(), g);
-      bn_act_bwd_weight_nhwc(gyp, yp, zp, in, gyt, gwp, g);
-    } else {
-      std::vector<double> pw(static_cast<size_t>(g.N * g.C * kk));
-      bn_act_bwd_nchw(gyp, yp, zp, wp, in, gyt, gzp, pw.data(), ps.data(), pb.data(), g);
-      for (int64_t c = 0; c < g.C; ++c)
-        for (int64_t t = 0; t < kk; ++t) {
-          double v = 0;
-          for (int64_t n = 0; n < g.N; ++n) v += pw[(n * g.C + c) * kk + t];
-          gwp[c * kk + t] = static_cast<T>(v);
-        }
-    }
     for (int64_t c = 0; c < g.C; ++c) {
       double s = 0, b = 0;
-      for (int64_t i = 0; i < slots; ++i) {
-        s += ps[i * g.C + c];
-        b += pb[i * g.C + c];
+      for (int64_t n = 0; n < g.N; ++n) {
+        s += ps[n * slots + c];
+        b += pb[n * slots + c];
       }
       gsp[c] = static_cast<T>(s);
       gbp[c] = static_cast<T>(b);
