@@ -52,6 +52,7 @@ def test_matches_reference(dtype, fmt, act):
                 err = ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
                 assert err < 1e-5, err
         assert got[0].is_contiguous(memory_format=fmt)
+        assert got[1].dtype == got[2].dtype == torch.float64
         assert not d_got[3][width:].any()
 
 
@@ -75,6 +76,25 @@ def test_opcheck(fmt):
                           (torch.randn_like(y), torch.randn_like(ys), torch.randn_like(yq),
                            z.detach(), scale.detach(), shift.detach(), weight.detach(),
                            y.detach(), width, stride, pad, 1, 2))
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_statistics_are_float64_and_do_not_cancel(fmt):
+    """Near-constant channels (mean^2 / var ~ 1e8): the variance from the float64
+    statistics matches a float64 two-pass variance of the same float32 output, where
+    the same formula on float32 statistics is off by orders of magnitude."""
+    torch.manual_seed(0)
+    z = (3.0 + 1e-3 * torch.randn(4, 6, 9, 9)).contiguous(memory_format=fmt)
+    scale, shift = torch.ones(6), torch.zeros(6)
+    weight = torch.full((8, 1, 3, 3), 1.0 / 9)
+    y, s, q = bn_act_dwconv2d(z, scale, shift, weight, 6, 1, 0, 1, "identity")
+    assert s.dtype == q.dtype == torch.float64
+    n = y.numel() // 6
+    var = q / n - (s / n) ** 2
+    ref = y.double().var(dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(var, ref, rtol=1e-6, atol=0)
+    var32 = (q.float() / n - (s.float() / n) ** 2).double()
+    assert ((var32 - ref).abs() / ref).max() > 1e-2
 
 
 def test_deterministic_across_thread_counts():
@@ -137,7 +157,7 @@ def test_activation_kinks(dtype, fmt):
                                      (z, scale, shift, weight))
         tol = dict(rtol=1e-10, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
         for a, b in zip([*got, *d_got], [*want, *d_want]):
-            torch.testing.assert_close(a, b, **tol)
+            torch.testing.assert_close(a, b.to(a.dtype), **tol)  # statistics: float64
         # Exactly zero where the reference's act' is zero.
         u = z.detach() * scale.detach().view(1, -1, 1, 1) + shift.detach().view(1, -1, 1, 1)
         if act != "identity":
@@ -197,7 +217,9 @@ def test_bad_input():
     bwd = torch.ops.bsnas._bn_act_dwconv2d_backward
     with pytest.raises(RuntimeError, match="grad_out has shape"):
         bwd(y[:, :3], ys, yq, z, s, b, w, y, 4, 1, 1, 1, 2)
-    with pytest.raises(RuntimeError, match="grad_out has shape"):
+    with pytest.raises(RuntimeError, match="grad_sum has shape"):
         bwd(y, ys[:3], yq, z, s, b, w, y, 4, 1, 1, 1, 2)
+    with pytest.raises(RuntimeError, match="grad_sumsq must be float64"):
+        bwd(y, ys, yq.float(), z, s, b, w, y, 4, 1, 1, 1, 2)
     with pytest.raises(RuntimeError, match="activation code must be"):
         bwd(y, ys, yq, z, s, b, w, y, 4, 1, 1, 1, 3)

@@ -381,7 +381,8 @@ def _bnact_check(N, c_max, width, H, W, k, s, p, d, dtype, fmt, act, device="cud
     (z, scale, shift, w), g = _bnact_inputs(N, c_max, width, H, W, k, dtype, fmt, device,
                                             N * 7 + c_max * 131 + H * 17 + k * 3 + s)
     outs = bn_act_dwconv2d(z, scale, shift, w, width, s, p, d, act)
-    grads = [torch.randn(o.shape, generator=g).to(device=device, dtype=dtype) for o in outs]
+    # y's gradient in its dtype; the statistics (and their gradients) are float64.
+    grads = [torch.randn(o.shape, generator=g).to(device=device, dtype=o.dtype) for o in outs]
     grads[0] = grads[0].contiguous(memory_format=fmt)
     if zero_sumsq_grad:  # the kernels then skip reading y
         grads[2].zero_()
@@ -394,7 +395,8 @@ def _bnact_check(N, c_max, width, H, W, k, s, p, d, dtype, fmt, act, device="cud
            f"{dtype} {fmt}")
     names = ["y", "sum", "sumsq", "grad_z", "grad_scale", "grad_shift", "grad_weight"]
     for name, a, b in zip(names, [*outs, *d_got], [*r_outs, *r_grads]):
-        assert a.dtype == dtype and a.device == z.device, (name, tag)
+        want_dtype = torch.float64 if name in ("sum", "sumsq") else dtype
+        assert a.dtype == want_dtype and a.device == z.device, (name, tag)
         _close(a, b, tol, f"{name} {tag}")
     assert outs[0].is_contiguous(memory_format=_format(z)), tag
     assert d_got[0].is_contiguous(memory_format=_format(z)), tag
@@ -581,7 +583,7 @@ def test_bnact_mismatched_device_raises():
     with pytest.raises(RuntimeError, match="scale is on cpu but z is on cuda"):
         torch.ops.bsnas.bn_act_dwconv2d(z, s.cpu(), b, w, 3, 1, 1, 1, 2)
     y, ys, yq = torch.ops.bsnas.bn_act_dwconv2d(z, s, b, w, 3, 1, 1, 1, 2)
-    with pytest.raises(RuntimeError, match="grad_out is on cpu but x is on cuda"):
+    with pytest.raises(RuntimeError, match="grad_sum is on cpu but z is on cuda"):
         torch.ops.bsnas._bn_act_dwconv2d_backward(y, ys.cpu(), yq, z, s, b, w, y, 3, 1, 1, 1, 2)
 
 

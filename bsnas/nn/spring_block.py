@@ -110,15 +110,15 @@ class SpringBlock(nn.Module):
         zs = z if z.dtype in (torch.float32, torch.float64) else z.float()
         var, mean = torch.var_mean(zs, dim=(0, 2, 3), unbiased=False)
         scale, shift = self.expand_bn.batch_affine(mean, var, z.numel() // c)
-        y, _, _ = bn_act_dwconv2d(z, scale, shift, self.depthwise.weight, c, self.stride,
-                                  k // 2, 1, self.activation)
-        # The op's one-pass sum / sum of squares come back in y's dtype; in float32,
-        # var = E[y^2] - E[y]^2 cancels catastrophically on near-constant channels (e.g.
-        # saturated by relu6), so the variance is taken in two passes until the op
-        # returns its (double-accumulated) statistics in float64.
-        ys = y if y.dtype in (torch.float32, torch.float64) else y.float()
-        var2, mean2 = torch.var_mean(ys, dim=(0, 2, 3), unbiased=False)
+        y, ysum, ysq = bn_act_dwconv2d(z, scale, shift, self.depthwise.weight, c, self.stride,
+                                       k // 2, 1, self.activation)
+        # The depthwise BN's batch statistics come from the same pass, accumulated and
+        # returned in float64, where var = E[y^2] - E[y]^2 does not cancel.
         count = y.numel() // c
+        mean2 = ysum / count
+        var2 = (ysq / count - mean2 * mean2).clamp_min(0)
+        stat_dtype = y.dtype if y.dtype in (torch.float32, torch.float64) else torch.float32
+        mean2, var2 = mean2.to(stat_dtype), var2.to(stat_dtype)
         scale2, shift2 = self.depthwise_bn.batch_affine(mean2, var2, count)
         act = _act_fn(self.activation)
         h = act(torch.addcmul(shift2.view(1, -1, 1, 1), y, scale2.view(1, -1, 1, 1)))

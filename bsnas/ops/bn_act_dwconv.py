@@ -2,7 +2,7 @@
 
     a = act(z * scale + shift)                     # BN (as a per-channel affine) + act
     y = conv2d(a, weight[:width], groups=width)    # masked depthwise convolution
-    returns y, y.sum((0, 2, 3)), (y * y).sum((0, 2, 3))
+    returns y, y.sum((0, 2, 3)), (y * y).sum((0, 2, 3))   # statistics in float64
 
 `z` is `[N, width, H, W]` (the raw expand output), `scale`/`shift` are `[width]`,
 `weight` the full `[C_max, 1, k, k]`. Differentiable in z, scale, shift and weight,
@@ -51,7 +51,8 @@ def _fake(z, scale, shift, weight, width, stride, padding, dilation, activation)
     shape = (n, width, _conv_out(h, k, stride, padding, dilation),
              _conv_out(w, k, stride, padding, dilation))
     y = torch.empty(shape, dtype=z.dtype, device=z.device, memory_format=_format(z))
-    return y, z.new_empty((width,)), z.new_empty((width,))
+    stats = z.new_empty((width,), dtype=torch.float64)
+    return y, stats, stats.new_empty((width,))
 
 
 @torch.library.register_fake("bsnas::_bn_act_dwconv2d_backward")
@@ -71,8 +72,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_sum, grad_sumsq):
     z, scale, shift, weight, y = ctx.saved_tensors
     grad_y = torch.zeros_like(y) if grad_y is None else grad_y
-    grad_sum = scale.new_zeros(scale.shape) if grad_sum is None else grad_sum
-    grad_sumsq = scale.new_zeros(scale.shape) if grad_sumsq is None else grad_sumsq
+    # The statistics are float64, and so are their gradients.
+    zeros = scale.new_zeros(scale.shape, dtype=torch.float64)
+    grad_sum = zeros if grad_sum is None else grad_sum
+    grad_sumsq = zeros if grad_sumsq is None else grad_sumsq
     gz, gs, gb, gw = _ops._bn_act_dwconv2d_backward(grad_y, grad_sum, grad_sumsq, z, scale,
                                                     shift, weight, y, *ctx.args)
     need = ctx.needs_input_grad

@@ -2,7 +2,8 @@
 //
 //   a = act(z * scale + shift)                    (BN of the expand output, folded)
 //   y = conv2d(a, weight[:width], groups=width)   (masked depthwise convolution)
-//   sum = y.sum((0, 2, 3)), sumsq = (y * y).sum((0, 2, 3))   (statistics for the next BN)
+//   sum = y.sum((0, 2, 3)), sumsq = (y * y).sum((0, 2, 3))   (statistics for the next BN,
+//                                                              float64)
 //
 // Both backends are fused, forward and backward: BN + activation are applied as z is
 // read, so neither u = z * scale + shift nor a = act(u) ever exists as a tensor, and
@@ -13,7 +14,9 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(bsnas, m) {
-  // Returns (y [N, width, Ho, Wo], sum [width], sumsq [width]).
+  // Returns (y [N, width, Ho, Wo], sum [width], sumsq [width]); sum and sumsq are
+  // float64 whatever z's dtype (accumulated in double: the next BN's variance
+  // E[y^2] - E[y]^2 would cancel in float32 on near-constant channels).
   m.def(
       "bn_act_dwconv2d(Tensor z, Tensor scale, Tensor shift, Tensor weight, SymInt width, "
       "int stride, int padding, int dilation, int activation) -> (Tensor, Tensor, Tensor)");

@@ -177,8 +177,17 @@ inline DwGeometry check_bn_act_dw_backward_args(
   check_affine_act(op, z, scale, shift, width, act);
   check_grad_out(op, grad_y, z, {g.N, g.C, g.Ho, g.Wo});
   check_grad_out(op, y, z, {g.N, g.C, g.Ho, g.Wo});
-  check_grad_out(op, grad_sum, z, {g.C});
-  check_grad_out(op, grad_sumsq, z, {g.C});
+  // The statistics are float64 (see bn_act_dwconv2d.cpp), and so are their gradients.
+  for (const auto& [t, name] :
+       {std::pair{&grad_sum, "grad_sum"}, std::pair{&grad_sumsq, "grad_sumsq"}}) {
+    TORCH_CHECK(t->defined(), op, ": ", name, " is undefined");
+    TORCH_CHECK(t->device() == z.device(), op, ": ", name, " is on ", t->device(),
+                " but z is on ", z.device());
+    TORCH_CHECK(t->scalar_type() == at::kDouble, op, ": ", name,
+                " must be float64 like the statistics, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == g.C, op, ": ", name, " has shape ",
+                t->sizes(), ", expected [", g.C, "]");
+  }
   return g;
 }
 

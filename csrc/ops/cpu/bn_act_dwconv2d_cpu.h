@@ -4,7 +4,7 @@
 //
 // Forward: BN + activation are applied as the input is packed into the convolution's
 // scratch, and the output's per-channel sum and sum of squares are accumulated (in
-// double) while it is still in cache.
+// double, and returned as float64) while it is still in cache.
 //
 // Backward: the upstream gradient gyt = grad_y + grad_sum[c] + 2 * y * grad_sumsq[c] is
 // formed while packing, and the input a = act(z * scale + shift) again for the weight
@@ -140,7 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_dw_forward(
   at::Tensor y = at::empty({g.N, g.C, g.Ho, g.Wo}, z.options().memory_format(fmt));
   // Partial sums: one slot per plane (NCHW: [N][C]) or per image x channel block
   // (channels_last: [N][blocks][lanes], channel = block * lanes + lane).
-  at::Tensor sum = at::empty({g.C}, z.options()), sumsq = at::empty({g.C}, z.options());
+  const auto f64 = z.options().dtype(at::kDouble);
+  at::Tensor sum = at::empty({g.C}, f64), sumsq = at::empty({g.C}, f64);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), kBnActFwd, [&] {
     using T = scalar_t;
     constexpr int64_t V = simd::kLanes<T>;
@@ -151,16 +152,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_dw_forward(
       fused_forward(z.const_data_ptr<T>(), scale.const_data_ptr<T>(), shift.const_data_ptr<T>(),
                     weight.const_data_ptr<T>(), y.mutable_data_ptr<T>(), act, psum.data(),
                     psq.data(), g);
-    auto* s = sum.mutable_data_ptr<T>();
-    auto* q = sumsq.mutable_data_ptr<T>();
+    auto* s = sum.mutable_data_ptr<double>();
+    auto* q = sumsq.mutable_data_ptr<double>();
     for (int64_t c = 0; c < g.C; ++c) {
       double a = 0, b = 0;
       for (int64_t n = 0; n < g.N; ++n) {
         a += psum[n * slots + c];
         b += psq[n * slots + c];
       }
-      s[c] = static_cast<T>(a);
-      q[c] = static_cast<T>(b);
+      s[c] = a;
+      q[c] = b;
     }
   });
   return {y, sum, sumsq};
@@ -249,7 +250,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_dw_backward(
   const at::Tensor gy = grad_y.contiguous(fmt), y = y_in.contiguous(fmt);
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  const at::Tensor gsum = grad_sum.contiguous(), gsq = grad_sumsq.contiguous();
+  // float64 statistics gradients -> z's dtype ([C] values).
+  const at::Tensor gsum = grad_sum.to(z.scalar_type()).contiguous();
+  const at::Tensor gsq = grad_sumsq.to(z.scalar_type()).contiguous();
   at::Tensor gz = at::empty_like(z, z.options().memory_format(fmt));
   at::Tensor gscale = at::zeros({g.C}, z.options()), gshift = at::zeros({g.C}, z.options());
   // Full-width gradient; rows past `width` stay zero.

@@ -1,6 +1,7 @@
 // CUDA kernels of the fused bsnas::bn_act_dwconv2d and its backward,
 // float32/float64/float16/bfloat16, NCHW and channels_last, float (double for float64)
-// arithmetic and accumulation:
+// arithmetic and accumulation; the output statistics accumulate in double and are
+// returned as float64:
 //
 //   forward (this file): a = act(z * scale + shift) applied as z is read, y = depthwise
 //             conv of a with weight[:width], and the per-channel sum and sum of squares
@@ -118,13 +119,13 @@ __device__ __forceinline__ void conv_strip(const In& in, const typename In::Chan
 template <typename scalar_t, typename index_t, typename acc_t>
 __device__ __forceinline__ void store_strip(scalar_t* __restrict__ y, index_t yb, index_t step,
                                             index_t ow0, index_t Wo,
-                                            const acc_t (&out)[kStrip], acc_t& s1, acc_t& s2) {
+                                            const acc_t (&out)[kStrip], double& s1, double& s2) {
 #pragma unroll
   for (int j = 0; j < kStrip; ++j) {
     if (ow0 + j < Wo) {
       const scalar_t v = static_cast<scalar_t>(out[j]);
       y[yb + (ow0 + j) * step] = v;
-      const acc_t f = static_cast<acc_t>(v);
+      const double f = static_cast<double>(static_cast<acc_t>(v));
       s1 += f;
       s2 += f * f;
     }
@@ -136,12 +137,12 @@ __device__ __forceinline__ void store_strip(scalar_t* __restrict__ y, index_t yb
 template <typename scalar_t, typename index_t, int KS, int ST>
 __global__ void __launch_bounds__(kThreads)
     bnact_fwd_nchw(const BnActInput<scalar_t> in, const scalar_t* __restrict__ w,
-                   scalar_t* __restrict__ y, scalar_t* __restrict__ sum,
-                   scalar_t* __restrict__ sumsq, at::opmath_type<scalar_t>* __restrict__ part,
+                   scalar_t* __restrict__ y, double* __restrict__ sum,
+                   double* __restrict__ sumsq, double* __restrict__ part,
                    const Dims<index_t> d, const index_t chunk) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kR = KS > 0 ? KS * KS : 1;
-  __shared__ acc_t red[2 * kWarps];
+  __shared__ double red[2 * kWarps];
   const index_t c = blockIdx.x;
   const index_t K = KS > 0 ? index_t(KS) : d.K;
   const index_t HoWo = d.Ho * d.Wo, HW = d.H * d.W;
@@ -156,7 +157,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int t = 0; t < kR; ++t) wr[t] = static_cast<acc_t>(wp[t]);
   }
-  acc_t s1 = 0, s2 = 0;
+  double s1 = 0, s2 = 0;  // the statistics accumulate in double (returned as float64)
   for (index_t q = q0 + threadIdx.x; q < q1; q += blockDim.x) {
     const index_t n = q / HoWq;
     const index_t r = q - n * HoWq;
@@ -173,7 +174,7 @@ __global__ void __launch_bounds__(kThreads)
                                   oh * d.stride - d.pad, oq * d.stride - d.pad);
       const scalar_t v = static_cast<scalar_t>(s);
       y[nc * HoWo + r] = v;
-      const acc_t f = static_cast<acc_t>(v);
+      const double f = static_cast<double>(static_cast<acc_t>(v));
       s1 += f;
       s2 += f * f;
     }
@@ -187,12 +188,12 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename index_t, int KS, int ST>
 __global__ void __launch_bounds__(kTileThreads)
     bnact_fwd_nhwc(const BnActInput<scalar_t> in, const scalar_t* __restrict__ w,
-                   scalar_t* __restrict__ y, scalar_t* __restrict__ sum,
-                   scalar_t* __restrict__ sumsq, at::opmath_type<scalar_t>* __restrict__ part,
+                   scalar_t* __restrict__ y, double* __restrict__ sum,
+                   double* __restrict__ sumsq, double* __restrict__ part,
                    const Dims<index_t> d, const index_t chunk) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kR = KS > 0 ? KS * KS : 1;
-  __shared__ acc_t red[2 * kTileThreads];
+  __shared__ double red[2 * kTileThreads];
   const index_t c = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool active = c < d.C;
   const index_t K = KS > 0 ? index_t(KS) : d.K;
@@ -209,7 +210,7 @@ __global__ void __launch_bounds__(kTileThreads)
     for (int t = 0; t < kR; ++t) wr[t] = static_cast<acc_t>(wp[t]);
   }
   const index_t WC = d.W * d.C, HWC = d.H * WC;
-  acc_t s1 = 0, s2 = 0;
+  double s1 = 0, s2 = 0;  // the statistics accumulate in double (returned as float64)
   if (active) {
     for (index_t p = p0 + threadIdx.y; p < p1; p += blockDim.y) {
       const index_t oq = p % Wq;
@@ -226,7 +227,7 @@ __global__ void __launch_bounds__(kTileThreads)
                                     oh * d.stride - d.pad, oq * d.stride - d.pad);
         const scalar_t v = static_cast<scalar_t>(s);
         y[p * d.C + c] = v;
-        const acc_t f = static_cast<acc_t>(v);
+        const double f = static_cast<double>(static_cast<acc_t>(v));
         s1 += f;
         s2 += f * f;
       }
@@ -249,18 +250,18 @@ void launch_forward(const at::Tensor& z, const at::Tensor& scale, const at::Tens
                                 shift.const_data_ptr<scalar_t>(), static_cast<int>(act)};
   const scalar_t* wp = weight.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  scalar_t* sump = sum.mutable_data_ptr<scalar_t>();
-  scalar_t* sqp = sumsq.mutable_data_ptr<scalar_t>();
+  double* sump = sum.mutable_data_ptr<double>();
+  double* sqp = sumsq.mutable_data_ptr<double>();
   const Tile tile = g.channels_last ? channel_tile(g.C) : Tile{0, 0, 0};
   at::Tensor part;
   dispatch_strips(g, weight.numel(), [&]<typename index_t, int KS, int ST>() {
     const int64_t M = g.N * g.Ho * row_positions<ST>(g.Wo);
     const Split sp = g.channels_last ? split_positions(M, tile.tiles, tile.py, sms)
                                      : split_positions(M, g.C, kThreads, sms);
-    acc_t* partp = nullptr;
+    double* partp = nullptr;
     if (sp.splits > 1) {
-      part = partial_buffer<acc_t>(z, sp.splits, 2, g.C);
-      partp = part.mutable_data_ptr<acc_t>();
+      part = partial_buffer<double>(z, sp.splits, 2, g.C);
+      partp = part.mutable_data_ptr<double>();
     }
     const Dims<index_t> d = make_dims<index_t>(g);
     const auto chunk = static_cast<index_t>(sp.chunk);
@@ -276,7 +277,7 @@ void launch_forward(const at::Tensor& z, const at::Tensor& scale, const at::Tens
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (sp.splits > 1)
-      launch_sum_splits<scalar_t, acc_t>(partp, sp.splits, g.C, sump, sqp, sms, stream);
+      launch_sum_splits<double, double>(partp, sp.splits, g.C, sump, sqp, sms, stream);
   });
 }
 
@@ -293,7 +294,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   const at::Tensor weight = weight_in.contiguous();  // a no-op for parameters
   const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
   at::Tensor y = at::empty({g.N, g.C, g.Ho, g.Wo}, z.options().memory_format(fmt));
-  at::Tensor sum = at::empty({g.C}, z.options()), sumsq = at::empty({g.C}, z.options());
+  const auto f64 = z.options().dtype(at::kDouble);
+  at::Tensor sum = at::empty({g.C}, f64), sumsq = at::empty({g.C}, f64);
   if (y.numel() == 0 || z.numel() == 0) {  // no outputs, or every tap reads padding
     y.zero_();
     sum.zero_();
@@ -324,7 +326,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const at::Tensor gy = grad_y.contiguous(fmt), y = y_in.contiguous(fmt);
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  const at::Tensor gsum = grad_sum.contiguous(), gsq = grad_sumsq.contiguous();
+  // float64 statistics gradients -> z's dtype ([C] values).
+  const at::Tensor gsum = grad_sum.to(z.scalar_type()).contiguous();
+  const at::Tensor gsq = grad_sumsq.to(z.scalar_type()).contiguous();
   at::Tensor gz = at::empty_like(z, z.options().memory_format(fmt));
   at::Tensor gscale = at::empty({g.C}, z.options()), gshift = at::empty({g.C}, z.options());
   // Full-width gradient; rows past `width` stay zero.
