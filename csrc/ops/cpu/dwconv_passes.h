@@ -35,7 +35,7 @@ void plane_pass(const Pass& p, int64_t planes, const MakeSrc& make_src, const Fi
                 const Dest& dest, const Done& done) {
   const int64_t kk = p.K * p.K, slot = p.rows * p.row_len();
   const int64_t group = std::max<int64_t>(1, kPlaneGroupBytes / (slot * int64_t(sizeof(T))));
-  const PlaneTaps<T> taps(p);
+  const std::vector<int64_t> toff = p.tap_offsets();
   at::parallel_for(0, planes, grain(p.Ho * p.Wo * kk), [&](int64_t b, int64_t e) {
     const int64_t gmax = std::min(group, e - b);
     std::vector<T> buf(static_cast<size_t>(gmax * slot));
@@ -48,7 +48,7 @@ void plane_pass(const Pass& p, int64_t planes, const MakeSrc& make_src, const Fi
         filter(g0 + i, wf.data() + i * kk);
         out[i] = dest(g0 + i);
       }
-      plane_conv(buf.data(), slot, gn, p, wf.data(), taps.off.data(), out.data());
+      plane_conv(buf.data(), slot, gn, p, wf.data(), toff.data(), out.data());
       for (int64_t i = 0; i < gn; ++i) done(g0 + i, out[i]);
     }
   });
@@ -61,7 +61,7 @@ template <typename T, typename MakeA, typename MakeG>
 void plane_weight_grad(const DwGeometry& g, const MakeA& make_a, const MakeG& make_g, T* gw) {
   const Pass p = Pass::forward(g, kLanes<T>);
   const int64_t kk = g.K * g.K, gl = round_up(g.Wo, kLanes<T>);
-  const PlaneTaps<T> taps(p);
+  const std::vector<int64_t> toff = p.tap_offsets();
   at::parallel_for(0, g.C, grain(g.N * g.Ho * g.Wo * kk), [&](int64_t b, int64_t e) {
     std::vector<T> buf(static_cast<size_t>(p.rows * p.row_len()));
     std::vector<T> gr(static_cast<size_t>(g.Ho * gl));
@@ -72,7 +72,7 @@ void plane_weight_grad(const DwGeometry& g, const MakeA& make_a, const MakeG& ma
         const int64_t nc = n * g.C + c;
         pack_plane(buf.data(), p, make_a(nc));
         pack_rows(gr.data(), g.Ho, g.Wo, gl, make_g(nc));
-        plane_wgrad(buf.data(), p, gr.data(), gl, taps.off.data(), acc.data());
+        plane_wgrad(buf.data(), p, gr.data(), gl, toff.data(), acc.data());
       }
       for (int64_t t = 0; t < kk; ++t) gw[c * kk + t] = static_cast<T>(acc[t]);
     }
@@ -80,15 +80,6 @@ void plane_weight_grad(const DwGeometry& g, const MakeA& make_a, const MakeG& ma
 }
 
 // ------------------------------------------------------------------ channels_last
-
-template <typename T>
-struct BlockTaps {
-  std::vector<int64_t> off;
-  explicit BlockTaps(const Pass& p) : off(static_cast<size_t>(p.K * p.K)) {
-    for (int64_t kh = 0; kh < p.K; ++kh)
-      for (int64_t kw = 0; kw < p.K; ++kw) off[kh * p.K + kw] = p.tap_offset(kh, kw);
-  }
-};
 
 // For every image n and channel block: pack src(c, off) of the image's source tensor
 // (`src_image` elements per image) into the scratch, convolve with the block's filters
@@ -99,7 +90,7 @@ void block_pass(const Pass& p, int64_t N, int64_t C, int64_t src_image, const T*
                 const Src& src, const Out& out) {
   constexpr int64_t V = kLanes<T>;
   const int64_t kk = p.K * p.K, nb = num_blocks<T>(C);
-  const BlockTaps<T> taps(p);
+  const std::vector<int64_t> toff = p.tap_offsets();
   // Strips of output rows whose scratch stays in the core's caches.
   const int64_t ro = p.strip_rows(p.row_len() * V * int64_t(sizeof(T)), kStripBytes);
   const int64_t max_rows = (ro - 1) * p.S + (p.K - 1) * p.d + 1;
@@ -117,7 +108,7 @@ void block_pass(const Pass& p, int64_t N, int64_t C, int64_t src_image, const T*
       for (int64_t oh0 = 0; oh0 < p.Ho; oh0 += ro) {
         const Pass sp = p.strip(oh0, std::min(ro, p.Ho - oh0));
         pack_block(buf.data(), sp, cb, n * src_image, src);
-        block_conv(buf.data(), sp, tp.data(), taps.off.data(),
+        block_conv(buf.data(), sp, tp.data(), toff.data(),
                    [&](int64_t oh, int64_t ow, const Vec<T>& v) {
                      out(n, bi, cb, oh0 + oh, ow, v);
                    });
@@ -143,7 +134,7 @@ void block_weight_grad(const DwGeometry& g, const ASrc& a, const GSrc& gsrc, T* 
   const Pass p = Pass::forward(g, 1);
   const int64_t kk = g.K * g.K, C = g.C, nb = num_blocks<T>(C);
   const int64_t groups = (g.N + kImagesPerPartial - 1) / kImagesPerPartial;
-  const BlockTaps<T> taps(p);
+  const std::vector<int64_t> toff = p.tap_offsets();
   std::vector<double> part(static_cast<size_t>(groups * nb * kk * V), 0.0);
   at::parallel_for(0, groups * nb, 1, [&](int64_t b, int64_t e) {
     std::vector<T> buf(static_cast<size_t>(p.rows * p.row_len() * V));
@@ -156,7 +147,7 @@ void block_weight_grad(const DwGeometry& g, const ASrc& a, const GSrc& gsrc, T* 
       for (int64_t n = grp * kImagesPerPartial; n < n_end; ++n) {
         pack_block(buf.data(), p, cb, n * g.H * g.W * C, a);
         pack_block_rows(gr.data(), g.Ho, g.Wo, cb, n * g.Ho * g.Wo * C, gsrc);
-        block_wgrad(buf.data(), p, gr.data(), taps.off.data(), acc);
+        block_wgrad(buf.data(), p, gr.data(), toff.data(), acc);
       }
     }
   });

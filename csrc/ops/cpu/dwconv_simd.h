@@ -157,6 +157,13 @@ struct Pass {
     const int64_t c = kw * d;
     return kh * d * row_len() + (c % S) * phase_len + c / S;
   }
+  // Every tap's offset, tap t = kh * K + kw.
+  std::vector<int64_t> tap_offsets() const {
+    std::vector<int64_t> off(static_cast<size_t>(K * K));
+    for (int64_t kh = 0; kh < K; ++kh)
+      for (int64_t kw = 0; kw < K; ++kw) off[kh * K + kw] = tap_offset(kh, kw);
+    return off;
+  }
 };
 
 // For every source row that lands in the scratch, calls row(hs, scratch_row_base) and
@@ -245,14 +252,6 @@ inline void plane_positions(const T* buf, const Pass& p, const int64_t* toff,
   }
 }
 
-template <typename T>
-struct PlaneTaps {
-  std::vector<int64_t> off;
-  explicit PlaneTaps(const Pass& p) : off(static_cast<size_t>(p.K * p.K)) {
-    for (int64_t kh = 0; kh < p.K; ++kh)
-      for (int64_t kw = 0; kw < p.K; ++kw) off[kh * p.K + kw] = p.tap_offset(kh, kw);
-  }
-};
 
 // The pass over `planes` packed planes (scratch slot i at buf + i * slot) with filters
 // w + i * k*k; output plane i [Ho, Wo] at y[i].
