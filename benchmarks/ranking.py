@@ -80,7 +80,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from bsnas import cost  # noqa: E402
 from bsnas.arch import Arch  # noqa: E402
@@ -289,7 +288,7 @@ def train_standalone(cfg_dict: dict, recipe: dict, arch_dict: dict, seed: int) -
     accuracy. Runs in a worker process or in-process."""
     from bsnas.evaluate import evaluate
     from bsnas.export import static_twin
-    from bsnas.retrain import reinitialize
+    from bsnas.retrain import reinitialize, train_epoch
     from bsnas.supernet import Supernet
     from bsnas.train import lr_lambda, param_groups, seed_everything
 
@@ -309,16 +308,9 @@ def train_standalone(cfg_dict: dict, recipe: dict, arch_dict: dict, seed: int) -
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(1, steps), 0, t.schedule))
     losses = []
     for epoch in range(recipe["epochs"]):
-        model.train()
         # other seeds see other batch orders and augmentations over the same split
         data.train.set_epoch(epoch + 1000 * seed)
-        for x, y in data.train:
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y, label_smoothing=t.label_smoothing)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+        losses += train_epoch(model, data.train, opt, sched, t.label_smoothing)
     held, val = evaluate(model, data.holdout), evaluate(model, data.val)
     return {"arch": arch.to_dict(), "seed": seed, "holdout_top1": held["top1"],
             "holdout_loss": held["loss"], "val_top1": val["top1"], "val_loss": val["loss"],

@@ -16,7 +16,6 @@ evaluated on the validation set. Outputs in the output folder:
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import time
@@ -35,7 +34,8 @@ from bsnas.latency import time_module
 from bsnas.nn import recalibrate_bn
 from bsnas.space import load_space
 from bsnas.supernet import Supernet
-from bsnas.train import Dist, build_data, lr_lambda, param_groups, pick_device, seed_everything
+from bsnas.train import (Dist, append_csv_row, build_data, lr_lambda, param_groups, pick_device,
+                         seed_everything)
 
 __all__ = ["measure_latency", "reinitialize", "retrain"]
 
@@ -75,13 +75,20 @@ def measure_latency(model: nn.Module, space, device: torch.device, warmup: int =
             "threads": torch.get_num_threads(), "batch_size": 1, "warmup": warmup, "repeats": repeats}
 
 
-def _write_row(path: str, row: dict) -> None:
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+def train_epoch(model: nn.Module, loader, optimizer, scheduler,
+                label_smoothing: float) -> list[float]:
+    """One epoch of plain supervised training (cross-entropy, a scheduler step per batch);
+    returns the batch losses."""
+    model.train()
+    losses = []
+    for x, y in loader:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    return losses
 
 
 def retrain(cfg, arch: Arch, checkpoint: str | None = None, out_dir: str | None = None,
@@ -131,21 +138,13 @@ def retrain(cfg, arch: Arch, checkpoint: str | None = None, out_dir: str | None 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(max(1, steps), 0, t.schedule))
     history = []
     for epoch in range(r.epochs):
-        model.train()
         data.train.set_epoch(epoch)
-        losses = []
-        for x, y in data.train:
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y, label_smoothing=t.label_smoothing)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+        losses = train_epoch(model, data.train, optimizer, scheduler, t.label_smoothing)
         val = evaluate(model, data.val)
         row = {"epoch": epoch + 1, "train_loss": sum(losses) / max(1, len(losses)),
                "val_top1": val["top1"], "val_top5": val["top5"], "lr": scheduler.get_last_lr()[0]}
         history.append(row)
-        _write_row(log_path, row)
+        append_csv_row(log_path, row)
         line = (f"retrain epoch {epoch + 1}/{r.epochs}: loss {row['train_loss']:.4f}, "
                 f"val top-1 {val['top1']:.4f}")
         log.info(line)

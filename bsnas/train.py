@@ -186,6 +186,15 @@ class Progress:
 # --------------------------------------------------------------------------- trainer
 
 
+def append_csv_row(path: str, row: dict) -> None:
+    """Appends `row` to the CSV file at `path`, writing the header first if the file is new."""
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
 class Trainer:
     """Builds everything from `cfg` and trains; `fit()` runs to `train.epochs`."""
 
@@ -280,15 +289,8 @@ class Trainer:
         return SummaryWriter(os.path.join(self.out_dir, "tensorboard"))
 
     def _csv(self, name: str, row: dict) -> None:
-        if not self.dist.main:
-            return
-        path = os.path.join(self.out_dir, name)
-        new = not os.path.exists(path)
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        if self.dist.main:
+            append_csv_row(os.path.join(self.out_dir, name), row)
 
     # ------------------------------------------------------------------ training
     def _broaden(self, epoch_float: float) -> None:
