@@ -63,3 +63,47 @@ def test_inference_folding_on_cuda():
         folded = block(x)
         static = block.to_static()(x)
     assert _rel(folded, static) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("args", [(16, 16, 96, 3, 1), (24, 40, 144, 5, 2), (40, 40, 240, 7, 1)])
+def test_inference_is_three_launches(args, fmt):
+    """Eval without gradients: the folded block is the expand GEMM, one depthwise kernel
+    and the project GEMM, nothing else, and equals the static twin."""
+    torch.manual_seed(2)
+    block = SpringBlock(*args).cuda().eval()
+    block.width = args[2] // 2
+    x = torch.randn(8, args[0], 28, 28, device="cuda").to(memory_format=fmt)
+    with torch.no_grad():
+        y = block(x)  # warm-up: folds and caches the weights, loads cuBLAS
+        static = block.to_static()(x)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            block(x)
+            torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert 1 <= len(kernels) <= 3, kernels
+    assert _rel(y, static) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_mbconv_folded_matches_cpu(dtype, fmt):
+    """The folded op on CUDA against F.conv2d in float64 on the CPU, random shapes:
+    float32 within 1e-5 relative, half types within 1e-2."""
+    import random
+
+    from bsnas.ops import mbconv_folded
+    from test_mbconv_folded import make_case, reference  # tests/ is on sys.path
+
+    rng = random.Random(9)
+    torch.manual_seed(9)
+    for _ in range(10):
+        x, ws, stride, residual = make_case(rng, torch.float64, fmt)
+        for act in ("relu6", "relu", "identity"):
+            y = mbconv_folded(x.to("cuda", dtype), *(w.to("cuda", dtype) for w in ws),
+                              stride=stride, activation=act, residual=residual)
+            ref = reference(x, *ws, stride, act, residual)
+            assert y.dtype == dtype and y.shape == ref.shape
+            assert _rel(y, ref) < (1e-5 if dtype == torch.float32 else 1e-2)

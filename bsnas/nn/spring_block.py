@@ -7,7 +7,8 @@ run time (BS-NAS, ../shared/BSNAS.md).
 All widths share one set of full-width parameters; width c uses the first c expand
 filters, depthwise filters and BN entries and the first c input columns of the project
 weight. The convolutions are the masked ops of `bsnas.ops`, which read those prefixes
-in place. In eval mode BN is folded into the active weights, cached per width.
+in place. In eval mode BN is folded into the active weights, cached per width, and the
+block runs as `bsnas.ops.mbconv_folded` (three kernels).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from bsnas.nn.batchnorm import DynamicBatchNorm2d
 from bsnas.nn.masked_conv import MaskedDepthwiseConv2d, MaskedPointwiseConv2d
-from bsnas.ops import ACTIVATION_CODES, bn_act_dwconv2d
+from bsnas.ops import ACTIVATION_CODES, bn_act_dwconv2d, mbconv_folded
 
 ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU, "hswish": nn.Hardswish}
 
@@ -155,6 +156,13 @@ class SpringBlock(nn.Module):
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         f = self.folded_weights()
+        if self.activation in ACTIVATION_CODES and not (torch.is_grad_enabled()
+                                                        and x.requires_grad):
+            # Three kernels: expand GEMM, one depthwise kernel, project GEMM.
+            return mbconv_folded(x, f["expand_w"], f["expand_b"], f["dw_w"], f["dw_b"],
+                                 f["project_w"], f["project_b"], self.stride,
+                                 self.activation, self.residual)
+        # hswish, or a gradient wanted for x: the same function in eager PyTorch.
         act = _act_fn(self.activation)
         c, k = self._width, self.kernel_size
         h = act(F.conv2d(x, f["expand_w"], f["expand_b"]))

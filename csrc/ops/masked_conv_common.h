@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
+#include <vector>
 
 #if defined(__CUDACC__)
 #define BSNAS_HD __host__ __device__ __forceinline__
@@ -156,8 +158,10 @@ inline void check_grad_out(const char* op, const at::Tensor& grad_out,
 
 // Per-channel affine (scale, shift) of the fused BN, and the activation code.
 inline void check_affine_act(const char* op, const at::Tensor& x, const at::Tensor& scale,
-                             const at::Tensor& shift, int64_t width, int64_t act) {
-  for (const auto& [t, name] : {std::pair{&scale, "scale"}, std::pair{&shift, "shift"}}) {
+                             const at::Tensor& shift, int64_t width, int64_t act,
+                             const char* scale_name = "scale",
+                             const char* shift_name = "shift") {
+  for (const auto& [t, name] : {std::pair{&scale, scale_name}, std::pair{&shift, shift_name}}) {
     TORCH_CHECK(t->defined(), op, ": ", name, " is undefined");
     check_same(op, *t, name, x, "z");
     TORCH_CHECK(t->dim() == 1 && t->size(0) == width, op, ": ", name,
@@ -189,6 +193,38 @@ inline DwGeometry check_bn_act_dw_backward_args(
                 t->sizes(), ", expected [", g.C, "]");
   }
   return g;
+}
+
+// Arguments of bsnas::_mbconv_folded_depthwise (mbconv_folded.cpp's stage 2, CPU and
+// CUDA): the depthwise geometry ("same" padding, dilation 1) and the shape of `out`.
+struct FoldedDwArgs {
+  DwGeometry g;
+  int64_t cout;
+};
+
+inline FoldedDwArgs check_folded_dw_args(const char* op, const at::Tensor& z,
+                                         const at::Tensor& expand_b, const at::Tensor& dw_w,
+                                         const at::Tensor& dw_b, const at::Tensor& project_b,
+                                         const std::optional<at::Tensor>& shortcut,
+                                         int64_t stride, int64_t act) {
+  TORCH_CHECK(z.defined() && z.dim() == 4, op, ": z must be 4-D [N, c, H, W]");
+  TORCH_CHECK(dw_w.defined() && dw_w.dim() == 4, op, ": dw_w must be 4-D [c, 1, k, k]");
+  TORCH_CHECK(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
+  const DwGeometry g =
+      check_dw_args(op, z, dw_w, z.size(1), stride, dw_w.size(2) / 2, /*dilation=*/1);
+  check_affine_act(op, z, expand_b, dw_b, g.C, act, "expand_b", "dw_b");
+  TORCH_CHECK(project_b.defined() && project_b.dim() == 1 && project_b.size(0) >= 1, op,
+              ": project_b must be 1-D [out], got ",
+              project_b.defined() ? project_b.sizes() : at::IntArrayRef{});
+  check_same(op, project_b, "project_b", z, "z");
+  const int64_t cout = project_b.size(0);
+  if (shortcut.has_value() && shortcut->defined()) {
+    check_same(op, *shortcut, "shortcut", z, "z");
+    const std::vector<int64_t> want{g.N, cout, g.Ho, g.Wo};
+    TORCH_CHECK(shortcut->sizes() == at::IntArrayRef(want), op, ": shortcut has shape ",
+                shortcut->sizes(), ", expected ", at::IntArrayRef(want));
+  }
+  return {g, cout};
 }
 
 struct PwGeometry {

@@ -32,14 +32,6 @@ namespace BSNAS_CPU_ISA {
 constexpr const char* kBnActFwd = "bn_act_dwconv2d";
 constexpr const char* kBnActBwd = "bn_act_dwconv2d_backward";
 
-// Calls fn.template operator()<A>() with the activation code as a compile-time constant.
-template <typename Fn>
-void with_act(int64_t act, const Fn& fn) {
-  if (act == kActReLU) fn.template operator()<kActReLU>();
-  else if (act == kActReLU6) fn.template operator()<kActReLU6>();
-  else fn.template operator()<kActIdentity>();
-}
-
 // a = act(z * scale[c] + shift[c]): (c, offset) for channels_last, and per plane.
 template <int A, typename T>
 struct BnAct {
@@ -270,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_dw_backward(
     }
     const int64_t slots = g.channels_last ? simd::num_blocks<T>(g.C) * V : g.C;
     std::vector<double> ps(static_cast<size_t>(g.N * slots), 0.0), pb(ps.size(), 0.0);
-    with_act(act, [&]<int A>() {
+    simd::with_act(act, [&]<int A>() {
       const auto run = [&]<bool UseY>() {
         fused_backward<A, UseY>(gy.const_data_ptr<T>(), y.const_data_ptr<T>(),
                                 gsum.const_data_ptr<T>(), gsq2.data(), z.const_data_ptr<T>(),

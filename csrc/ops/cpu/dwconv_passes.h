@@ -18,6 +18,14 @@ namespace cpu {
 namespace BSNAS_CPU_ISA {
 namespace simd {
 
+// Calls fn.template operator()<A>() with the activation code as a compile-time constant.
+template <typename Fn>
+void with_act(int64_t act, const Fn& fn) {
+  if (act == kActReLU) fn.template operator()<kActReLU>();
+  else if (act == kActReLU6) fn.template operator()<kActReLU6>();
+  else fn.template operator()<kActIdentity>();
+}
+
 // Scratch bytes of a group of small NCHW planes convolved together.
 constexpr int64_t kPlaneGroupBytes = 64 * 1024;
 

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -35,6 +36,10 @@
       const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,              \
       const at::Tensor& weight, const at::Tensor& y, int64_t width, int64_t stride,       \
       int64_t padding, int64_t dilation, int64_t act);                                    \
+  std::tuple<at::Tensor, at::Tensor> folded_dw_forward(                                   \
+      const at::Tensor& z, const at::Tensor& expand_b, const at::Tensor& dw_w,            \
+      const at::Tensor& dw_b, const at::Tensor& project_b,                                \
+      const std::optional<at::Tensor>& shortcut, int64_t stride, int64_t act);            \
   }
 
 BSNAS_DECLARE_CPU_KERNELS(generic)

@@ -41,7 +41,8 @@ const char* selected_isa() {
   m.impl("masked_dwconv2d", &ISA::dw_forward);                      \
   m.impl("_masked_dwconv2d_backward", &ISA::dw_backward);           \
   m.impl("bn_act_dwconv2d", &ISA::bn_act_dw_forward);               \
-  m.impl("_bn_act_dwconv2d_backward", &ISA::bn_act_dw_backward)
+  m.impl("_bn_act_dwconv2d_backward", &ISA::bn_act_dw_backward);   \
+  m.impl("_mbconv_folded_depthwise", &ISA::folded_dw_forward)
 
 TORCH_LIBRARY_IMPL(bsnas, CPU, m) {
   switch (detect()) {

@@ -60,60 +60,6 @@ constexpr const char* kBwd = "bn_act_dwconv2d_backward";
 
 // ------------------------------------------------------------------------ forward
 
-// One output value of channel `ch`: sum over taps of w * a(z[n, c, ih, iw]); `xb` is the
-// flat index of (n, c, 0, 0) and (sh, sw) the element strides of a row and a column.
-template <int KS, typename index_t, typename In, typename acc_t>
-__device__ __forceinline__ acc_t conv_at(const In& in, const typename In::Chan& ch,
-                                         const acc_t* wr, const typename In::scalar* wp,
-                                         const Dims<index_t>& d, index_t xb, index_t sh,
-                                         index_t sw, index_t ih0, index_t iw0) {
-  const index_t K = KS > 0 ? index_t(KS) : d.K;
-  acc_t s = 0;
-#pragma unroll
-  for (index_t kh = 0; kh < K; ++kh) {
-    const index_t ih = ih0 + kh * d.dil;
-    if (!in_range(ih, d.H)) continue;
-    const index_t xr = xb + ih * sh;
-#pragma unroll
-    for (index_t kw = 0; kw < K; ++kw) {
-      const index_t iw = iw0 + kw * d.dil;
-      if (!in_range(iw, d.W)) continue;
-      acc_t wv;
-      if constexpr (KS > 0) wv = wr[kh * KS + kw];
-      else wv = static_cast<acc_t>(wp[kh * K + kw]);
-      s += wv * in.x(ch, xr + iw * sw);
-    }
-  }
-  return s;
-}
-
-// kStrip consecutive outputs (ow0 .. ow0 + kStrip - 1) of one output row, for a fixed
-// k = KS, stride ST and dilation 1: each input row's span of (kStrip - 1) * ST + KS
-// values is read and put through BN + act once into registers, then feeds KS taps of
-// every output (conv_at does KS * KS reads and transforms per output). The sum of each
-// output runs over the taps in the same order as conv_at. Columns outside [0, W) read
-// as 0; outputs past the row's end are computed but not stored by the caller.
-template <int KS, int ST, typename index_t, typename In, typename acc_t>
-__device__ __forceinline__ void conv_strip(const In& in, const typename In::Chan& ch,
-                                           const acc_t* wr, const Dims<index_t>& d,
-                                           index_t xb, index_t sh, index_t sw, index_t ih0,
-                                           index_t iw0, acc_t (&out)[kStrip]) {
-#pragma unroll
-  for (int j = 0; j < kStrip; ++j) out[j] = 0;
-#pragma unroll
-  for (int kh = 0; kh < KS; ++kh) {
-    const index_t ih = ih0 + kh;
-    if (!in_range(ih, d.H)) continue;
-    acc_t xs[strip_span(KS, ST)];
-    load_span<KS, ST>(in, ch, d, xb + ih * sh, sw, iw0, xs);
-#pragma unroll
-    for (int j = 0; j < kStrip; ++j) {
-#pragma unroll
-      for (int kw = 0; kw < KS; ++kw) out[j] += wr[kh * KS + kw] * xs[j * ST + kw];
-    }
-  }
-}
-
 // Stores the outputs [ow0, min(ow0 + kStrip, Wo)) of a strip at yb + ow * step and adds
 // them (as stored) to the statistics.
 template <typename scalar_t, typename index_t, typename acc_t>

@@ -1,6 +1,7 @@
 // Device and host helpers shared by the CUDA depthwise kernels: bsnas::masked_dwconv2d
-// (masked_dwconv2d_kernel.cu) and the fused bsnas::bn_act_dwconv2d
-// (bn_act_dwconv2d_kernel.cu, bn_act_dwconv2d_wgrad.cu, bn_act_dwconv2d_igrad.cu).
+// (masked_dwconv2d_kernel.cu), the fused bsnas::bn_act_dwconv2d
+// (bn_act_dwconv2d_kernel.cu, bn_act_dwconv2d_wgrad.cu, bn_act_dwconv2d_igrad.cu) and the
+// folded block's depthwise stage (mbconv_folded_kernel.cu).
 // Everything here has internal linkage (an unnamed namespace), so each translation unit
 // gets its own copies of the kernels it uses.
 //
@@ -156,6 +157,28 @@ struct BnActInput {
   }
 };
 
+// bsnas::_mbconv_folded_depthwise's convolution input act(z + bias[c]) (BN folded into
+// the expand weights), read from z.
+template <typename scalar_t>
+struct BiasActInput {
+  using scalar = scalar_t;
+  using acc_t = at::opmath_type<scalar_t>;
+  struct Chan {
+    acc_t bias;
+  };
+  const scalar_t* __restrict__ z;
+  const scalar_t* __restrict__ bias;
+  int act;
+  template <typename index_t>
+  __device__ __forceinline__ Chan channel(index_t c) const {
+    return {static_cast<acc_t>(bias[c])};
+  }
+  template <typename index_t>
+  __device__ __forceinline__ acc_t x(const Chan& ch, index_t i) const {
+    return activate(static_cast<acc_t>(z[i]) + ch.bias, act);
+  }
+};
+
 // bsnas::bn_act_dwconv2d's backward: the upstream gradient of y including the statistics
 // outputs, grad_y + grad_sum[c] + 2 * y * grad_sumsq[c] (y is not read where
 // grad_sumsq[c] == 0), and the input through BnActInput.
@@ -215,6 +238,62 @@ __device__ __forceinline__ void load_span(const Loads& ld, const typename Loads:
   for (int t = 0; t < strip_span(KS, ST); ++t) {
     const index_t iw = iw0 + t;
     xs[t] = in_range(iw, d.W) ? ld.x(ch, xr + iw * sw) : acc_t(0);
+  }
+}
+
+// One output value of channel `ch`: sum over taps of w * in.x(z[n, c, ih, iw]) (the input
+// read through a loading policy: BnActInput, BiasActInput); `xb` is the flat index of
+// (n, c, 0, 0) and (sh, sw) the element strides of a row and a column. `wr`: the taps in
+// registers (fixed k), `wp`: in memory (runtime k).
+template <int KS, typename index_t, typename In, typename acc_t>
+__device__ __forceinline__ acc_t conv_at(const In& in, const typename In::Chan& ch,
+                                         const acc_t* wr, const typename In::scalar* wp,
+                                         const Dims<index_t>& d, index_t xb, index_t sh,
+                                         index_t sw, index_t ih0, index_t iw0) {
+  const index_t K = KS > 0 ? index_t(KS) : d.K;
+  acc_t s = 0;
+#pragma unroll
+  for (index_t kh = 0; kh < K; ++kh) {
+    const index_t ih = ih0 + kh * d.dil;
+    if (!in_range(ih, d.H)) continue;
+    const index_t xr = xb + ih * sh;
+#pragma unroll
+    for (index_t kw = 0; kw < K; ++kw) {
+      const index_t iw = iw0 + kw * d.dil;
+      if (!in_range(iw, d.W)) continue;
+      acc_t wv;
+      if constexpr (KS > 0) wv = wr[kh * KS + kw];
+      else wv = static_cast<acc_t>(wp[kh * K + kw]);
+      s += wv * in.x(ch, xr + iw * sw);
+    }
+  }
+  return s;
+}
+
+// kStrip consecutive outputs (ow0 .. ow0 + kStrip - 1) of one output row, for a fixed
+// k = KS, stride ST and dilation 1: each input row's span of (kStrip - 1) * ST + KS
+// values is read and put through the input transform once into registers, then feeds
+// KS taps of every output (conv_at does KS * KS reads and transforms per output). The sum
+// of each output runs over the taps in the same order as conv_at. Columns outside [0, W)
+// read as 0; outputs past the row's end are computed but not stored by the caller.
+template <int KS, int ST, typename index_t, typename In, typename acc_t>
+__device__ __forceinline__ void conv_strip(const In& in, const typename In::Chan& ch,
+                                           const acc_t* wr, const Dims<index_t>& d,
+                                           index_t xb, index_t sh, index_t sw, index_t ih0,
+                                           index_t iw0, acc_t (&out)[kStrip]) {
+#pragma unroll
+  for (int j = 0; j < kStrip; ++j) out[j] = 0;
+#pragma unroll
+  for (int kh = 0; kh < KS; ++kh) {
+    const index_t ih = ih0 + kh;
+    if (!in_range(ih, d.H)) continue;
+    acc_t xs[strip_span(KS, ST)];
+    load_span<KS, ST>(in, ch, d, xb + ih * sh, sw, iw0, xs);
+#pragma unroll
+    for (int j = 0; j < kStrip; ++j) {
+#pragma unroll
+      for (int kw = 0; kw < KS; ++kw) out[j] += wr[kh * KS + kw] * xs[j * ST + kw];
+    }
   }
 }
 
