@@ -61,7 +61,7 @@ def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
     # -fopenmp: at::parallel_for in our kernels is header code that threads only when
     # _OPENMP is defined (torch itself links the same libgomp).
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-tree-loop-distribute-patterns"]
     if _want_cuda():
         sources += sorted(glob.glob("csrc/ops/cuda/*.cu"))
         print(f"bsnas: building CPU + CUDA kernels (CUDA_HOME={_cuda_home}, "

@@ -65,6 +65,18 @@ template <typename T>
 inline void vstore(T* p, const Vec<T>& v) { *reinterpret_cast<Vec<T>*>(p) = v; }
 template <typename T>
 inline Vec<T> vsplat(T s) { return s - Vec<T>{}; }  // x - 0 == x: a plain broadcast
+// Lanes first, first + 2, first + 4, ... of the concatenation (a, b): one permute.
+template <typename T, int First>
+inline Vec<T> alternate_lanes(const Vec<T>& a, const Vec<T>& b) {
+  using Mask = decltype(a < b);  // the integer vector of the same lane count and width
+  Mask m{};
+  for (int64_t l = 0; l < kLanes<T>; ++l) m[l] = static_cast<decltype(m[0] + 0)>(2 * l + First);
+  return __builtin_shuffle(a, b, m);
+}
+template <typename T>
+inline Vec<T> even_lanes(const Vec<T>& a, const Vec<T>& b) { return alternate_lanes<T, 0>(a, b); }
+template <typename T>
+inline Vec<T> odd_lanes(const Vec<T>& a, const Vec<T>& b) { return alternate_lanes<T, 1>(a, b); }
 // Calls f with the compile-time kernel size (3, 5, 7, or 0 for any other).
 template <typename F>
 inline void with_kernel_size(int64_t K, const F& f) {
@@ -94,6 +106,8 @@ inline void for_blocks(int64_t n, const F& f) {
     default: break;
   }
 }
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Parallel tasks of about this many multiply-adds.
 inline int64_t grain(int64_t work_per_item) {
@@ -206,7 +220,50 @@ inline void for_source_cols(const Pass& p, const ColFn& col) {
 // source positions, zero elsewhere.
 template <typename T, typename Src>
 inline void pack_plane(T* buf, const Pass& p, const Src& src) {
+  constexpr int64_t V = kLanes<T>;
+  constexpr int64_t kMaxPhases = 8;
   std::fill(buf, buf + p.rows * p.row_len(), T(0));
+  // Stride S > 1: source column ws sits at padded column ws + pad, i.e. in phase
+  // (ws + pad) % S at index (ws + pad) / S; per phase a run [i0, i1) whose first
+  // source column is col0 and whose source step is S. The same for every row.
+  struct Run {
+    int64_t i0, i1, col0;
+  };
+  Run runs[kMaxPhases];
+  const bool phased = p.spread == 1 && p.S > 1 && p.S <= kMaxPhases;
+  if (phased) {
+    const int64_t clo = std::max<int64_t>(p.pad, 0);
+    const int64_t chi = std::min<int64_t>(p.pad + p.Ws, p.S * p.phase_len);
+    for (int64_t ph = 0; ph < p.S; ++ph) {
+      const int64_t i0 = std::min(p.phase_len, clo > ph ? (clo - ph + p.S - 1) / p.S : 0);
+      const int64_t i1 =
+          std::max(i0, std::min(p.phase_len, chi > ph ? (chi - ph + p.S - 1) / p.S : 0));
+      runs[ph] = {i0, i1, i0 * p.S + ph - p.pad};
+    }
+  }
+  // Stride 2 over an even-width plane: column parity is index parity, so the whole
+  // plane is transformed contiguously and split into its even and odd columns with
+  // vector permutes once ([2][half] values), and the rows' runs are plain copies.
+  const T* split = nullptr;
+  int64_t half = 0;
+  if (phased && p.S == 2 && p.Ws % 2 == 0) {
+    const int64_t hw = p.Hs * p.Ws, padded = round_up(hw, 2 * V);
+    half = padded / 2;
+    thread_local std::vector<T> tmp;
+    if (tmp.size() < static_cast<size_t>(2 * padded + V)) tmp.resize(2 * padded + V);
+    T* t = tmp.data() + (V - (reinterpret_cast<uintptr_t>(tmp.data()) / sizeof(T)) % V) % V;
+#pragma omp simd
+    for (int64_t j = 0; j < hw; ++j) t[j] = src(j);
+    for (int64_t j = hw; j < padded; ++j) t[j] = T(0);
+    T* even = t + padded;
+    T* odd = even + half;
+    for (int64_t j = 0; j < padded; j += 2 * V) {
+      const Vec<T> a = vload(t + j), b = vload(t + j + V);
+      vstore(even + j / 2, even_lanes<T>(a, b));
+      vstore(odd + j / 2, odd_lanes<T>(a, b));
+    }
+    split = even;
+  }
   for_source_rows(p, [&](int64_t hs, int64_t base) {
     T* br = buf + base;
     const int64_t off = hs * p.Ws;
@@ -216,6 +273,18 @@ inline void pack_plane(T* buf, const Pass& p, const Src& src) {
       T* dst = br + p.pad;
 #pragma omp simd
       for (int64_t ws = lo; ws < hi; ++ws) dst[ws] = src(off + ws);
+    } else if (phased) {
+      for (int64_t ph = 0; ph < p.S; ++ph) {
+        const Run r = runs[ph];
+        T* dst = br + ph * p.phase_len;
+        if (split != nullptr) {  // stride 2, even width: runs of the split plane
+          const T* from = split + (r.col0 & 1) * half + (off + r.col0) / 2;
+#pragma omp simd
+          for (int64_t i = r.i0; i < r.i1; ++i) dst[i] = from[i - r.i0];
+        } else {
+          for (int64_t i = r.i0; i < r.i1; ++i) dst[i] = src(off + r.col0 + (i - r.i0) * p.S);
+        }
+      }
     } else {
       for_source_cols(p, [&](int64_t ws, int64_t o) { br[o] = src(off + ws); });
     }
@@ -339,7 +408,6 @@ inline void pack_rows(T* g, int64_t Ho, int64_t Wo, int64_t gl, const Src& src) 
   }
 }
 
-inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // ------------------------------------------------------------------ blocked kernels (channels_last)
 
