@@ -156,7 +156,7 @@ def test_spring_block_eval_runs_on_it(act, fmt):
                 bn.running_var.uniform_(0.5, 2.0)
         block.width = rng.randint(1, 24)
         block.eval()
-        x = torch.randn(2, cin, 9, 8).contiguous(memory_format=fmt)
+        x = torch.randn(2, cin, 9, 34).contiguous(memory_format=fmt)  # >= 16 wide out
         with torch.no_grad():
             y = block(x)
             ref = block.double()(x.double().requires_grad_())  # eager folded path
@@ -166,3 +166,17 @@ def test_spring_block_eval_runs_on_it(act, fmt):
             block(x)
         used = any(e.name == "bsnas::mbconv_folded" for e in prof.events())
         assert used == (act != "hswish")
+
+
+def test_spring_block_eval_narrow_cpu_planes_take_onednn():
+    """On CPU, output planes under SpringBlock.CPU_FOLDED_MIN_WIDTH wide run eager
+    (oneDNN's depthwise is faster there); the function is the same."""
+    torch.manual_seed(8)
+    block = SpringBlock(8, 8, 32, 5, 1).eval()
+    for width, used in ((7, False), (SpringBlock.CPU_FOLDED_MIN_WIDTH, True)):
+        x = torch.randn(2, 8, 7, width)
+        with torch.profiler.profile() as prof, torch.no_grad():
+            y = block(x)
+        assert any(e.name == "bsnas::mbconv_folded" for e in prof.events()) == used
+        with torch.no_grad():
+            torch.testing.assert_close(y, block.to_static()(x), rtol=1e-5, atol=1e-5)

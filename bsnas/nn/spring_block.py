@@ -18,13 +18,20 @@ from torch import nn
 
 from bsnas.nn.batchnorm import DynamicBatchNorm2d
 from bsnas.nn.masked_conv import MaskedDepthwiseConv2d, MaskedPointwiseConv2d
-from bsnas.ops import ACTIVATION_CODES, bn_act_dwconv2d, mbconv_folded
+from bsnas.ops import ACTIVATION_CODES, bn_act_dwconv2d, channel_stats, mbconv_folded
 
 ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU, "hswish": nn.Hardswish}
 
 
 def _act_fn(name: str):
     return {"relu6": F.relu6, "relu": F.relu, "hswish": F.hardswish}[name]
+
+
+def _moments(total: torch.Tensor, total_sq: torch.Tensor, count: int, dtype: torch.dtype):
+    """Mean and biased variance from float64 per-channel sums over `count` values."""
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(0)
+    return mean.to(dtype), var.to(dtype)
 
 
 class SpringBlock(nn.Module):
@@ -108,18 +115,18 @@ class SpringBlock(nn.Module):
         c, k = self._width, self.kernel_size
         z = self.expand(x, c)
         # Batch statistics in float32 at least (autocast may hand us bf16/fp16).
-        zs = z if z.dtype in (torch.float32, torch.float64) else z.float()
-        var, mean = torch.var_mean(zs, dim=(0, 2, 3), unbiased=False)
+        stat_dtype = z.dtype if z.dtype in (torch.float32, torch.float64) else torch.float32
+        if z.is_cuda:  # one Welford reduction kernel
+            var, mean = torch.var_mean(z.to(stat_dtype), dim=(0, 2, 3), unbiased=False)
+        else:  # one vectorised pass (var_mean over (0, 2, 3) is several times slower)
+            mean, var = _moments(*channel_stats(z), z.numel() // c, stat_dtype)
         scale, shift = self.expand_bn.batch_affine(mean, var, z.numel() // c)
         y, ysum, ysq = bn_act_dwconv2d(z, scale, shift, self.depthwise.weight, c, self.stride,
                                        k // 2, 1, self.activation)
         # The depthwise BN's batch statistics come from the same pass, accumulated and
         # returned in float64, where var = E[y^2] - E[y]^2 does not cancel.
         count = y.numel() // c
-        mean2 = ysum / count
-        var2 = (ysq / count - mean2 * mean2).clamp_min(0)
-        stat_dtype = y.dtype if y.dtype in (torch.float32, torch.float64) else torch.float32
-        mean2, var2 = mean2.to(stat_dtype), var2.to(stat_dtype)
+        mean2, var2 = _moments(ysum, ysq, count, stat_dtype)
         scale2, shift2 = self.depthwise_bn.batch_affine(mean2, var2, count)
         act = _act_fn(self.activation)
         h = act(torch.addcmul(shift2.view(1, -1, 1, 1), y, scale2.view(1, -1, 1, 1)))
@@ -156,19 +163,28 @@ class SpringBlock(nn.Module):
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         f = self.folded_weights()
-        if self.activation in ACTIVATION_CODES and not (torch.is_grad_enabled()
-                                                        and x.requires_grad):
+        if self.activation in ACTIVATION_CODES and self._folded_op_pays(x) and not (
+                torch.is_grad_enabled() and x.requires_grad):
             # Three kernels: expand GEMM, one depthwise kernel, project GEMM.
             return mbconv_folded(x, f["expand_w"], f["expand_b"], f["dw_w"], f["dw_b"],
                                  f["project_w"], f["project_b"], self.stride,
                                  self.activation, self.residual)
-        # hswish, or a gradient wanted for x: the same function in eager PyTorch.
+        # hswish, a gradient wanted for x, or a narrow CPU plane: the same function in
+        # eager PyTorch.
         act = _act_fn(self.activation)
         c, k = self._width, self.kernel_size
         h = act(F.conv2d(x, f["expand_w"], f["expand_b"]))
         h = act(F.conv2d(h, f["dw_w"], f["dw_b"], self.stride, k // 2, 1, c))
         h = F.conv2d(h, f["project_w"], f["project_b"])
         return h + x if self.residual else h
+
+    #: On CPU, output planes narrower than this run the depthwise stage faster in
+    #: oneDNN than in bsnas's NCHW kernels (rows fill less than a vector: 7x7 planes
+    #: 0.6x-0.7x of oneDNN in benchmarks/RESULTS.md), so eval takes the eager path there.
+    CPU_FOLDED_MIN_WIDTH = 16
+
+    def _folded_op_pays(self, x: torch.Tensor) -> bool:
+        return x.is_cuda or -(-x.shape[-1] // self.stride) >= self.CPU_FOLDED_MIN_WIDTH
 
     def train(self, mode: bool = True):
         self._folded_cache.clear()

@@ -1,7 +1,8 @@
 """Custom ops of bsnas (`torch.ops.bsnas.*`), with Python entry points."""
 from bsnas.ops.bn_act_dwconv import ACTIVATION_CODES, bn_act_dwconv2d
+from bsnas.ops.channel_stats import channel_stats
 from bsnas.ops.masked_conv import masked_dwconv2d, masked_pwconv2d
 from bsnas.ops.mbconv_folded import mbconv_folded
 
-__all__ = ["ACTIVATION_CODES", "bn_act_dwconv2d", "masked_dwconv2d", "masked_pwconv2d",
+__all__ = ["ACTIVATION_CODES", "bn_act_dwconv2d", "channel_stats", "masked_dwconv2d", "masked_pwconv2d",
            "mbconv_folded"]

@@ -107,7 +107,8 @@ void block_pass(const Pass& p, int64_t N, int64_t C, int64_t src_image, const T*
     std::vector<T> tp(static_cast<size_t>(kk * V));
     int64_t packed = -1;
     for (int64_t task = b; task < e; ++task) {
-      const int64_t n = task / nb, bi = task % nb;
+      // Block-major: consecutive tasks share the block's transposed filters.
+      const int64_t bi = task / N, n = task % N;
       const ChannelBlock cb = block_of<T>(bi, C);
       if (packed != bi) {
         pack_taps(tp.data(), w, cb, kk, flip);

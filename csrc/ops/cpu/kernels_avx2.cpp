@@ -7,6 +7,7 @@
 #define BSNAS_CPU_ISA avx2
 #define BSNAS_VEC_BYTES 32
 #include "bn_act_dwconv2d_cpu.h"
+#include "channel_stats_cpu.h"
 #include "masked_dwconv2d_cpu.h"
 #include "mbconv_folded_cpu.h"
 #pragma GCC pop_options

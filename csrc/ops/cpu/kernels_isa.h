@@ -40,6 +40,7 @@
       const at::Tensor& z, const at::Tensor& expand_b, const at::Tensor& dw_w,            \
       const at::Tensor& dw_b, const at::Tensor& project_b,                                \
       const std::optional<at::Tensor>& shortcut, int64_t stride, int64_t act);            \
+  std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& z);                  \
   }
 
 BSNAS_DECLARE_CPU_KERNELS(generic)

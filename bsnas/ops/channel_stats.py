@@ -1,0 +1,44 @@
+"""Per-channel batch statistics in float64, `torch.ops.bsnas.channel_stats`:
+
+    sum, sumsq = z.sum((0, 2, 3)), (z * z).sum((0, 2, 3))     # both float64
+
+for a BatchNorm's batch mean and variance (var = sumsq / n - mean^2 does not cancel in
+float64). One vectorised pass on CPU, where `torch.var_mean` over (0, 2, 3) is several
+times slower; the spring block uses it for the expand BN in CPU training.
+Differentiable in z: grad_z = grad_sum[c] + 2 * z * grad_sumsq[c].
+"""
+from __future__ import annotations
+
+import torch
+
+from bsnas import _C  # noqa: F401  (registers the ops)
+
+__all__ = ["channel_stats"]
+
+
+def channel_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(sum [C], sumsq [C])` of `z [N, C, H, W]` over (N, H, W), float64."""
+    return torch.ops.bsnas.channel_stats(z)
+
+
+@torch.library.register_fake("bsnas::channel_stats")
+def _fake(z):
+    torch._check(z.dim() == 4, lambda: "channel_stats: z must be 4-D")
+    s = z.new_empty((z.shape[1],), dtype=torch.float64)
+    return s, s.new_empty((z.shape[1],))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _backward(ctx, grad_sum, grad_sumsq):
+    (z,) = ctx.saved_tensors
+    shape = (1, -1, 1, 1)
+    gs = (grad_sum if grad_sum is not None else z.new_zeros(z.shape[1], dtype=torch.float64))
+    gq = (grad_sumsq if grad_sumsq is not None else torch.zeros_like(gs))
+    gs, gq2 = gs.to(z.dtype).view(shape), (2 * gq).to(z.dtype).view(shape)
+    return torch.addcmul(gs, z, gq2)  # one pass over z
+
+
+torch.library.register_autograd("bsnas::channel_stats", _backward, setup_context=_setup_context)

@@ -1,0 +1,90 @@
+#pragma once
+// CPU kernel of bsnas::channel_stats (channel_stats.cpp): per-channel sum and sum of
+// squares in double. NCHW: one task per plane; channels_last: one task per image, the
+// channels of each pixel vectorised. Per-plane / per-image partials are summed over the
+// images in order, so results do not depend on the number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <vector>
+
+#include "../masked_conv_common.h"
+
+namespace bsnas {
+namespace cpu {
+namespace BSNAS_CPU_ISA {
+
+template <typename T>
+void stats_nchw(const T* z, int64_t N, int64_t C, int64_t P, double* ps, double* pq) {
+  at::parallel_for(0, N * C, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, P)),
+                   [&](int64_t b, int64_t e) {
+                     for (int64_t nc = b; nc < e; ++nc) {
+                       const T* p = z + nc * P;
+                       double s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
+                       for (int64_t i = 0; i < P; ++i) {
+                         const double v = p[i];
+                         s += v;
+                         q += v * v;
+                       }
+                       ps[nc] = s;
+                       pq[nc] = q;
+                     }
+                   });
+}
+
+template <typename T>
+void stats_nhwc(const T* z, int64_t N, int64_t C, int64_t P, double* ps, double* pq) {
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      double* s = ps + n * C;
+      double* q = pq + n * C;
+      std::fill(s, s + C, 0.0);
+      std::fill(q, q + C, 0.0);
+      for (int64_t i = 0; i < P; ++i) {
+        const T* p = z + (n * P + i) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const double v = p[c];
+          s[c] += v;
+          q[c] += v * v;
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& z_in) {
+  TORCH_CHECK(z_in.defined() && z_in.dim() == 4, "channel_stats: z must be 4-D [N, C, H, W], got ",
+              z_in.defined() ? z_in.dim() : 0, "-D");
+  check_floating("channel_stats", z_in);
+  const auto fmt = compute_format(z_in);
+  const at::Tensor z = z_in.contiguous(fmt);
+  const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
+  const auto f64 = z.options().dtype(at::kDouble);
+  at::Tensor sum = at::empty({C}, f64), sumsq = at::empty({C}, f64);
+  std::vector<double> ps(static_cast<size_t>(N * C)), pq(ps.size());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "channel_stats", [&] {
+    if (fmt == at::MemoryFormat::ChannelsLast)
+      stats_nhwc(z.const_data_ptr<scalar_t>(), N, C, P, ps.data(), pq.data());
+    else
+      stats_nchw(z.const_data_ptr<scalar_t>(), N, C, P, ps.data(), pq.data());
+  });
+  double* s = sum.mutable_data_ptr<double>();
+  double* q = sumsq.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0, b = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      a += ps[n * C + c];
+      b += pq[n * C + c];
+    }
+    s[c] = a;
+    q[c] = b;
+  }
+  return {sum, sumsq};
+}
+
+}  // namespace BSNAS_CPU_ISA
+}  // namespace cpu
+}  // namespace bsnas
