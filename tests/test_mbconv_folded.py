@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from bsnas.nn import SpringBlock
 from bsnas.ops import mbconv_folded
 from bsnas.ops.masked_conv import _format
+from test_spring_block import _randomise  # tests/ is on sys.path
 
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
 ACTS = {"identity": lambda t: t, "relu": F.relu, "relu6": F.relu6}
@@ -148,12 +149,7 @@ def test_spring_block_eval_runs_on_it(act, fmt):
         cin = rng.choice([4, 8])
         stride = rng.choice([1, 2])
         block = SpringBlock(cin, rng.choice([cin, 6]), 24, rng.choice([3, 5, 7]), stride, act)
-        with torch.no_grad():
-            for bn in (block.expand_bn, block.depthwise_bn, block.project_bn):
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.5, 0.5)
-                bn.running_mean.uniform_(-0.5, 0.5)
-                bn.running_var.uniform_(0.5, 2.0)
+        _randomise(block)
         block.width = rng.randint(1, 24)
         block.eval()
         x = torch.randn(2, cin, 9, 34).contiguous(memory_format=fmt)  # >= 16 wide out

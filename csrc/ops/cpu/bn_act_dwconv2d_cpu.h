@@ -23,6 +23,7 @@
 
 #include <vector>
 
+#include "channel_stats_cpu.h"
 #include "dwconv_passes.h"
 
 namespace bsnas {
@@ -104,17 +105,7 @@ void fused_forward(const T* z, const T* scale, const T* shift, const T* w, T* y,
           },
           [&](int64_t nc, T* wf) { std::copy_n(w + (nc % g.C) * kk, kk, wf); },
           [&](int64_t nc) { return y + nc * ohw; },
-          [&](int64_t nc, const T* yp) {
-            double s = 0, q = 0;
-#pragma omp simd reduction(+ : s, q)
-            for (int64_t i = 0; i < ohw; ++i) {
-              const double d = yp[i];
-              s += d;
-              q += d * d;
-            }
-            psum[nc] = s;
-            psq[nc] = q;
-          });
+          [&](int64_t nc, const T* yp) { sum_sumsq(yp, ohw, psum[nc], psq[nc]); });
     }
   });
 }

@@ -15,22 +15,25 @@ namespace bsnas {
 namespace cpu {
 namespace BSNAS_CPU_ISA {
 
+// Sum and sum of squares of p[0, n) in double.
+template <typename T>
+inline void sum_sumsq(const T* p, int64_t n, double& sum, double& sumsq) {
+  double s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = p[i];
+    s += v;
+    q += v * v;
+  }
+  sum = s;
+  sumsq = q;
+}
+
 template <typename T>
 void stats_nchw(const T* z, int64_t N, int64_t C, int64_t P, double* ps, double* pq) {
   at::parallel_for(0, N * C, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, P)),
                    [&](int64_t b, int64_t e) {
-                     for (int64_t nc = b; nc < e; ++nc) {
-                       const T* p = z + nc * P;
-                       double s = 0, q = 0;
-#pragma omp simd reduction(+ : s, q)
-                       for (int64_t i = 0; i < P; ++i) {
-                         const double v = p[i];
-                         s += v;
-                         q += v * v;
-                       }
-                       ps[nc] = s;
-                       pq[nc] = q;
-                     }
+                     for (int64_t nc = b; nc < e; ++nc) sum_sumsq(z + nc * P, P, ps[nc], pq[nc]);
                    });
 }
 
