@@ -4,8 +4,9 @@
    training set, same workers, same augmentations (random-resized-crop, flip,
    normalise), batch 64, after one warm-up epoch.
 2. Training step: supernet steps/s with bsnas's fused spring blocks against the same
-   supernet (same weights, same sequence of sampled paths, same batches) on the slicing
-   and masking baselines (benchmarks/baselines.py). Median step time over the paths.
+   supernet (same sequence of sampled paths, same batches) on the slicing and masking
+   baselines (benchmarks/baselines.py), timed round-robin (each path on each
+   implementation in turn). Median step time over the paths.
 
 Usage: python benchmarks/bench_training.py [--space tiny] [--batch 64] [--steps 30]
        [--device cpu|cuda] [--threads N] [--out FILE.md]
@@ -71,14 +72,14 @@ def bench_steps(space_name: str, batch: int, steps: int, device: torch.device,
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, space.classes, (batch,), device=device)
-    state = {k: v.clone() for k, v in net.state_dict().items()}
-    medians = {}
-    for kind in ("fused", "slicing", "masking"):
-        net.load_state_dict(state)
-        use_baseline(net, kind)
-        net.train()
-        times = []
-        for i, arch in enumerate([paths[0], paths[1]] + paths):  # two warm-up steps
+    kinds = ("fused", "slicing", "masking")
+    times = {k: [] for k in kinds}
+    net.train()
+    # Round-robin: every path runs once per implementation in turn (after two warm-up
+    # paths), so load changes on a shared machine hit all of them alike.
+    for i, arch in enumerate([paths[0], paths[1]] + paths):
+        for kind in kinds:
+            use_baseline(net, kind)
             net.activate(arch)
             _sync(device)
             tic = time.perf_counter()
@@ -87,8 +88,8 @@ def bench_steps(space_name: str, batch: int, steps: int, device: torch.device,
             opt.step()
             _sync(device)
             if i >= 2:
-                times.append(time.perf_counter() - tic)
-        medians[kind] = statistics.median(times)
+                times[kind].append(time.perf_counter() - tic)
+    medians = {k: statistics.median(v) for k, v in times.items()}
     use_baseline(net, "fused")
     return medians
 

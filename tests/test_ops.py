@@ -151,7 +151,9 @@ def _op_names_run(fn):
 
 
 def test_no_weight_slice_is_copied():
-    """The ops pass the active block as a strided view: no copy or clone of anything."""
+    """The ops pass the active block as a strided view: no copy or clone of anything
+    (activations are copied only by the small-plane weight gradient of
+    masked_pwconv2d, test_pwconv_small_plane_weight_grad)."""
     x = torch.randn(2, 24, 8, 8, requires_grad=True)
     dw = torch.randn(32, 1, 3, 3, requires_grad=True)
     pw = torch.randn(40, 32, 1, 1, requires_grad=True)
@@ -166,6 +168,20 @@ def test_no_weight_slice_is_copied():
         assert {"aten::mm", "aten::bmm"} & names  # the GEMMs ran
         copies = {n for n in names if n in ("aten::copy_", "aten::clone", "aten::contiguous")}
         assert not copies, f"{fmt}: unexpected {copies}"
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_pwconv_small_plane_weight_grad(n):
+    """NCHW with H*W*(out + in) < out*in: the weight gradient is one GEMM over
+    [C, N*H*W] copies of grad_out and x."""
+    torch.manual_seed(5)
+    x = _rand(n, 40, 2, 3)
+    weight = _rand(50, 48, 1, 1)
+    y = masked_pwconv2d(x, weight, 40, 45)
+    ref = F.conv2d(x, weight[:45, :40])
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(y, (x, weight), g), torch.autograd.grad(ref, (x, weight), g)):
+        _close(a, b, torch.float64)
 
 
 def test_compile_does_not_recompile_per_width():

@@ -92,13 +92,19 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out,
     const at::Tensor gy3 = gy.view({g.N, g.out_w, hw}), x3 = x.view({g.N, g.in_w, hw});
     at::Tensor gx3 = gx.view({g.N, g.in_w, hw});
     at::bmm_out(gx3, w.t().unsqueeze(0).expand({g.N, -1, -1}), gy3);
-    // sum_n gy[n] @ x[n]^T: batched products summed over n, in chunks of the batch that
-    // bound the [chunk, out, in] temporary (a single GEMM would need transposed copies
-    // of gy and x).
-    const int64_t per = std::max<int64_t>(1, (int64_t{1} << 23) / (g.out_w * g.in_w));
-    for (int64_t n0 = 0; n0 < g.N; n0 += per) {
-      const int64_t len = std::min(per, g.N - n0);
-      gw.add_(at::bmm(gy3.narrow(0, n0, len), x3.narrow(0, n0, len).transpose(1, 2)).sum(0));
+    // sum_n gy[n] @ x[n]^T. Small planes (N*H*W*(out + in) < N*out*in values): one GEMM
+    // over [C, N*H*W] copies of gy and x. Large planes: batched products summed over n,
+    // in chunks of the batch that bound the [chunk, out, in] temporary.
+    if (hw * (g.out_w + g.in_w) < g.out_w * g.in_w) {
+      const at::Tensor gyt = gy3.transpose(0, 1).reshape({g.out_w, g.N * hw});
+      const at::Tensor xt = x3.transpose(0, 1).reshape({g.in_w, g.N * hw});
+      gw.addmm_(gyt, xt.t(), /*beta=*/0);  // writes through the strided view
+    } else {
+      const int64_t per = std::max<int64_t>(1, (int64_t{1} << 23) / (g.out_w * g.in_w));
+      for (int64_t n0 = 0; n0 < g.N; n0 += per) {
+        const int64_t len = std::min(per, g.N - n0);
+        gw.add_(at::bmm(gy3.narrow(0, n0, len), x3.narrow(0, n0, len).transpose(1, 2)).sum(0));
+      }
     }
   }
   return {gx, gw_full};
