@@ -39,9 +39,12 @@ constexpr int64_t kStripBytes = 96 * 1024;
 // then done(nc, dest). Forward or input-gradient pass alike (p says which). Small planes
 // are packed and convolved in groups, so the micro-kernel always has rows to overlap.
 template <typename T, typename MakeSrc, typename Filter, typename Dest, typename Done>
-void plane_pass(const Pass& p, int64_t planes, const MakeSrc& make_src, const Filter& filter,
+void plane_pass(const Pass& pass, int64_t planes, const MakeSrc& make_src, const Filter& filter,
                 const Dest& dest, const Done& done) {
-  const int64_t kk = p.K * p.K, slot = p.rows * p.row_len();
+  const bool flat = use_flat(pass, kLanes<T>);
+  const Pass p = flat ? flat_pass(pass) : pass;
+  const int64_t kk = p.K * p.K;
+  const int64_t slot = p.rows * p.row_len() + (flat ? flat_slack<T>(p) : 0);
   const int64_t group = std::max<int64_t>(1, kPlaneGroupBytes / (slot * int64_t(sizeof(T))));
   const std::vector<int64_t> toff = p.tap_offsets();
   at::parallel_for(0, planes, grain(p.Ho * p.Wo * kk), [&](int64_t b, int64_t e) {
@@ -49,6 +52,11 @@ void plane_pass(const Pass& p, int64_t planes, const MakeSrc& make_src, const Fi
     std::vector<T> buf(static_cast<size_t>(gmax * slot));
     std::vector<T> wf(static_cast<size_t>(gmax * kk));
     std::vector<T*> out(static_cast<size_t>(gmax));
+    // Flat passes: the flat outputs, aligned for vector stores.
+    std::vector<T> tmp(static_cast<size_t>(flat ? flat_outputs<T>(p) + kLanes<T> : 0));
+    T* tmpa = tmp.data() + (flat ? (kLanes<T> - (reinterpret_cast<uintptr_t>(tmp.data()) /
+                                                 sizeof(T)) % kLanes<T>) % kLanes<T>
+                                 : 0);
     for (int64_t g0 = b; g0 < e; g0 += gmax) {
       const int64_t gn = std::min(gmax, e - g0);
       for (int64_t i = 0; i < gn; ++i) {
@@ -56,7 +64,8 @@ void plane_pass(const Pass& p, int64_t planes, const MakeSrc& make_src, const Fi
         filter(g0 + i, wf.data() + i * kk);
         out[i] = dest(g0 + i);
       }
-      plane_conv(buf.data(), slot, gn, p, wf.data(), toff.data(), out.data());
+      if (flat) plane_conv_flat(buf.data(), slot, gn, p, wf.data(), toff.data(), out.data(), tmpa);
+      else plane_conv(buf.data(), slot, gn, p, wf.data(), toff.data(), out.data());
       for (int64_t i = 0; i < gn; ++i) done(g0 + i, out[i]);
     }
   });

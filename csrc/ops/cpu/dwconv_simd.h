@@ -354,6 +354,51 @@ inline void plane_conv(const T* buf, int64_t slot, int64_t planes, const Pass& p
   });
 }
 
+// Small stride-1 planes (Wo at most half a vector): the pass's scratch rows are Wo +
+// reach long (flat_pass), and vectors run over the flat scratch, so one vector covers
+// several output rows (lanes on the halo columns are computed and dropped): 7 of 11
+// lanes used for 7x7 k5 instead of 7 of 16. `tmp` holds flat_outputs(p) values.
+inline bool use_flat(const Pass& p, int64_t lanes) { return p.S == 1 && 2 * p.Wo <= lanes; }
+inline Pass flat_pass(const Pass& p) {
+  Pass q = Pass::make(p.K, 1, p.d, p.Ho, p.Wo, p.Hs, p.Ws, p.pad, p.spread, 1);
+  q.row0 = p.row0;
+  return q;
+}
+template <typename T>
+inline int64_t flat_outputs(const Pass& p) {
+  return round_up(p.Ho * p.row_len(), kLanes<T>);
+}
+// Values a flat scratch slot must hold beyond rows * row_len (the last vector's reads).
+template <typename T>
+inline int64_t flat_slack(const Pass& p) {
+  return kLanes<T> + p.row_len();
+}
+
+template <typename T>
+inline void plane_conv_flat(const T* buf, int64_t slot, int64_t planes, const Pass& p,
+                            const T* w, const int64_t* toff, T* const* y, T* tmp) {
+  constexpr int64_t V = kLanes<T>;
+  const int64_t kk = p.K * p.K, rs = p.row_len(), nvec = flat_outputs<T>(p) / V;
+  with_kernel_size(p.K, [&](auto KT) {
+    for (int64_t i = 0; i < planes; ++i) {
+      for_blocks(nvec, [&](int64_t v0, auto R) {
+        constexpr int RV = decltype(R)::value;
+        int64_t base[RV];
+        for (int r = 0; r < RV; ++r) base[r] = i * slot + (v0 + r) * V;
+        Vec<T> acc[RV];
+        plane_positions<decltype(KT)::value, RV>(buf, p, toff, base, w + i * kk, acc);
+        for (int r = 0; r < RV; ++r) vstore(tmp + (v0 + r) * V, acc[r]);
+      });
+      for (int64_t oh = 0; oh < p.Ho; ++oh) {
+        const T* src = tmp + oh * rs;
+        T* dst = y[i] + oh * p.Wo;
+#pragma omp simd
+        for (int64_t ow = 0; ow < p.Wo; ++ow) dst[ow] = src[ow];
+      }
+    }
+  });
+}
+
 // acc[t] += sum over outputs o of g[o] * scratch[o * S + tap t], g packed as [Ho][gl]
 // rows with zeros past Wo (gl = Wo rounded up to vectors). Float partials per plane.
 template <int KT, typename T, typename Acc>
