@@ -62,6 +62,7 @@ EXPAND = 6  # MobileNetV2 expansion ratio: the pointwise convs map C_max/6 <-> c
 BNACT_KERNELS = [3, 5]
 BNACT_FRACTIONS = [0.5, 1.0]
 SECTION_SHARES = {"dw": 0.45, "bnact": 0.20, "pw": 0.35}
+BN_EPS = 1e-5
 
 
 class OutOfBudget(Exception):
@@ -204,14 +205,16 @@ def _bnact_case(timer, rec, dtype, fmt, hw, c, w):
     z = torch.randn(N_BATCH, c, hw, hw, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
     scale = torch.rand(c, device="cuda", dtype=dtype) + 0.5
     shift = torch.randn(c, device="cuda", dtype=dtype)
+    # Eval BN with mean 0 and var + eps = 1 is z * scale + shift (CUDA batch_norm rejects
+    # eps = 0).
     mean0 = torch.zeros(c, device="cuda", dtype=dtype)
-    var1 = torch.ones(c, device="cuda", dtype=dtype)
+    var1 = torch.full((c,), 1.0 - BN_EPS, device="cuda", dtype=dtype)
 
     def ours(z_, s_, b_, w_):
         return bn_act_dwconv2d(z_, s_, b_, w_, c, 1, p, 1, "relu6")
 
     def unfused(z_, s_, b_, w_):
-        u = F.batch_norm(z_, mean0, var1, s_, b_, False, 0.0, 0.0)  # = z * s + b
+        u = F.batch_norm(z_, mean0, var1, s_, b_, False, 0.0, BN_EPS)  # = z * s + b
         y = F.conv2d(F.relu6(u), w_[:c], None, 1, p, 1, c)
         return y, y.sum((0, 2, 3)), y.square().sum((0, 2, 3))
 
@@ -441,6 +444,8 @@ def main():
     ap.add_argument("--budget", type=float, default=210.0,
                     help="seconds; stops starting new measurements after this and reports "
                     "what it has (default 210)")
+    ap.add_argument("--only", nargs="+", choices=list(SECTION_SHARES), default=None,
+                    help="run only these sections (default: all)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="let cuDNN autotune the baselines (slower to run)")
     args = ap.parse_args()
@@ -490,6 +495,7 @@ def main():
     sections = [("dw", lambda: bench_dw(timer, copy_bw, args.quick, log, dw_rows)),
                 ("bnact", lambda: bench_bnact(timer, copy_bw, args.quick, log, bnact_rows)),
                 ("pw", lambda: bench_pw(timer, args.quick, log, pw_rows))]
+    sections = [(n, f) for n, f in sections if args.only is None or n in args.only]
     try:
         for i, (name, run) in enumerate(sections):
             # This section's share of the time left (unused time passes on).

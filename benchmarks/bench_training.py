@@ -23,7 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # baselines.py, and bsnas from a source tree
 from baselines import use_baseline  # noqa: E402
 
 from bsnas.data import (Augment, dali_available, make_loader, prepare_digits,  # noqa: E402

@@ -479,7 +479,8 @@ def test_bnact_is_deterministic(fmt):
     b = op(z, scale, shift, w, 6, 1, 2, 1, 2)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     grads = (torch.randn(a[0].shape, generator=g).cuda().contiguous(memory_format=FORMATS[fmt]),
-             torch.randn(6, generator=g).cuda(), torch.randn(6, generator=g).cuda())
+             torch.randn(6, generator=g, dtype=torch.float64).cuda(),
+             torch.randn(6, generator=g, dtype=torch.float64).cuda())  # the statistics are float64
     bwd = torch.ops.bsnas._bn_act_dwconv2d_backward
     a = bwd(*grads, z, scale, shift, w, a[0], 6, 1, 2, 1, 2)
     b = bwd(*grads, z, scale, shift, w, b[0], 6, 1, 2, 1, 2)
