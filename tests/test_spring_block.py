@@ -152,6 +152,18 @@ def test_folded_cache_invalidated_when_weights_change():
     torch.testing.assert_close(block(x), block.to_static()(x), rtol=1e-10, atol=1e-10)
 
 
+def test_folded_cache_survives_eval_and_is_freed_by_train():
+    block = SpringBlock(4, 4, 16, 3, 1).double().eval()
+    _randomise(block)
+    folded = block.folded_weights()
+    block.eval()
+    assert block.folded_weights() is folded  # eval() again keeps the folded weights
+    block.train()
+    assert not block._folded_cache  # training frees them
+    block.eval()
+    assert block.folded_weights() is not folded
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_reorder_channels_keeps_full_width_function(training):
     block = SpringBlock(6, 6, 30, 3, 1).double()

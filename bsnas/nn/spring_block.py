@@ -187,7 +187,8 @@ class SpringBlock(nn.Module):
         return x.is_cuda or -(-x.shape[-1] // self.stride) >= self.CPU_FOLDED_MIN_WIDTH
 
     def train(self, mode: bool = True):
-        self._folded_cache.clear()
+        if mode:  # training changes the weights: free the folded copies
+            self._folded_cache.clear()
         return super().train(mode)
 
     # ------------------------------------------------------------------ channel order
