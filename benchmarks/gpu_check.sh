@@ -79,7 +79,7 @@ sys.exit(0 if ok else 1)'
 # BSNAS_REQUIRE_CUDA=1: the CUDA tests error out instead of skipping on a broken setup.
 run_stage pytest_cuda 150 "$OUT/pytest_cuda.log" \
   env BSNAS_REQUIRE_CUDA=1 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_ops_cuda.py \
-  tests/test_spring_block_cuda.py
+  tests/test_spring_block_cuda.py tests/test_bn_from_sums.py tests/test_channel_stats.py
 
 SANITIZER="$(command -v compute-sanitizer || true)"
 if [[ -z "$SANITIZER" && -x "$CUDA_HOME/bin/compute-sanitizer" ]]; then

@@ -4,9 +4,11 @@ import random
 import pytest
 import torch
 
+import bsnas
 from bsnas.ops import channel_stats
 
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
+HAVE_CUDA = torch.cuda.is_available() and bsnas.cuda_compiled()
 
 
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
@@ -66,3 +68,24 @@ def test_bad_input():
         channel_stats(torch.randn(1, 2, 3, 3).half())
     s, q = channel_stats(torch.randn(0, 3, 4, 4))
     assert (s == 0).all() and (q == 0).all()
+
+
+@pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device and the CUDA kernels")
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=str)
+def test_cuda_matches_float64(dtype, fmt):
+    """The CUDA kernel (row splits + an ordered finish) on random shapes, small planes
+    and big ones (many splits), against float64 sums on the CPU; deterministic."""
+    rng = random.Random(f"cuda-{dtype}-{fmt}")
+    torch.manual_seed(rng.randint(0, 1 << 30))
+    shapes = [(rng.randint(1, 9), rng.randint(1, 300), rng.randint(1, 30), rng.randint(1, 30))
+              for _ in range(8)] + [(64, 24, 112, 112), (64, 960, 7, 7), (2, 3, 1, 1)]
+    for shape in shapes:
+        z = (torch.randn(*shape) * 2 + 0.5).to(dtype)
+        s, q = channel_stats(z.cuda().contiguous(memory_format=fmt))
+        zd = z.double()
+        torch.testing.assert_close(s.cpu(), zd.sum((0, 2, 3)), rtol=1e-10, atol=1e-8)
+        torch.testing.assert_close(q.cpu(), (zd * zd).sum((0, 2, 3)), rtol=1e-10, atol=1e-8)
+        again = channel_stats(z.cuda().contiguous(memory_format=fmt))
+        assert torch.equal(s, again[0]) and torch.equal(q, again[1])

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bsnas.ops.bn_from_sums import bn_affine_from_sums, bn_update_running_stats_
+
 
 class DynamicBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d over the first `C` channels of its full-width state, C = x.shape[1].
@@ -27,36 +29,27 @@ class DynamicBatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch = self.training or self.running_mean is None
-        return F.batch_norm(
-            x,
-            None if self.running_mean is None else self.running_mean[:c],
-            None if self.running_var is None else self.running_var[:c],
-            None if self.weight is None else self.weight[:c],
-            None if self.bias is None else self.bias[:c],
-            use_batch, factor, self.eps)
 
-    def batch_affine(self, mean: torch.Tensor, var: torch.Tensor, count: int):
-        """Training-mode BN of the first `c = len(mean)` channels from batch statistics
-        computed elsewhere (e.g. by a fused kernel): `mean`, biased `var` [c] over
-        `count` values per channel. Updates the running statistics of the prefix exactly
-        as `forward` would and returns (scale, shift) [c] with BN(x) = x * scale + shift,
-        differentiable in mean, var and the affine parameters."""
-        c = mean.shape[0]
+        def prefix(t):  # full width: the tensor itself (no slice node in the autograd graph)
+            return t if t is None or c == self.num_features else t[:c]
+
+        return F.batch_norm(x, prefix(self.running_mean), prefix(self.running_var),
+                            prefix(self.weight), prefix(self.bias), use_batch, factor, self.eps)
+
+    def batch_affine(self, total: torch.Tensor, total_sq: torch.Tensor, count: int):
+        """Training-mode BN of the first `c = len(total)` channels from batch statistics
+        computed elsewhere (by a fused kernel): float64 per-channel `total` and
+        `total_sq` [c] over `count` values per channel. Updates the running statistics
+        of the prefix as `forward` would and returns (scale, shift) [c] with
+        BN(x) = x * scale + shift, differentiable in the sums and the affine parameters.
+        One kernel each for the update and the affine map (`bsnas.ops.bn_from_sums`)."""
+        if self.weight is None or self.bias is None:
+            raise ValueError("batch_affine needs an affine BatchNorm (affine=True)")
         if self.track_running_stats and self.running_mean is not None:
-            self.num_batches_tracked.add_(1)
-            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                      else self.momentum)
-            with torch.no_grad():
-                unbiased = var * (count / max(count - 1, 1))
-                self.running_mean[:c].lerp_(mean.detach().to(self.running_mean.dtype), factor)
-                self.running_var[:c].lerp_(unbiased.detach().to(self.running_var.dtype), factor)
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight[:c]
-        shift = -mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias[:c]
-        return scale, shift
+            bn_update_running_stats_(self.running_mean, self.running_var,
+                                     self.num_batches_tracked, total, total_sq, count,
+                                     self.momentum)
+        return bn_affine_from_sums(total, total_sq, count, self.weight, self.bias, self.eps)
 
     def folded(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode affine map of the first `c` channels as (scale, shift), [c] each:

@@ -27,13 +27,6 @@ def _act_fn(name: str):
     return {"relu6": F.relu6, "relu": F.relu, "hswish": F.hardswish}[name]
 
 
-def _moments(total: torch.Tensor, total_sq: torch.Tensor, count: int, dtype: torch.dtype):
-    """Mean and biased variance from float64 per-channel sums over `count` values."""
-    mean = total / count
-    var = (total_sq / count - mean * mean).clamp_min(0)
-    return mean.to(dtype), var.to(dtype)
-
-
 class SpringBlock(nn.Module):
     """MBConv with a searchable hidden width.
 
@@ -114,20 +107,13 @@ class SpringBlock(nn.Module):
     def _forward_train_fused(self, x: torch.Tensor) -> torch.Tensor:
         c, k = self._width, self.kernel_size
         z = self.expand(x, c)
-        # Batch statistics in float32 at least (autocast may hand us bf16/fp16).
-        stat_dtype = z.dtype if z.dtype in (torch.float32, torch.float64) else torch.float32
-        if z.is_cuda:  # one Welford reduction kernel
-            var, mean = torch.var_mean(z.to(stat_dtype), dim=(0, 2, 3), unbiased=False)
-        else:  # one vectorised pass (var_mean over (0, 2, 3) is several times slower)
-            mean, var = _moments(*channel_stats(z), z.numel() // c, stat_dtype)
-        scale, shift = self.expand_bn.batch_affine(mean, var, z.numel() // c)
+        # Batch statistics as float64 sums (E[z^2] - E[z]^2 does not cancel there): one
+        # pass over z, then one kernel each for the running update and (scale, shift).
+        scale, shift = self.expand_bn.batch_affine(*channel_stats(z), z.numel() // c)
         y, ysum, ysq = bn_act_dwconv2d(z, scale, shift, self.depthwise.weight, c, self.stride,
                                        k // 2, 1, self.activation)
-        # The depthwise BN's batch statistics come from the same pass, accumulated and
-        # returned in float64, where var = E[y^2] - E[y]^2 does not cancel.
-        count = y.numel() // c
-        mean2, var2 = _moments(ysum, ysq, count, stat_dtype)
-        scale2, shift2 = self.depthwise_bn.batch_affine(mean2, var2, count)
+        # The depthwise BN's sums come out of the same pass.
+        scale2, shift2 = self.depthwise_bn.batch_affine(ysum, ysq, y.numel() // c)
         act = _act_fn(self.activation)
         h = act(torch.addcmul(shift2.view(1, -1, 1, 1), y, scale2.view(1, -1, 1, 1)))
         h = self.project_bn(self.project(h))
