@@ -202,6 +202,7 @@ def test_compile_does_not_recompile_per_width():
         out.backward()
         ref = F.conv2d(F.conv2d(x, dw[:width], None, 1, 1, 1, width), pw[:16, :width]).relu().sum()
         torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(x.grad, torch.autograd.grad(ref, x)[0])
     assert counter.frame_count <= 2, f"recompiled {counter.frame_count} times for 5 widths"
 
 

@@ -229,3 +229,35 @@ def test_bad_width_and_input():
             block.width = bad
     with pytest.raises(ValueError, match=r"expects \[N, 4, H, W\]"):
         block(torch.randn(1, 5, 6, 6))
+
+
+def test_compiled_training_step_matches_eager():
+    """torch.compile (aot_eager, fullgraph) of a fused training step: the C++ autograd of
+    the ops and the in-place running-statistics op trace; output, gradients and BN
+    buffers equal eager. With allow_unspec_int_on_nn_module the width (a module int)
+    becomes symbolic after the first recompile: three widths, two graphs."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.manual_seed(7)
+    eager = SpringBlock(8, 8, 32, 3, 1).double().train()
+    compiled = copy.deepcopy(eager)
+
+    def step(block, x):
+        return block(x).square().sum()
+
+    fn = torch.compile(step, backend=counter, fullgraph=True)
+    with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+        for width in (16, 24, 32):
+            eager.width = compiled.width = width
+            x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
+            eager.zero_grad(), compiled.zero_grad()
+            a, b = step(eager, x), fn(compiled, x)
+            a.backward(), b.backward()
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+            for (n, p), (_, q) in zip(eager.named_parameters(), compiled.named_parameters()):
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-10, msg=n)
+            for (n, p), (_, q) in zip(eager.named_buffers(), compiled.named_buffers()):
+                torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12, msg=n)
+    assert counter.frame_count <= 2, f"compiled {counter.frame_count} graphs for 3 widths"

@@ -7,7 +7,7 @@
 `z` is `[N, width, H, W]` (the raw expand output), `scale`/`shift` are `[width]`,
 `weight` the full `[C_max, 1, k, k]`. Differentiable in z, scale, shift and weight,
 including through the two statistics outputs. The intermediate `a` is never stored:
-the backward recomputes it from `z`.
+the backward recomputes it from `z` (autograd in `csrc/ops/autograd.cpp`).
 """
 from __future__ import annotations
 
@@ -61,27 +61,3 @@ def _backward_fake(grad_y, grad_sum, grad_sumsq, z, scale, shift, weight, y, wid
     gz = torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=_format(z))
     return gz, scale.new_empty(scale.shape), shift.new_empty(shift.shape), \
         weight.new_empty(weight.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    z, scale, shift, weight, *args = inputs
-    ctx.save_for_backward(z, scale, shift, weight, output[0])
-    ctx.args = args
-
-
-def _backward(ctx, grad_y, grad_sum, grad_sumsq):
-    z, scale, shift, weight, y = ctx.saved_tensors
-    grad_y = torch.zeros_like(y) if grad_y is None else grad_y
-    # The statistics are float64, and so are their gradients.
-    zeros = scale.new_zeros(scale.shape, dtype=torch.float64)
-    grad_sum = zeros if grad_sum is None else grad_sum
-    grad_sumsq = zeros if grad_sumsq is None else grad_sumsq
-    gz, gs, gb, gw = _ops._bn_act_dwconv2d_backward(grad_y, grad_sum, grad_sumsq, z, scale,
-                                                    shift, weight, y, *ctx.args)
-    need = ctx.needs_input_grad
-    return (gz if need[0] else None, gs if need[1] else None, gb if need[2] else None,
-            gw if need[3] else None, None, None, None, None, None)
-
-
-torch.library.register_autograd("bsnas::bn_act_dwconv2d", _backward,
-                                setup_context=_setup_context)

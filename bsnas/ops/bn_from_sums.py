@@ -12,7 +12,8 @@ with c = len(sum), for kernels that return the per-channel sums of their output
 (`bn_act_dwconv2d`, `channel_stats`). Each is one kernel where the composite of ATen
 ops is about ten, forward and backward; the update reads num_batches_tracked on the
 device (no host synchronisation). `bn_affine_from_sums` is differentiable in sum, sumsq,
-weight and bias; the weight and bias gradients have the full [C_max] shape, zero past c.
+weight and bias; the weight and bias gradients have the full [C_max] shape, zero past c (autograd in
+`csrc/ops/autograd.cpp`).
 """
 from __future__ import annotations
 
@@ -60,27 +61,3 @@ def _backward_fake(grad_scale, grad_shift, total, total_sq, count, weight, eps):
 def _update_fake(running_mean, running_var, num_batches_tracked, total, total_sq, count,
                  momentum):
     return None
-
-
-def _setup_context(ctx, inputs, output):
-    total, total_sq, count, weight, bias, eps = inputs
-    ctx.save_for_backward(total, total_sq, weight)
-    ctx.count, ctx.eps = count, eps
-
-
-def _backward(ctx, grad_scale, grad_shift):
-    total, total_sq, weight = ctx.saved_tensors
-    c = total.shape[0]
-    if grad_scale is None:
-        grad_scale = weight.new_zeros((c,))
-    if grad_shift is None:
-        grad_shift = weight.new_zeros((c,))
-    gs, gq, gw, gb = _ops._bn_affine_from_sums_backward(grad_scale, grad_shift, total, total_sq,
-                                                        ctx.count, weight, ctx.eps)
-    need = ctx.needs_input_grad
-    return (gs if need[0] else None, gq if need[1] else None, None,
-            gw if need[3] else None, gb if need[4] else None, None)
-
-
-torch.library.register_autograd("bsnas::bn_affine_from_sums", _backward,
-                                setup_context=_setup_context)

@@ -5,7 +5,7 @@
 for a BatchNorm's batch mean and variance (var = sumsq / n - mean^2 does not cancel in
 float64). One vectorised pass on CPU, where `torch.var_mean` over (0, 2, 3) is several
 times slower; the spring block uses it for the expand BN in CPU training.
-Differentiable in z: grad_z = grad_sum[c] + 2 * z * grad_sumsq[c].
+Differentiable in z: grad_z = grad_sum[c] + 2 * z * grad_sumsq[c] (csrc/ops/autograd.cpp).
 """
 from __future__ import annotations
 
@@ -26,19 +26,3 @@ def _fake(z):
     torch._check(z.dim() == 4, lambda: "channel_stats: z must be 4-D")
     s = z.new_empty((z.shape[1],), dtype=torch.float64)
     return s, s.new_empty((z.shape[1],))
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-
-
-def _backward(ctx, grad_sum, grad_sumsq):
-    (z,) = ctx.saved_tensors
-    shape = (1, -1, 1, 1)
-    gs = (grad_sum if grad_sum is not None else z.new_zeros(z.shape[1], dtype=torch.float64))
-    gq = (grad_sumsq if grad_sumsq is not None else torch.zeros_like(gs))
-    gs, gq2 = gs.to(z.dtype).view(shape), (2 * gq).to(z.dtype).view(shape)
-    return torch.addcmul(gs, z, gq2)  # one pass over z
-
-
-torch.library.register_autograd("bsnas::channel_stats", _backward, setup_context=_setup_context)

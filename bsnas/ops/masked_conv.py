@@ -1,5 +1,6 @@
-"""Masked variable-width convolutions: Python entry points, fake kernels for
-torch.compile and autograd for the `torch.ops.bsnas` ops defined in `csrc/ops/`.
+"""Masked variable-width convolutions: Python entry points and fake kernels (for
+torch.compile) of the `torch.ops.bsnas` ops defined in `csrc/ops/`; their autograd is
+registered in C++ (`csrc/ops/autograd.cpp`).
 
 Both ops read a full-width weight with an active width and never copy a slice of it:
 
@@ -80,21 +81,6 @@ def _dw_backward_fake(grad_out, x, weight, width, stride, padding, dilation):
     return gx, torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
 
 
-def _dw_setup_context(ctx, inputs, output):
-    x, weight, width, stride, padding, dilation = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.args = (width, stride, padding, dilation)
-
-
-def _dw_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    gx, gw = _ops._masked_dwconv2d_backward(grad, x, weight, *ctx.args)
-    return (gx if ctx.needs_input_grad[0] else None,
-            gw if ctx.needs_input_grad[1] else None, None, None, None, None)
-
-
-torch.library.register_autograd("bsnas::masked_dwconv2d", _dw_backward,
-                                setup_context=_dw_setup_context)
 
 
 # --------------------------------------------------------------------------- pointwise
@@ -130,20 +116,3 @@ def _pw_fake(x, weight, in_width, out_width):
 def _pw_backward_fake(grad_out, x, weight, in_width, out_width):
     gx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(x))
     return gx, torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-
-
-def _pw_setup_context(ctx, inputs, output):
-    x, weight, in_width, out_width = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.args = (in_width, out_width)
-
-
-def _pw_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    gx, gw = _ops._masked_pwconv2d_backward(grad, x, weight, *ctx.args)
-    return (gx if ctx.needs_input_grad[0] else None,
-            gw if ctx.needs_input_grad[1] else None, None, None)
-
-
-torch.library.register_autograd("bsnas::masked_pwconv2d", _pw_backward,
-                                setup_context=_pw_setup_context)

@@ -12,7 +12,7 @@
 //
 // Each is one launch on CUDA (cuda/bn_from_sums_kernel.cu) where the composite of ATen
 // ops it replaces is about ten; the spring block calls them for its two fused BNs. CPU:
-// plain loops here. Autograd and the fake kernels: bsnas/ops/bn_from_sums.py.
+// plain loops here. Autograd: autograd.cpp; fake kernels: bsnas/ops/bn_from_sums.py.
 #include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>

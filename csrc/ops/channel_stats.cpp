@@ -4,7 +4,7 @@
 // expand BN in training on CPU, where it is one vectorised pass (var_mean is several
 // times slower on NCHW); cpu/channel_stats_cpu.h. CUDA: two launches, deterministic
 // (cuda/bn_from_sums_kernel.cu).
-// Autograd and the fake kernel: bsnas/ops/channel_stats.py.
+// Autograd: autograd.cpp; the fake kernel: bsnas/ops/channel_stats.py.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
