@@ -77,9 +77,18 @@ print("bsnas.cuda_compiled() =", bsnas.cuda_compiled(), "; cuda available =", to
 sys.exit(0 if ok else 1)'
 
 # BSNAS_REQUIRE_CUDA=1: the CUDA tests error out instead of skipping on a broken setup.
+# One pytest process per file (faulthandler on), so that a crash in one file still
+# leaves the others' results; the stage fails if any file failed.
+CUDA_TEST_FILES="tests/test_ops_cuda.py tests/test_spring_block_cuda.py tests/test_bn_from_sums.py
+  tests/test_channel_stats.py"
 run_stage pytest_cuda 150 "$OUT/pytest_cuda.log" \
-  env BSNAS_REQUIRE_CUDA=1 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_ops_cuda.py \
-  tests/test_spring_block_cuda.py tests/test_bn_from_sums.py tests/test_channel_stats.py
+  env BSNAS_REQUIRE_CUDA=1 PY="$PY" FILES="$CUDA_TEST_FILES" bash -c '
+    rc=0
+    for f in $FILES; do
+      echo "--- $f"
+      "$PY" -X faulthandler -m pytest -q -rs -p no:cacheprovider "$f" || { rc=1; echo "--- $f FAILED"; }
+    done
+    exit $rc'
 
 SANITIZER="$(command -v compute-sanitizer || true)"
 if [[ -z "$SANITIZER" && -x "$CUDA_HOME/bin/compute-sanitizer" ]]; then
