@@ -164,9 +164,10 @@ class SpringBlock(nn.Module):
         h = F.conv2d(h, f["project_w"], f["project_b"])
         return h + x if self.residual else h
 
-    #: On CPU, output planes narrower than this run the depthwise stage faster in
-    #: oneDNN than in bsnas's NCHW kernels (rows fill less than a vector: 7x7 planes
-    #: 0.6x-0.7x of oneDNN in benchmarks/RESULTS.md), so eval takes the eager path there.
+    #: On CPU, output planes narrower than this take the eager path (oneDNN) in eval:
+    #: measured 2026-11-28 on the dev box (batch 16, one thread, round-robin medians),
+    #: the whole block through the op ran at 0.49x-0.65x of the eager path's speed at
+    #: 7x7 outputs (k 3/5/7, widths 25-100%) and 0.77x-1.42x at 14x14 -> 7x7 stride 2.
     CPU_FOLDED_MIN_WIDTH = 16
 
     def _folded_op_pays(self, x: torch.Tensor) -> bool:

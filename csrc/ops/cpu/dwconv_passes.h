@@ -54,9 +54,7 @@ void plane_pass(const Pass& pass, int64_t planes, const MakeSrc& make_src, const
     std::vector<T*> out(static_cast<size_t>(gmax));
     // Flat passes: the flat outputs, aligned for vector stores.
     std::vector<T> tmp(static_cast<size_t>(flat ? flat_outputs<T>(p) + kLanes<T> : 0));
-    T* tmpa = tmp.data() + (flat ? (kLanes<T> - (reinterpret_cast<uintptr_t>(tmp.data()) /
-                                                 sizeof(T)) % kLanes<T>) % kLanes<T>
-                                 : 0);
+    T* tmpa = flat ? align_to_vector(tmp.data()) : tmp.data();
     for (int64_t g0 = b; g0 < e; g0 += gmax) {
       const int64_t gn = std::min(gmax, e - g0);
       for (int64_t i = 0; i < gn; ++i) {

@@ -109,6 +109,14 @@ inline void for_blocks(int64_t n, const F& f) {
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// The first vector-aligned element at or after `p`, at most kLanes<T> - 1 further on
+// (scratch buffers are allocated kLanes<T> elements longer for it).
+template <typename T>
+inline T* align_to_vector(T* p) {
+  constexpr int64_t V = kLanes<T>;
+  return p + (V - static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) / sizeof(T)) % V) % V;
+}
+
 // Parallel tasks of about this many multiply-adds.
 inline int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_item));
@@ -251,7 +259,7 @@ inline void pack_plane(T* buf, const Pass& p, const Src& src) {
     half = padded / 2;
     thread_local std::vector<T> tmp;
     if (tmp.size() < static_cast<size_t>(2 * padded + V)) tmp.resize(2 * padded + V);
-    T* t = tmp.data() + (V - (reinterpret_cast<uintptr_t>(tmp.data()) / sizeof(T)) % V) % V;
+    T* t = align_to_vector(tmp.data());
 #pragma omp simd
     for (int64_t j = 0; j < hw; ++j) t[j] = src(j);
     for (int64_t j = hw; j < padded; ++j) t[j] = T(0);
