@@ -42,8 +42,9 @@ def _parse_name(name: str) -> dict:
     op, pas, shape, c, var, w, layout, method = parts
     info = dict(op=op, pas=pas, hw=int(shape.split("x")[0]), c=int(c[1:]),
                 wp=int(w[1:]), layout=layout, method=method)
-    if op == "dw":
-        info["k"] = int(var[1:])
+    if op == "dw":  # "k5" or "k5s2"
+        k, _, st = var[1:].partition("s")
+        info["k"], info["stride"] = int(k), int(st or 1)
     else:
         info["kind"] = var
     return info
@@ -63,7 +64,11 @@ def load(paths):
             info = dict(b.get("extra_info") or {})
             if "method" not in info:
                 info.update(_parse_name(b["name"]))
-            var = f"k{info['k']}" if info["op"] == "dw" else info["kind"]
+            if info["op"] == "dw":
+                st = info.get("stride", 1)
+                var = f"k{info['k']}" + (f"s{st}" if st != 1 else "")
+            else:
+                var = info["kind"]
             key = (info["op"], info["pas"], info["hw"], info["c"], var, info["wp"],
                    info["layout"])
             g = file_groups.setdefault(key, {"info": info, "other": 0.0, "names": []})

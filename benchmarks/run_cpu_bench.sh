@@ -8,6 +8,7 @@
 #                                            # RT it waits for quiet and can take much longer
 #   QUICK=1 benchmarks/run_cpu_bench.sh      # 8 groups / 24 benchmarks (~15 s when quiet)
 #   BSNAS_BENCH_N=64 benchmarks/run_cpu_bench.sh -k "dw and fwd-"   # extra args -> pytest
+#   BSNAS_BENCH_STRIDES=2 benchmarks/run_cpu_bench.sh -k dw      # stride-2 depthwise cases
 #
 # Env: QUICK=1, RT=1 (-> BSNAS_BENCH_RT=1: measure at SCHED_FIFO priority on a busy
 # shared box, needs root/CAP_SYS_NICE; see test_bench_ops.py), PYTHON or PY (default

@@ -15,7 +15,8 @@ MobileNet-like shapes, against two baselines:
   "project" (whose output width is fixed).
 
 Shapes (H x W / C_max): 112x112/c96, 56x56/c144, 28x28/c240, 14x14/c480, 7x7/c960.
-Depthwise: kernel 3, 5, 7; width 25/50/100 % of C_max; stride 1, "same" padding.
+Depthwise: kernel 3, 5, 7; width 25/50/100 % of C_max; "same" padding; stride 1 (and
+2 with ``BSNAS_BENCH_STRIDES=1,2``: the kernel field then reads ``k5s2``).
 Pointwise: "expand" in = round8(C/6) -> out = width of C; "project" in = width of C
 -> out = round8(C/6); width 25/50/100 %.
 Layouts: NCHW and channels_last (input and output gradient), float32.
@@ -32,6 +33,7 @@ Environment:
 - ``BSNAS_BENCH_N``        batch size (default 8, sized for a 2-core dev box; the
                            issue's reference is N=64).
 - ``BSNAS_BENCH_QUICK=1``  a handful of cases (well under a minute).
+- ``BSNAS_BENCH_STRIDES``  depthwise strides, "1" (default), "2" or "1,2".
 - ``BSNAS_BENCH_TARGET_S`` measured seconds aimed at per benchmark (default 0.5);
                            rounds = clamp(target / time of one call, MIN, MAX).
 - ``BSNAS_BENCH_MIN_ROUNDS`` / ``BSNAS_BENCH_MAX_ROUNDS`` (defaults 3 / 50).
@@ -85,6 +87,10 @@ QUIET_CPU = float(os.environ.get("BSNAS_BENCH_QUIET_CPU", "0.15"))
 MAX_WAIT_S = float(os.environ.get("BSNAS_BENCH_MAX_WAIT_S", "120"))
 RT = os.environ.get("BSNAS_BENCH_RT", "0") not in ("", "0")
 RT_GAP = float(os.environ.get("BSNAS_BENCH_RT_GAP", "0.3"))
+STRIDES = [int(v) for v in os.environ.get("BSNAS_BENCH_STRIDES", "1").split(",") if v.strip()]
+if not STRIDES or any(v not in (1, 2) for v in STRIDES):
+    raise ValueError(f"BSNAS_BENCH_STRIDES must be a comma list of 1 and/or 2, got "
+                     f"{os.environ.get('BSNAS_BENCH_STRIDES')!r}")
 
 SHAPES = [(112, 96), (56, 144), (28, 240), (14, 480), (7, 960)]  # (H == W, C_max)
 KERNELS = [3, 5, 7]
@@ -128,12 +134,13 @@ def _pw_dims(c: int, kind: str, width_pct: int):
 def _dw_cases():
     for pas in PASSES:
         for hw, c in SHAPES:
-            for k in KERNELS:
+            for k, st in ((k, st) for k in KERNELS for st in STRIDES):
+                kvar = f"k{k}" + (f"s{st}" if st != 1 else "")
                 for wp in WIDTHS:
                     for layout in LAYOUTS:
-                        group = f"dw-{pas}-{hw}x{hw}-c{c}-k{k}-w{wp}-{layout}"
+                        group = f"dw-{pas}-{hw}x{hw}-c{c}-{kvar}-w{wp}-{layout}"
                         for m in METHODS:
-                            yield dict(op="dw", pas=pas, hw=hw, c=c, k=k, wp=wp,
+                            yield dict(op="dw", pas=pas, hw=hw, c=c, k=k, stride=st, wp=wp,
                                        layout=layout, method=m, group=group)
 
 
@@ -187,29 +194,31 @@ def _zero_inactive(x: torch.Tensor, active: int) -> torch.Tensor:
 def _build_dw(cs):
     """Returns (fn, inputs-needing-grad, output-shape) for one depthwise case."""
     hw, c, k, method = cs["hw"], cs["c"], cs["k"], cs["method"]
+    st = cs.get("stride", 1)
     mf = _FORMATS[cs["layout"]]
     width = c * cs["wp"] // 100
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(c, 1, k, k, generator=g)
     pad = k // 2
+    ho = (hw + 2 * pad - k) // st + 1
     if method == "masking":
         x = _zero_inactive(torch.randn(N, c, hw, hw, generator=g), width)
         x = x.contiguous(memory_format=mf)
         mask = _mask(c, width)
 
         def fn(x, w):
-            return F.conv2d(x, w, None, 1, pad, 1, c) * mask
+            return F.conv2d(x, w, None, st, pad, 1, c) * mask
         out_c = c
     else:
         x = torch.randn(N, width, hw, hw, generator=g).contiguous(memory_format=mf)
         if method == "masked":
             def fn(x, w):
-                return bsnas.masked_dwconv2d(x, w, width, 1, pad, 1)
+                return bsnas.masked_dwconv2d(x, w, width, st, pad, 1)
         else:
             def fn(x, w):
-                return F.conv2d(x, w[:width], None, 1, pad, 1, width)
+                return F.conv2d(x, w[:width], None, st, pad, 1, width)
         out_c = width
-    return fn, x, weight, (N, out_c, hw, hw), mf
+    return fn, x, weight, (N, out_c, ho, ho), mf
 
 
 def _build_pw(cs):
