@@ -12,8 +12,8 @@ with c = len(sum), for kernels that return the per-channel sums of their output
 (`bn_act_dwconv2d`, `channel_stats`). Each is one kernel where the composite of ATen
 ops is about ten, forward and backward; the update reads num_batches_tracked on the
 device (no host synchronisation). `bn_affine_from_sums` is differentiable in sum, sumsq,
-weight and bias; the weight and bias gradients have the full [C_max] shape, zero past c (autograd in
-`csrc/ops/autograd.cpp`).
+weight and bias; the weight and bias gradients have the full [C_max] shape, zero past c
+(autograd in `csrc/ops/autograd.cpp`).
 """
 from __future__ import annotations
 

@@ -70,13 +70,13 @@ int64_t check_sums(const char* op, const at::Tensor& sum, const at::Tensor& sums
 
 // A 1-D per-channel parameter or buffer covering the first c channels.
 void check_channels(const char* op, const at::Tensor& t, const char* name, int64_t c,
-                    const at::Tensor& like, bool floating = true) {
+                    const at::Tensor& like) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(),
               " but sum is on ", like.device());
   TORCH_CHECK(t.dim() == 1 && t.size(0) >= c, op, ": ", name, " must be 1-D with at least ",
               c, " channels, got shape ", t.sizes());
-  if (floating) check_floating(op, t);
+  check_floating(op, t);
 }
 
 void check_eps(const char* op, double eps) {

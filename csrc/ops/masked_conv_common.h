@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -95,6 +96,23 @@ inline void check_floating(const char* op, const at::Tensor& x) {
                 op, ": CUDA tensors must be float32, float64, float16 or bfloat16, got ",
                 x.scalar_type());
   }
+}
+
+// bsnas::channel_stats's input, for the CPU and CUDA kernels: checked, dense in its
+// compute format, with the two float64 outputs [C] allocated.
+struct ChannelStatsArgs {
+  at::Tensor z, sum, sumsq;
+  bool channels_last;
+};
+inline ChannelStatsArgs prepare_channel_stats(const at::Tensor& z_in) {
+  TORCH_CHECK(z_in.defined() && z_in.dim() == 4, "channel_stats: z must be 4-D [N, C, H, W], got ",
+              z_in.defined() ? z_in.dim() : 0, "-D");
+  check_floating("channel_stats", z_in);
+  const auto fmt = compute_format(z_in);
+  const at::Tensor z = z_in.contiguous(fmt);
+  const auto f64 = z.options().dtype(at::kDouble);
+  return {z, at::empty({z.size(1)}, f64), at::empty({z.size(1)}, f64),
+          fmt == at::MemoryFormat::ChannelsLast};
 }
 
 inline void check_same(const char* op, const at::Tensor& a, const char* a_name,

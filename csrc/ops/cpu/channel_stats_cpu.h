@@ -59,23 +59,18 @@ void stats_nhwc(const T* z, int64_t N, int64_t C, int64_t P, double* ps, double*
 }
 
 std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& z_in) {
-  TORCH_CHECK(z_in.defined() && z_in.dim() == 4, "channel_stats: z must be 4-D [N, C, H, W], got ",
-              z_in.defined() ? z_in.dim() : 0, "-D");
-  check_floating("channel_stats", z_in);
-  const auto fmt = compute_format(z_in);
-  const at::Tensor z = z_in.contiguous(fmt);
+  const ChannelStatsArgs args = prepare_channel_stats(z_in);
+  const at::Tensor& z = args.z;
   const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
-  const auto f64 = z.options().dtype(at::kDouble);
-  at::Tensor sum = at::empty({C}, f64), sumsq = at::empty({C}, f64);
   std::vector<double> ps(static_cast<size_t>(N * C)), pq(ps.size());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "channel_stats", [&] {
-    if (fmt == at::MemoryFormat::ChannelsLast)
+    if (args.channels_last)
       stats_nhwc(z.const_data_ptr<scalar_t>(), N, C, P, ps.data(), pq.data());
     else
       stats_nchw(z.const_data_ptr<scalar_t>(), N, C, P, ps.data(), pq.data());
   });
-  double* s = sum.mutable_data_ptr<double>();
-  double* q = sumsq.mutable_data_ptr<double>();
+  double* s = args.sum.mutable_data_ptr<double>();
+  double* q = args.sumsq.mutable_data_ptr<double>();
   for (int64_t c = 0; c < C; ++c) {
     double a = 0, b = 0;
     for (int64_t n = 0; n < N; ++n) {
@@ -85,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& z_in) {
     s[c] = a;
     q[c] = b;
   }
-  return {sum, sumsq};
+  return {args.sum, args.sumsq};
 }
 
 }  // namespace BSNAS_CPU_ISA
