@@ -191,6 +191,42 @@ def test_backward_deterministic_across_thread_counts(fmt):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_large_plane_across_strips_and_threads(stride):
+    """channels_last planes large enough to be cut into several row strips: statistics
+    and BN gradients summed over strips, identical for any thread count."""
+    torch.manual_seed(1)
+    width, c_max, k = 45, 50, 5
+    z = (2 * torch.randn(2, width, 64, 60, dtype=torch.float64)).to(memory_format=torch.channels_last)
+    scale = torch.rand(width, dtype=torch.float64) + 0.5
+    shift = torch.randn(width, dtype=torch.float64)
+    weight = torch.randn(c_max, 1, k, k, dtype=torch.float64)
+    ins = [t.clone().requires_grad_(True) for t in (z, scale, shift, weight)]
+    ref_ins = [t.clone().requires_grad_(True) for t in (z, scale, shift, weight)]
+    got = bn_act_dwconv2d(*ins, width, stride, k // 2, 1, "relu6")
+    want = _reference(*ref_ins, width, stride, k // 2, "relu6")
+    ups = [torch.randn_like(t) for t in want]
+    d_got = torch.autograd.grad(sum((u * t).sum() for u, t in zip(ups, got)), ins)
+    d_want = torch.autograd.grad(sum((u * t).sum() for u, t in zip(ups, want)), ref_ins)
+    for a, b in zip([*got, *d_got], [*want, *d_want]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-8)
+    z32, s32, h32, w32 = (t.float() for t in (z, scale, shift, weight))
+    y, s, q = bn_act_dwconv2d(z32, s32, h32, w32, width, stride, k // 2)
+    args = (torch.randn_like(y), torch.randn_like(s), torch.randn_like(q), z32, s32, h32, w32,
+            y, width, stride, k // 2, 1, 2)
+    op = torch.ops.bsnas._bn_act_dwconv2d_backward
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = (*bn_act_dwconv2d(z32, s32, h32, w32, width, stride, k // 2), *op(*args))
+        torch.set_num_threads(max(2, threads))
+        many = (*bn_act_dwconv2d(z32, s32, h32, w32, width, stride, k // 2), *op(*args))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
 def test_empty_batch():
     z = torch.randn(0, 3, 6, 6, requires_grad=True)
     scale = torch.ones(3, requires_grad=True)

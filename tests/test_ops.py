@@ -72,6 +72,8 @@ def test_dwconv_matches_sliced_reference(dtype, fmt):
     (3, 33, 32, 7, 7, 7, 1, 3, 1),     # 7x7 plane, k7
     (1, 4, 3, 1, 1, 1, 1, 0, 1),       # 1x1
     (9, 17, 17, 5, 6, 3, 1, 1, 1),     # more images than one weight-gradient partial
+    (2, 50, 45, 60, 70, 5, 1, 2, 1),   # channels_last: several row strips per image
+    (1, 40, 37, 66, 50, 7, 2, 3, 1),   # the same at stride 2 (input gradient spread)
 ])
 def test_dwconv_unusual_geometry(dtype, fmt, n, c_max, width, h, w, k, s, p, d):
     torch.manual_seed(0)

@@ -40,6 +40,7 @@ struct BnAct {
   const T* scale;
   const T* shift;
   T operator()(int64_t c, int64_t off) const { return activate(z[off] * scale[c] + shift[c], A); }
+  void prefetch(int64_t off, int64_t n) const { simd::prefetch_l2(z + off, n); }
 };
 template <int A, typename T>
 struct BnActPlane {
@@ -60,6 +61,10 @@ struct GradY {
     if constexpr (UseY) return gy[off] + gsum[c] + gsq2[c] * y[off];
     else return gy[off] + gsum[c];
   }
+  void prefetch(int64_t off, int64_t n) const {
+    simd::prefetch_l2(gy + off, n);
+    if constexpr (UseY) simd::prefetch_l2(y + off, n);
+  }
 };
 template <bool UseY, typename T>
 struct GradYPlane {
@@ -72,21 +77,36 @@ struct GradYPlane {
   }
 };
 
+// Sums partials [parts][C] (per plane or per image x strip x block) over parts, in
+// order, into out[C].
+template <typename T>
+void reduce_parts(const std::vector<double>& part, int64_t parts, int64_t stride, int64_t C,
+                  T* out) {
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0;
+    for (int64_t i = 0; i < parts; ++i) a += part[i * stride + c];
+    out[c] = static_cast<T>(a);
+  }
+}
+
+// y = conv(act(z * scale + shift)) and y's per-channel sum and sum of squares (double).
 template <typename T>
 void fused_forward(const T* z, const T* scale, const T* shift, const T* w, T* y, int64_t act,
-                   double* psum, double* psq, const DwGeometry& g) {
+                   double* sum, double* sumsq, const DwGeometry& g) {
   using namespace simd;
   constexpr int64_t V = kLanes<T>;
-  const int64_t kk = g.K * g.K, nb = num_blocks<T>(g.C);
+  const int64_t kk = g.K * g.K;
   with_act(act, [&]<int A>() {
     if (g.channels_last) {
       const Pass p = Pass::forward(g, 1);
-      block_pass<T>(p, g.N, g.C, g.H * g.W * g.C, w, false, BnAct<A, T>{z, scale, shift},
-                    [&](int64_t n, int64_t bi, const ChannelBlock& cb, int64_t oh, int64_t ow,
+      const BlockPlan bp = block_plan<T>(p, g.N, g.C);
+      std::vector<double> psum(static_cast<size_t>(bp.slots(g.N) * V), 0.0), psq(psum.size(), 0.0);
+      block_pass<T>(p, bp, g.N, g.C, g.H * g.W * g.C, w, false, BnAct<A, T>{z, scale, shift},
+                    [&](int64_t n, int64_t slot, const ChannelBlock& cb, int64_t oh, int64_t ow,
                         const Vec<T>& v) {
                       store_block(y, cb, (n * g.Ho + oh) * g.Wo + ow, v);
-                      double* s = psum + (n * nb + bi) * V;
-                      double* q = psq + (n * nb + bi) * V;
+                      double* s = psum.data() + slot * V;
+                      double* q = psq.data() + slot * V;
 #pragma omp simd
                       for (int64_t l = 0; l < V; ++l) {
                         const double d = v[l];
@@ -94,9 +114,12 @@ void fused_forward(const T* z, const T* scale, const T* shift, const T* w, T* y,
                         q[l] += d * d;
                       }
                     });
+      reduce_parts(psum, bp.parts(g.N), bp.nb * V, g.C, sum);
+      reduce_parts(psq, bp.parts(g.N), bp.nb * V, g.C, sumsq);
     } else {
       const Pass p = Pass::forward(g, V);
       const int64_t ohw = g.Ho * g.Wo;
+      std::vector<double> psum(static_cast<size_t>(g.N * g.C), 0.0), psq(psum.size(), 0.0);
       plane_pass<T>(
           p, g.N * g.C,
           [&](int64_t nc) {
@@ -106,6 +129,8 @@ void fused_forward(const T* z, const T* scale, const T* shift, const T* w, T* y,
           [&](int64_t nc, T* wf) { std::copy_n(w + (nc % g.C) * kk, kk, wf); },
           [&](int64_t nc) { return y + nc * ohw; },
           [&](int64_t nc, const T* yp) { sum_sumsq(yp, ohw, psum[nc], psq[nc]); });
+      reduce_parts(psum, g.N, g.C, g.C, sum);
+      reduce_parts(psq, g.N, g.C, g.C, sumsq);
     }
   });
 }
@@ -121,31 +146,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_dw_forward(
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
   at::Tensor y = at::empty({g.N, g.C, g.Ho, g.Wo}, z.options().memory_format(fmt));
-  // Partial sums: one slot per plane (NCHW: [N][C]) or per image x channel block
-  // (channels_last: [N][blocks][lanes], channel = block * lanes + lane).
   const auto f64 = z.options().dtype(at::kDouble);
   at::Tensor sum = at::empty({g.C}, f64), sumsq = at::empty({g.C}, f64);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), kBnActFwd, [&] {
     using T = scalar_t;
-    constexpr int64_t V = simd::kLanes<T>;
-    const int64_t nb = simd::num_blocks<T>(g.C);
-    const int64_t slots = g.channels_last ? nb * V : g.C;
-    std::vector<double> psum(static_cast<size_t>(g.N * slots), 0.0), psq(psum.size(), 0.0);
-    if (y.numel() > 0)
-      fused_forward(z.const_data_ptr<T>(), scale.const_data_ptr<T>(), shift.const_data_ptr<T>(),
-                    weight.const_data_ptr<T>(), y.mutable_data_ptr<T>(), act, psum.data(),
-                    psq.data(), g);
     auto* s = sum.mutable_data_ptr<double>();
     auto* q = sumsq.mutable_data_ptr<double>();
-    for (int64_t c = 0; c < g.C; ++c) {
-      double a = 0, b = 0;
-      for (int64_t n = 0; n < g.N; ++n) {
-        a += psum[n * slots + c];
-        b += psq[n * slots + c];
-      }
-      s[c] = a;
-      q[c] = b;
-    }
+    if (y.numel() > 0)
+      fused_forward(z.const_data_ptr<T>(), scale.const_data_ptr<T>(), shift.const_data_ptr<T>(),
+                    weight.const_data_ptr<T>(), y.mutable_data_ptr<T>(), act, s, q, g);
+    else
+      std::fill(s, s + g.C, 0.0), std::fill(q, q + g.C, 0.0);
   });
   return {y, sum, sumsq};
 }
@@ -164,26 +175,31 @@ inline T bn_act_grad(T ga, T zv, T sc, T sh, double& ps, double& pb) {
 
 template <int A, bool UseY, typename T>
 void fused_backward(const T* gy, const T* y, const T* gsum, const T* gsq2, const T* z,
-                    const T* scale, const T* shift, const T* w, T* gz, T* gw, double* ps,
-                    double* pb, const DwGeometry& g) {
+                    const T* scale, const T* shift, const T* w, T* gz, T* gw, T* gscale,
+                    T* gshift, const DwGeometry& g) {
   using namespace simd;
   constexpr int64_t V = kLanes<T>;
-  const int64_t kk = g.K * g.K, nb = num_blocks<T>(g.C), hw = g.H * g.W, ohw = g.Ho * g.Wo;
+  const int64_t kk = g.K * g.K, hw = g.H * g.W, ohw = g.Ho * g.Wo;
   if (g.channels_last) {
     const Pass p = Pass::input_grad(g, 1);
+    const BlockPlan bp = block_plan<T>(p, g.N, g.C);
+    std::vector<double> ps(static_cast<size_t>(bp.slots(g.N) * V), 0.0), pb(ps.size(), 0.0);
     const GradY<UseY, T> gyt{gy, y, gsum, gsq2};
-    block_pass<T>(p, g.N, g.C, ohw * g.C, w, true, gyt,
-                  [&](int64_t n, int64_t bi, const ChannelBlock& cb, int64_t ih, int64_t iw,
+    block_pass<T>(p, bp, g.N, g.C, ohw * g.C, w, true, gyt,
+                  [&](int64_t n, int64_t slot, const ChannelBlock& cb, int64_t ih, int64_t iw,
                       const Vec<T>& v) {
                     const int64_t o = ((n * g.H + ih) * g.W + iw) * g.C + cb.c0;
-                    double* s = ps + (n * nb + bi) * V;
-                    double* b = pb + (n * nb + bi) * V;
+                    double* s = ps.data() + slot * V;
+                    double* b = pb.data() + slot * V;
                     for (int64_t l = 0; l < cb.cb; ++l)
                       gz[o + l] = bn_act_grad<A>(v[l], z[o + l], scale[cb.c0 + l],
                                                  shift[cb.c0 + l], s[l], b[l]);
                   });
+    reduce_parts(ps, bp.parts(g.N), bp.nb * V, g.C, gscale);
+    reduce_parts(pb, bp.parts(g.N), bp.nb * V, g.C, gshift);
     block_weight_grad(g, BnAct<A, T>{z, scale, shift}, gyt, gw);
   } else {
+    std::vector<double> ps(static_cast<size_t>(g.N * g.C), 0.0), pb(ps.size(), 0.0);
     const Pass p = Pass::input_grad(g, V);
     plane_pass<T>(
         p, g.N * g.C,
@@ -205,6 +221,8 @@ void fused_backward(const T* gy, const T* y, const T* gsum, const T* gsq2, const
           ps[nc] = s;
           pb[nc] = b;
         });
+    reduce_parts(ps, g.N, g.C, g.C, gscale);
+    reduce_parts(pb, g.N, g.C, g.C, gshift);
     plane_weight_grad(
         g,
         [&](int64_t nc) {
@@ -243,7 +261,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_dw_backward(
   if (z.numel() == 0) return {gz, gscale, gshift, gw};  // a is all padding
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), kBnActBwd, [&] {
     using T = scalar_t;
-    constexpr int64_t V = simd::kLanes<T>;
     const T* gsq_p = gsq.const_data_ptr<T>();
     std::vector<T> gsq2(static_cast<size_t>(g.C));
     bool use_y = false;
@@ -251,30 +268,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_dw_backward(
       gsq2[c] = T(2) * gsq_p[c];
       use_y = use_y || gsq2[c] != T(0);
     }
-    const int64_t slots = g.channels_last ? simd::num_blocks<T>(g.C) * V : g.C;
-    std::vector<double> ps(static_cast<size_t>(g.N * slots), 0.0), pb(ps.size(), 0.0);
     simd::with_act(act, [&]<int A>() {
       const auto run = [&]<bool UseY>() {
         fused_backward<A, UseY>(gy.const_data_ptr<T>(), y.const_data_ptr<T>(),
                                 gsum.const_data_ptr<T>(), gsq2.data(), z.const_data_ptr<T>(),
                                 scale.const_data_ptr<T>(), shift.const_data_ptr<T>(),
                                 weight.const_data_ptr<T>(), gz.mutable_data_ptr<T>(),
-                                gw.mutable_data_ptr<T>(), ps.data(), pb.data(), g);
+                                gw.mutable_data_ptr<T>(), gscale.mutable_data_ptr<T>(),
+                                gshift.mutable_data_ptr<T>(), g);
       };
       if (use_y) run.template operator()<true>();
       else run.template operator()<false>();
     });
-    T* gsp = gscale.mutable_data_ptr<T>();
-    T* gbp = gshift.mutable_data_ptr<T>();
-    for (int64_t c = 0; c < g.C; ++c) {
-      double s = 0, b = 0;
-      for (int64_t n = 0; n < g.N; ++n) {
-        s += ps[n * slots + c];
-        b += pb[n * slots + c];
-      }
-      gsp[c] = static_cast<T>(s);
-      gbp[c] = static_cast<T>(b);
-    }
   });
   return {gz, gscale, gshift, gw};
 }

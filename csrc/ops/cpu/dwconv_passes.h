@@ -30,7 +30,7 @@ void with_act(int64_t act, const Fn& fn) {
 constexpr int64_t kPlaneGroupBytes = 64 * 1024;
 
 // Scratch bytes per strip of the channels_last passes: a fraction of a core's L2.
-constexpr int64_t kStripBytes = 96 * 1024;
+constexpr int64_t kStripBytes = 192 * 1024;
 
 // -------------------------------------------------------------------------- NCHW
 
@@ -96,39 +96,94 @@ void plane_weight_grad(const DwGeometry& g, const MakeA& make_a, const MakeG& ma
 
 // ------------------------------------------------------------------ channels_last
 
-// For every image n and channel block: pack src(c, off) of the image's source tensor
-// (`src_image` elements per image) into the scratch, convolve with the block's filters
-// (flipped for the input-gradient pass) and hand each output vector to
-// out(n, block index, block, oh, ow, vec).
+// How a channels_last pass is cut into tasks: image x strip of `ro` output rows x group
+// of channel blocks. Strips hold about kStripBytes of scratch over all channels (so the
+// strip count, and with it the partial-sum slots, never depends on the thread count);
+// channels are split into groups only when images x strips would leave threads idle.
+struct BlockPlan {
+  int64_t nb;         // channel blocks
+  int64_t ro;         // output rows per strip
+  int64_t strips;     // strips per image
+  int64_t groups;     // channel groups per strip
+  int64_t per_group;  // blocks per group
+  // Partial sums: one per image x strip ("part") and block, kLanes values each, laid
+  // out [parts][nb * kLanes] so that channel c of part i is at i * nb * kLanes + c.
+  int64_t parts(int64_t N) const { return N * strips; }
+  int64_t slots(int64_t N) const { return parts(N) * nb; }
+};
+
+template <typename T>
+BlockPlan block_plan(const Pass& p, int64_t N, int64_t C) {
+  BlockPlan bp{};
+  bp.nb = num_blocks<T>(C);
+  const int64_t row_bytes = PixelStrip::columns(p) * bp.nb * kLanes<T> * int64_t(sizeof(T));
+  bp.ro = p.strip_rows(row_bytes, kStripBytes);
+  bp.strips = (p.Ho + bp.ro - 1) / bp.ro;
+  const int64_t want = 2 * int64_t(at::get_num_threads());
+  const int64_t tasks = std::max<int64_t>(1, N * bp.strips);
+  bp.groups = std::min(bp.nb, std::max<int64_t>(1, (want + tasks - 1) / tasks));
+  bp.per_group = (bp.nb + bp.groups - 1) / bp.groups;
+  bp.groups = (bp.nb + bp.per_group - 1) / bp.per_group;
+  return bp;
+}
+
+// Source rows [lo, hi) that a (strip of a) pass reads: hs with hs * spread + pad in
+// [row0, row0 + rows).
+inline std::pair<int64_t, int64_t> source_rows(const Pass& p) {
+  const int64_t first = p.row0 - p.pad, last = p.row0 + p.rows - 1 - p.pad;
+  const int64_t lo = first <= 0 ? 0 : (first + p.spread - 1) / p.spread;
+  const int64_t hi = last < 0 ? 0 : std::min(p.Hs, last / p.spread + 1);
+  return {std::min(lo, hi), hi};
+}
+
+// For every image n, strip and channel group: pack src(c, off) of the image's source
+// tensor (`src_image` elements per image) into a PixelStrip scratch, convolve with the
+// blocks' filters (flipped for the input-gradient pass) and hand each output vector to
+// out(n, slot, block, oh, ow, vec); slot indexes the (image, strip, block) partial sums
+// of bp.slots(N).
 template <typename T, typename Src, typename Out>
-void block_pass(const Pass& p, int64_t N, int64_t C, int64_t src_image, const T* w, bool flip,
-                const Src& src, const Out& out) {
+void block_pass(const Pass& p, const BlockPlan& bp, int64_t N, int64_t C, int64_t src_image,
+                const T* w, bool flip, const Src& src, const Out& out) {
   constexpr int64_t V = kLanes<T>;
-  const int64_t kk = p.K * p.K, nb = num_blocks<T>(C);
-  const std::vector<int64_t> toff = p.tap_offsets();
-  // Strips of output rows whose scratch stays in the core's caches.
-  const int64_t ro = p.strip_rows(p.row_len() * V * int64_t(sizeof(T)), kStripBytes);
-  const int64_t max_rows = (ro - 1) * p.S + (p.K - 1) * p.d + 1;
-  at::parallel_for(0, N * nb, grain(p.Ho * p.Wo * V * kk), [&](int64_t b, int64_t e) {
-    std::vector<T> buf(static_cast<size_t>(max_rows * p.row_len() * V));
-    std::vector<T> tp(static_cast<size_t>(kk * V));
-    int64_t packed = -1;
+  const int64_t kk = p.K * p.K;
+  std::vector<T> taps(static_cast<size_t>(bp.nb * kk * V));
+  pack_taps(taps.data(), w, C, kk, flip);
+  const int64_t cols = PixelStrip::columns(p);
+  const int64_t max_rows = (bp.ro - 1) * p.S + (p.K - 1) * p.d + 1;
+  const int64_t tasks = N * bp.strips * bp.groups;
+  const int64_t per_task = bp.ro * p.Wo * bp.per_group * V * kk;
+  at::parallel_for(0, tasks, grain(per_task), [&](int64_t b, int64_t e) {
+    std::vector<T> buf(static_cast<size_t>(max_rows * cols * bp.per_group * V + V));
+    T* sb = align_to_vector(buf.data());
     for (int64_t task = b; task < e; ++task) {
-      // Block-major: consecutive tasks share the block's transposed filters.
-      const int64_t bi = task / N, n = task % N;
-      const ChannelBlock cb = block_of<T>(bi, C);
-      if (packed != bi) {
-        pack_taps(tp.data(), w, cb, kk, flip);
-        packed = bi;
+      const int64_t gi = task % bp.groups, part = task / bp.groups;
+      const int64_t n = part / bp.strips, oh0 = (part % bp.strips) * bp.ro;
+      const int64_t b0 = gi * bp.per_group, b1 = std::min(bp.nb, b0 + bp.per_group);
+      const PixelStrip ps{cols, (b1 - b0) * V};
+      const Pass sp = p.strip(oh0, std::min(bp.ro, p.Ho - oh0));
+      const std::vector<int64_t> toff = ps.tap_offsets(sp);
+      pack_strip(sb, sp, ps, C, b0 * V, std::min(C, b1 * V), n * src_image, src);
+      // While this strip is convolved, the source rows the next task adds are fetched
+      // into L2 a slice per run, so its packing does not wait on memory.
+      int64_t pf_off = 0, pf_len = 0;
+      if (task + 1 < e) {
+        const int64_t nx = task + 1, npart = nx / bp.groups;
+        const int64_t nn = npart / bp.strips, noh0 = (npart % bp.strips) * bp.ro;
+        const auto [lo, hi] = source_rows(p.strip(noh0, std::min(bp.ro, p.Ho - noh0)));
+        const int64_t from = nn == n ? std::max(lo, source_rows(sp).second) : lo;
+        pf_off = nn * src_image + from * p.Ws * C;
+        pf_len = std::max<int64_t>(0, hi - from) * p.Ws * C;
       }
-      for (int64_t oh0 = 0; oh0 < p.Ho; oh0 += ro) {
-        const Pass sp = p.strip(oh0, std::min(ro, p.Ho - oh0));
-        pack_block(buf.data(), sp, cb, n * src_image, src);
-        block_conv(buf.data(), sp, tp.data(), toff.data(),
-                   [&](int64_t oh, int64_t ow, const Vec<T>& v) {
-                     out(n, bi, cb, oh0 + oh, ow, v);
-                   });
-      }
+      strip_conv(
+          sb, sp, ps, b0, b1, taps.data(), toff.data(),
+          [&](int64_t bi, int64_t oh, int64_t ow, const Vec<T>& v) {
+            out(n, part * bp.nb + bi, block_of<T>(bi, C), oh0 + oh, ow, v);
+          },
+          [&](int64_t run, int64_t runs) {
+            if (pf_len == 0) return;
+            const int64_t a = pf_len * run / runs, z = pf_len * (run + 1) / runs;
+            src.prefetch(pf_off + a, z - a);
+          });
     }
   });
 }

@@ -117,6 +117,22 @@ inline T* align_to_vector(T* p) {
   return p + (V - static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) / sizeof(T)) % V) % V;
 }
 
+// Asks for the cache lines of p[0, n) to be brought into L2 (a hint: no faults, no
+// effect on results).
+// GCC drops __builtin_prefetch inside the OpenMP regions of at::parallel_for, hence the
+// instruction itself on x86.
+template <typename T>
+inline void prefetch_l2(const T* p, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < n; i += kLine) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    asm volatile("prefetcht1 %0" : : "m"(*reinterpret_cast<const char*>(p + i)));
+#else
+    __builtin_prefetch(p + i, 0, 2);
+#endif
+  }
+}
+
 // Parallel tasks of about this many multiply-adds.
 inline int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_item));
@@ -516,59 +532,125 @@ inline void pack_block(T* buf, const Pass& p, const ChannelBlock& cb, int64_t im
   }
 }
 
-// Tap-major filters of a channel block: taps[t][l] = w[(c0 + l) * kk + t], zero past cb;
-// flip = true reverses the taps (the input-gradient pass).
+// Tap-major filters of every channel block: taps[b][t][l] = w[(b * V + l) * kk + t],
+// zero past C; flip = true reverses the taps (the input-gradient pass).
 template <typename T>
-inline void pack_taps(T* taps, const T* w, const ChannelBlock& cb, int64_t kk, bool flip) {
+inline void pack_taps(T* taps, const T* w, int64_t C, int64_t kk, bool flip) {
   constexpr int64_t V = kLanes<T>;
-  std::fill(taps, taps + kk * V, T(0));
-  for (int64_t l = 0; l < cb.cb; ++l)
+  const int64_t nb = (C + V - 1) / V;
+  std::fill(taps, taps + nb * kk * V, T(0));
+  for (int64_t c = 0; c < C; ++c)
     for (int64_t t = 0; t < kk; ++t)
-      taps[(flip ? kk - 1 - t : t) * V + l] = w[(cb.c0 + l) * kk + t];
+      taps[((c / V) * kk + (flip ? kk - 1 - t : t)) * V + c % V] = w[c * kk + t];
 }
 
-// R outputs of a packed block at scratch offsets base[0..R) (elements): acc[r] over
-// all taps. Positions may span rows, so small planes still fill R accumulators.
+// The channels_last scratch of one strip: pixel-major like the tensor, [rows][cols][Cs]
+// values, padded pixel (r, c) of the strip at (r * cols + c) * Cs; Cs = the channel
+// group's blocks x lanes, lanes past the last channel zero. A k x k tap then reads one
+// vector at a fixed offset from the output's pixel, for any stride, and an output
+// pixel's channels are produced together, so the tensor's lines are written whole.
+struct PixelStrip {
+  int64_t cols;  // padded columns read: (Wo - 1) * S + (K - 1) * d + 1
+  int64_t Cs;    // values per scratch pixel
+  int64_t row_stride() const { return cols * Cs; }
+  static int64_t columns(const Pass& p) { return (p.Wo - 1) * p.S + (p.K - 1) * p.d + 1; }
+  // Offset of tap t = kh * K + kw, in values.
+  std::vector<int64_t> tap_offsets(const Pass& p) const {
+    std::vector<int64_t> off(static_cast<size_t>(p.K * p.K));
+    for (int64_t kh = 0; kh < p.K; ++kh)
+      for (int64_t kw = 0; kw < p.K; ++kw)
+        off[kh * p.K + kw] = kh * p.d * row_stride() + kw * p.d * Cs;
+    return off;
+  }
+};
+
+// Packs padded rows [p.row0, p.row0 + p.rows) of channels [c0, c1) of one image into a
+// PixelStrip scratch: src(c, off) at the source positions (off = the element offset of
+// channel c of the NHWC source with C channels, `image` its first element), zero
+// elsewhere.
+template <typename T, typename Src>
+inline void pack_strip(T* buf, const Pass& p, const PixelStrip& ps, int64_t C, int64_t c0,
+                       int64_t c1, int64_t image, const Src& src) {
+  const int64_t rs = ps.row_stride(), nc = c1 - c0;
+  for (int64_t r = 0; r < p.rows; ++r) {
+    T* br = buf + r * rs;
+    const int64_t t = r + p.row0 - p.pad;
+    const int64_t hs = t >= 0 && t % p.spread == 0 ? t / p.spread : -1;
+    if (hs < 0 || hs >= p.Hs) {
+      std::fill(br, br + rs, T(0));
+      continue;
+    }
+    const int64_t rowoff = image + hs * p.Ws * C;
+    for (int64_t c = 0; c < ps.cols; ++c) {
+      T* dst = br + c * ps.Cs;
+      const int64_t u = c - p.pad;
+      const int64_t ws = u >= 0 && u % p.spread == 0 ? u / p.spread : -1;
+      if (ws < 0 || ws >= p.Ws) {
+        std::fill(dst, dst + ps.Cs, T(0));
+        continue;
+      }
+      const int64_t off = rowoff + ws * C;
+      T* d = dst - c0;
+#pragma omp simd
+      for (int64_t ch = c0; ch < c1; ++ch) d[ch] = src(ch, off + ch);
+      std::fill(dst + nc, dst + ps.Cs, T(0));
+    }
+  }
+}
+
+// R output vectors of one channel block at scratch offsets base[0..R) (values, the
+// block's lanes already added): acc[r] over all taps. Not inlined: inside the pass's
+// loops GCC spills the R row pointers and reloads one per multiply-add.
 template <int KT, int R, typename T>
-inline void block_positions(const T* buf, const Pass& p, const T* taps, const int64_t* toff,
+__attribute__((noinline)) void strip_positions(const T* buf, int64_t K_rt, const T* taps, const int64_t* toff,
                             const int64_t* base, Vec<T>* acc) {
   constexpr int64_t V = kLanes<T>;
-  const int64_t K = KT ? KT : p.K, kk = K * K;
-  int64_t bo[R];
+  const int64_t K = KT ? KT : K_rt, kk = K * K;
+  const T* b[R];
+  Vec<T> a[R];  // not acc itself: it may alias the scratch (may_alias vectors)
   for (int r = 0; r < R; ++r) {
-    acc[r] = Vec<T>{};
-    bo[r] = base[r];
+    a[r] = Vec<T>{};
+    b[r] = buf + base[r];
   }
   for (int64_t t = 0; t < kk; ++t) {
     const Vec<T> wv = vload(taps + t * V);
-    const T* b = buf + toff[t] * V;
-    for (int r = 0; r < R; ++r) acc[r] += wv * vload(b + bo[r]);
+    const int64_t o = toff[t];
+    for (int r = 0; r < R; ++r) a[r] += wv * vload(b[r] + o);
   }
+  for (int r = 0; r < R; ++r) acc[r] = a[r];
 }
 
-// The pass over a packed block; out(oh, ow, acc) receives each output vector.
-template <typename T, typename Out>
-inline void block_conv(const T* buf, const Pass& p, const T* taps, const int64_t* toff,
-                       const Out& out) {
+// The pass over a packed strip of channel blocks [b0, b1) (taps of every block, as
+// pack_taps lays them out): for each run of up to 8 output pixels, every block in turn,
+// out(block, oh, ow, acc) per output vector; then between(run, runs).
+template <typename T, typename Out, typename Between>
+inline void strip_conv(const T* buf, const Pass& p, const PixelStrip& ps, int64_t b0,
+                       int64_t b1, const T* taps, const int64_t* toff, const Out& out,
+                       const Between& between) {
   constexpr int64_t V = kLanes<T>;
-  const int64_t rs = p.S * p.row_len() * V;
+  const int64_t kk = p.K * p.K, rs = p.S * ps.row_stride(), cs = p.S * ps.Cs;
+  const int64_t runs = (p.Ho * p.Wo + 7) / 8;
   with_kernel_size(p.K, [&](auto KT) {
     int64_t ph = 0, pw = 0;  // the next position
-    for_blocks(p.Ho * p.Wo, [&](int64_t, auto R) {
+    for_blocks(p.Ho * p.Wo, [&](int64_t i, auto R) {
       constexpr int RV = decltype(R)::value;
       int64_t base[RV], oh[RV], ow[RV];
       for (int r = 0; r < RV; ++r) {
         oh[r] = ph;
         ow[r] = pw;
-        base[r] = ph * rs + pw * V;
+        base[r] = ph * rs + pw * cs;
         if (++pw == p.Wo) {
           pw = 0;
           ++ph;
         }
       }
-      Vec<T> acc[RV];
-      block_positions<decltype(KT)::value, RV>(buf, p, taps, toff, base, acc);
-      for (int r = 0; r < RV; ++r) out(oh[r], ow[r], acc[r]);
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        Vec<T> acc[RV];
+        strip_positions<decltype(KT)::value, RV>(buf + (bi - b0) * V, p.K, taps + bi * kk * V,
+                                                 toff, base, acc);
+        for (int r = 0; r < RV; ++r) out(bi, oh[r], ow[r], acc[r]);
+      }
+      between(i / 8, runs);
     });
   });
 }

@@ -24,6 +24,7 @@ struct Plain {
   const T* p;
   T operator()(int64_t off) const { return p[off]; }
   T operator()(int64_t, int64_t off) const { return p[off]; }
+  void prefetch(int64_t off, int64_t n) const { simd::prefetch_l2(p + off, n); }
 };
 
 template <typename T>
@@ -32,7 +33,8 @@ void dw_forward_impl(const T* x, const T* w, T* y, const DwGeometry& g) {
   const int64_t kk = g.K * g.K;
   if (g.channels_last) {
     const Pass p = Pass::forward(g, 1);
-    block_pass<T>(p, g.N, g.C, g.H * g.W * g.C, w, false, Plain<T>{x},
+    block_pass<T>(p, block_plan<T>(p, g.N, g.C), g.N, g.C, g.H * g.W * g.C, w, false,
+                  Plain<T>{x},
                   [&](int64_t n, int64_t, const ChannelBlock& cb, int64_t oh, int64_t ow,
                       const Vec<T>& v) { store_block(y, cb, (n * g.Ho + oh) * g.Wo + ow, v); });
   } else {
@@ -50,7 +52,8 @@ void dw_backward_impl(const T* gy, const T* x, const T* w, T* gx, T* gw, const D
   const int64_t kk = g.K * g.K;
   if (g.channels_last) {
     const Pass p = Pass::input_grad(g, 1);
-    block_pass<T>(p, g.N, g.C, g.Ho * g.Wo * g.C, w, true, Plain<T>{gy},
+    block_pass<T>(p, block_plan<T>(p, g.N, g.C), g.N, g.C, g.Ho * g.Wo * g.C, w, true,
+                  Plain<T>{gy},
                   [&](int64_t n, int64_t, const ChannelBlock& cb, int64_t ih, int64_t iw,
                       const Vec<T>& v) { store_block(gx, cb, (n * g.H + ih) * g.W + iw, v); });
     block_weight_grad(g, Plain<T>{x}, Plain<T>{gy}, gw);

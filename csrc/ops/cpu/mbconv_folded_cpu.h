@@ -29,6 +29,7 @@ struct BiasAct {
   const T* z;
   const T* b;
   T operator()(int64_t c, int64_t off) const { return activate(z[off] + b[c], A); }
+  void prefetch(int64_t off, int64_t n) const { simd::prefetch_l2(z + off, n); }
 };
 template <int A, typename T>
 struct BiasActPlane {
@@ -44,7 +45,8 @@ void folded_depthwise(const T* z, const T* eb, const T* w, const T* db, T* h,
   const int64_t kk = g.K * g.K;
   if (g.channels_last) {
     const Pass p = Pass::forward(g, 1);
-    block_pass<T>(p, g.N, g.C, g.H * g.W * g.C, w, false, BiasAct<A, T>{z, eb},
+    block_pass<T>(p, block_plan<T>(p, g.N, g.C), g.N, g.C, g.H * g.W * g.C, w, false,
+                  BiasAct<A, T>{z, eb},
                   [&](int64_t n, int64_t, const ChannelBlock& cb, int64_t oh, int64_t ow,
                       const Vec<T>& v) {
                     T* d = h + ((n * g.Ho + oh) * g.Wo + ow) * g.C + cb.c0;
