@@ -188,6 +188,91 @@ void block_pass(const Pass& p, const BlockPlan& bp, int64_t N, int64_t C, int64_
   });
 }
 
+// The plain channels_last pass (no transform of the source, spread 1): straight from
+// the NHWC source `x` (`C` channels, p.Hs x p.Ws per image), no scratch. Per image x
+// output row, taps on rows outside the source are dropped from the tap list; pixels
+// whose taps all lie inside (the interior columns) run R at a time through the
+// micro-kernel, border pixels take a per-pixel loop over their valid taps, 8 blocks at
+// once; the last block's loads are masked when C is not a whole number of vectors.
+// out(n, block, oh, ow, vec) receives each output vector.
+template <typename T, typename Out>
+void direct_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bool flip,
+                 const Out& out) {
+  constexpr int64_t V = kLanes<T>;
+  const int64_t K = p.K, kk = K * K, d = p.d, S = p.S, W = p.Ws, H = p.Hs;
+  const int64_t nb = num_blocks<T>(C), image = H * W * C;
+  std::vector<T> taps(static_cast<size_t>(nb * kk * V));
+  pack_taps(taps.data(), w, C, kk, flip);
+  // Tap offsets from a pixel of kernel row 0, in elements: kernel rows kh >= kh0 of a
+  // row whose first valid kernel row is kh0 start at toff + kh0 * K, relative to the
+  // pixel in kernel row kh0.
+  std::vector<int64_t> toff(static_cast<size_t>(kk));
+  for (int64_t kh = 0; kh < K; ++kh)
+    for (int64_t kw = 0; kw < K; ++kw) toff[kh * K + kw] = (kh * d * W + kw * d) * C;
+  // Interior columns: ow * S - pad >= 0 and ow * S - pad + (K - 1) * d < W.
+  const int64_t owl = p.pad <= 0 ? 0 : std::min(p.Wo, (p.pad + S - 1) / S);
+  const int64_t last = W - 1 - (K - 1) * d + p.pad;  // largest ow * S with all taps inside
+  const int64_t owr = std::max(owl, std::min(p.Wo, last < 0 ? 0 : last / S + 1));
+  const int64_t tail = C - (nb - 1) * V;  // lanes of the last block
+  at::parallel_for(0, N * p.Ho, grain(p.Wo * C * kk), [&](int64_t b, int64_t e) {
+    std::vector<int64_t> rel(static_cast<size_t>(kk));
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t n = task / p.Ho, oh = task % p.Ho;
+      const int64_t ih0 = oh * S - p.pad;
+      const int64_t kh0 = ih0 >= 0 ? 0 : (-ih0 + d - 1) / d;
+      const int64_t kh1 = H - 1 - ih0 < 0 ? 0 : std::min(K, (H - 1 - ih0) / d + 1);
+      if (kh1 <= kh0) {  // every tap in the padding
+        for (int64_t ow = 0; ow < p.Wo; ++ow)
+          for (int64_t bi = 0; bi < nb; ++bi) out(n, bi, oh, ow, Vec<T>{});
+        continue;
+      }
+      const T* row = x + n * image + (ih0 + kh0 * d) * W * C;  // kernel row kh0
+      const int64_t ntaps = (kh1 - kh0) * K;
+      const int64_t* to = toff.data() + kh0 * K;
+      const int64_t shift = kh0 * d * W * C;  // to[] counts from kernel row 0
+      for (int64_t t = 0; t < ntaps; ++t) rel[t] = to[t] - shift;
+      for_blocks(owr - owl, [&](int64_t i, auto R) {
+        constexpr int RV = decltype(R)::value;
+        int64_t base[RV];
+        for (int r = 0; r < RV; ++r) base[r] = ((owl + i + r) * S - p.pad) * C;
+        for (int64_t bi = 0; bi < nb; ++bi) {
+          Vec<T> acc[RV];
+          const T* tp = taps.data() + (bi * kk + kh0 * K) * V;
+          if (bi + 1 < nb || tail == V)
+            block_positions<RV, false>(row + bi * V, ntaps, tp, rel.data(), base, V, acc);
+          else
+            block_positions<RV, true>(row + bi * V, ntaps, tp, rel.data(), base, tail, acc);
+          for (int r = 0; r < RV; ++r) out(n, bi, oh, owl + i + r, acc[r]);
+        }
+      });
+      // Border pixels: only the columns kw in [kw0, kw1) lie inside.
+      const auto border = [&](int64_t ow) {
+        const int64_t iw0 = ow * S - p.pad;
+        const int64_t kw0 = iw0 >= 0 ? 0 : (-iw0 + d - 1) / d;
+        const int64_t kw1 = W - 1 - iw0 < 0 ? 0 : std::min(K, (W - 1 - iw0) / d + 1);
+        for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+          const int64_t nj = std::min<int64_t>(8, nb - b0);
+          Vec<T> acc[8];
+          for (int j = 0; j < 8; ++j) acc[j] = Vec<T>{};
+          for (int64_t kh = kh0; kh < kh1; ++kh)
+            for (int64_t kw = kw0; kw < kw1; ++kw) {
+              const T* src = row + ((kh - kh0) * d * W + iw0 + kw * d) * C;
+              const T* tp = taps.data() + (kh * K + kw) * V;
+              for (int64_t j = 0; j < nj; ++j) {
+                const int64_t bi = b0 + j;
+                const Vec<T> v = bi + 1 < nb ? vload(src + bi * V) : vload_part(src + bi * V, tail);
+                acc[j] += vload(tp + bi * kk * V) * v;
+              }
+            }
+          for (int64_t j = 0; j < nj; ++j) out(n, b0 + j, oh, ow, acc[j]);
+        }
+      };
+      for (int64_t ow = 0; ow < owl; ++ow) border(ow);
+      for (int64_t ow = owr; ow < p.Wo; ++ow) border(ow);
+    }
+  });
+}
+
 // Stores an output vector of a channel block at pixel `pix` of an NHWC tensor.
 template <typename T>
 inline void store_block(T* dst, const ChannelBlock& cb, int64_t pix, const Vec<T>& v) {

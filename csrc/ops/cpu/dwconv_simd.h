@@ -23,6 +23,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -65,6 +69,30 @@ template <typename T>
 inline void vstore(T* p, const Vec<T>& v) { *reinterpret_cast<Vec<T>*>(p) = v; }
 template <typename T>
 inline Vec<T> vsplat(T s) { return s - Vec<T>{}; }  // x - 0 == x: a plain broadcast
+// The first n lanes (0 < n <= lanes) of p, zero above, reading nothing past p[n - 1]:
+// one masked load where the instruction set has it.
+template <typename T>
+inline Vec<T> vload_part(const T* p, int64_t n) {
+  if (n == kLanes<T>) return vload(p);
+#if defined(__x86_64__) && defined(__GNUC__) && BSNAS_VEC_BYTES == 64
+  if constexpr (std::is_same_v<T, float>)
+    return (Vec<T>)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+  else
+    return (Vec<T>)_mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p);
+#elif defined(__x86_64__) && defined(__GNUC__) && BSNAS_VEC_BYTES == 32
+  if constexpr (std::is_same_v<T, float>)
+    return (Vec<T>)_mm256_maskload_ps(
+        p, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  else
+    return (Vec<T>)_mm256_maskload_pd(
+        p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)));
+#else
+  Vec<T> v{};
+  for (int64_t l = 0; l < n; ++l) v[l] = p[l];
+  return v;
+#endif
+}
+
 // Lanes first, first + 2, first + 4, ... of the concatenation (a, b): one permute.
 template <typename T, int First>
 inline Vec<T> alternate_lanes(const Vec<T>& a, const Vec<T>& b) {
@@ -598,24 +626,25 @@ inline void pack_strip(T* buf, const Pass& p, const PixelStrip& ps, int64_t C, i
   }
 }
 
-// R output vectors of one channel block at scratch offsets base[0..R) (values, the
-// block's lanes already added): acc[r] over all taps. Not inlined: inside the pass's
-// loops GCC spills the R row pointers and reloads one per multiply-add.
-template <int KT, int R, typename T>
-__attribute__((noinline)) void strip_positions(const T* buf, int64_t K_rt, const T* taps, const int64_t* toff,
-                            const int64_t* base, Vec<T>* acc) {
+// R output vectors of one channel block: acc[r] = sum over taps t < ntaps of
+// taps[t] * src[base[r] + toff[t]] (vectors of `lanes` valid values; a partial block's
+// loads are masked). Not inlined: inside the passes' loops GCC spills the R row
+// pointers and reloads one per multiply-add.
+template <int R, bool Part, typename T>
+__attribute__((noinline)) void block_positions(const T* src, int64_t ntaps, const T* taps,
+                                               const int64_t* toff, const int64_t* base,
+                                               int64_t lanes, Vec<T>* acc) {
   constexpr int64_t V = kLanes<T>;
-  const int64_t K = KT ? KT : K_rt, kk = K * K;
   const T* b[R];
-  Vec<T> a[R];  // not acc itself: it may alias the scratch (may_alias vectors)
+  Vec<T> a[R];  // not acc itself: it may alias the source (may_alias vectors)
   for (int r = 0; r < R; ++r) {
     a[r] = Vec<T>{};
-    b[r] = buf + base[r];
+    b[r] = src + base[r];
   }
-  for (int64_t t = 0; t < kk; ++t) {
+  for (int64_t t = 0; t < ntaps; ++t) {
     const Vec<T> wv = vload(taps + t * V);
     const int64_t o = toff[t];
-    for (int r = 0; r < R; ++r) a[r] += wv * vload(b[r] + o);
+    for (int r = 0; r < R; ++r) a[r] += wv * (Part ? vload_part(b[r] + o, lanes) : vload(b[r] + o));
   }
   for (int r = 0; r < R; ++r) acc[r] = a[r];
 }
@@ -630,28 +659,26 @@ inline void strip_conv(const T* buf, const Pass& p, const PixelStrip& ps, int64_
   constexpr int64_t V = kLanes<T>;
   const int64_t kk = p.K * p.K, rs = p.S * ps.row_stride(), cs = p.S * ps.Cs;
   const int64_t runs = (p.Ho * p.Wo + 7) / 8;
-  with_kernel_size(p.K, [&](auto KT) {
-    int64_t ph = 0, pw = 0;  // the next position
-    for_blocks(p.Ho * p.Wo, [&](int64_t i, auto R) {
-      constexpr int RV = decltype(R)::value;
-      int64_t base[RV], oh[RV], ow[RV];
-      for (int r = 0; r < RV; ++r) {
-        oh[r] = ph;
-        ow[r] = pw;
-        base[r] = ph * rs + pw * cs;
-        if (++pw == p.Wo) {
-          pw = 0;
-          ++ph;
-        }
+  int64_t ph = 0, pw = 0;  // the next position
+  for_blocks(p.Ho * p.Wo, [&](int64_t i, auto R) {
+    constexpr int RV = decltype(R)::value;
+    int64_t base[RV], oh[RV], ow[RV];
+    for (int r = 0; r < RV; ++r) {
+      oh[r] = ph;
+      ow[r] = pw;
+      base[r] = ph * rs + pw * cs;
+      if (++pw == p.Wo) {
+        pw = 0;
+        ++ph;
       }
-      for (int64_t bi = b0; bi < b1; ++bi) {
-        Vec<T> acc[RV];
-        strip_positions<decltype(KT)::value, RV>(buf + (bi - b0) * V, p.K, taps + bi * kk * V,
-                                                 toff, base, acc);
-        for (int r = 0; r < RV; ++r) out(bi, oh[r], ow[r], acc[r]);
-      }
-      between(i / 8, runs);
-    });
+    }
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      Vec<T> acc[RV];
+      block_positions<RV, false>(buf + (bi - b0) * V, kk, taps + bi * kk * V, toff, base, V,
+                                 acc);
+      for (int r = 0; r < RV; ++r) out(bi, oh[r], ow[r], acc[r]);
+    }
+    between(i / 8, runs);
   });
 }
 
