@@ -1,14 +1,15 @@
 // Parallel drivers of the depthwise passes over whole tensors, on the micro-kernels of
 // dwconv_simd.h: forward, input gradient and weight gradient, NCHW (one task per plane,
-// or per channel for the weight gradient) and channels_last (one task per image x block
-// of channels, or per group of images x block for the weight gradient).
+// or per channel for the weight gradient) and channels_last (one task per image x strip
+// of output rows x group of channel blocks, or per group of images x block for the
+// weight gradient; the plain stride-2 forward one task per image x output row).
 //
 // The caller supplies what is read (a transform applied while packing: identity for
 // masked_dwconv2d; BN + activation of the input, or the upstream gradient with the
 // statistics terms, for bn_act_dwconv2d) and what happens to each result (a plain store,
-// statistics, the BN-activation input gradient). Per-task partial sums live in
-// caller-owned double arrays with one slot per (image, channel block) or (plane), so
-// every reduction runs in a fixed order whatever the number of threads.
+// statistics, the BN-activation input gradient). Per-task partial sums live in double
+// arrays with one slot per (image, strip, channel block) or (plane), so every reduction
+// runs in a fixed order whatever the number of threads.
 #pragma once
 
 #include "dwconv_simd.h"

@@ -1,11 +1,14 @@
 // The depthwise convolution engine of the CPU backend, shared by bsnas::masked_dwconv2d
 // and the fused bsnas::bn_act_dwconv2d (forward, input gradient, weight gradient).
 //
-// Every pass first copies what it reads into a zero-padded scratch ("pack"), applying a
-// per-value transform on the way (the fused op's BN + activation, or its upstream
-// gradient with the statistics terms), so the inner loops have no bounds checks. The
-// scratch splits columns by phase (column mod stride): the taps of a stride-2
-// convolution then read consecutive values, like those of a stride-1 one.
+// Nearly every pass first copies what it reads into a zero-padded scratch ("pack"),
+// applying a per-value transform on the way (the fused op's BN + activation, or its
+// upstream gradient with the statistics terms), so the inner loops have no bounds
+// checks. NCHW planes split columns by phase (column mod stride): the taps of a stride-2
+// convolution then read consecutive values, like those of a stride-1 one. channels_last
+// strips keep the tensor's pixel-major layout over all channels (PixelStrip). The one
+// pass without a scratch is the plain channels_last forward at stride 2 (direct_pass in
+// dwconv_passes.h), where packing would copy four inputs per output.
 //
 // Two register-blocked micro-kernels, both accumulating in vector registers across all
 // k*k taps before a single store (GCC vector extensions, BSNAS_VEC_BYTES wide, so the
@@ -13,7 +16,7 @@
 // - Plane (NCHW): lanes run along an output row of one channel; R output rows at once,
 //   each tap is one broadcast weight times R loads.
 // - Blocked (channels_last): lanes hold BSNAS_VEC_BYTES of consecutive channels; R
-//   neighbouring output pixels at once, each tap is one weight vector times R loads.
+//   output pixels at once, each tap is one weight vector times R loads.
 //
 // The input gradient is a stride-1 convolution with the flipped filter over the output
 // gradient spread by the stride (zeros between values) and padded by
