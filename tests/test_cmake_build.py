@@ -46,6 +46,10 @@ def test_cmake_library_builds_and_loads(tmp_path):
                          env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lib = build / "libbsnas_ops.so"
+    # Built with OpenMP, like setup.py's build: at::parallel_for in the kernels is header
+    # code that would otherwise run on one thread.
+    data = lib.read_bytes()
+    assert b"GOMP_parallel" in data or b"__kmpc_fork_call" in data, "library built without OpenMP"
     run = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(lib)], capture_output=True,
                          text=True, cwd=tmp_path)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
