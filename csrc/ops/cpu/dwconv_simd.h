@@ -221,6 +221,15 @@ struct Pass {
     const int64_t by_overlap = (2 * (K - 1) * d + S - 1) / S;
     return std::max<int64_t>(1, std::min(Ho, std::max(by_size, by_overlap)));
   }
+  // The source row held in scratch row r (padded row row0 + r), or -1 for padding.
+  int64_t source_row(int64_t r) const { return source_index(r + row0, Hs); }
+  // The source column at padded column c, or -1 for padding.
+  int64_t source_col(int64_t c) const { return source_index(c, Ws); }
+  int64_t source_index(int64_t padded, int64_t n) const {
+    const int64_t t = padded - pad;
+    const int64_t i = t >= 0 && t % spread == 0 ? t / spread : -1;
+    return i < n ? i : -1;
+  }
   // Offset of tap (kh, kw) in scratch units (values for planes, pixels for blocks).
   int64_t tap_offset(int64_t kh, int64_t kw) const {
     const int64_t c = kw * d;
@@ -536,9 +545,8 @@ inline void pack_block(T* buf, const Pass& p, const ChannelBlock& cb, int64_t im
   };
   for (int64_t r = 0; r < p.rows; ++r) {
     T* br = buf + r * rl;
-    const int64_t t = r + p.row0 - p.pad;
-    const int64_t hs = t >= 0 && t % p.spread == 0 ? t / p.spread : -1;
-    if (hs < 0 || hs >= p.Hs) {
+    const int64_t hs = p.source_row(r);
+    if (hs < 0) {
       std::fill(br, br + rl, T(0));
       continue;
     }
@@ -605,18 +613,16 @@ inline void pack_strip(T* buf, const Pass& p, const PixelStrip& ps, int64_t C, i
   const int64_t rs = ps.row_stride(), nc = c1 - c0;
   for (int64_t r = 0; r < p.rows; ++r) {
     T* br = buf + r * rs;
-    const int64_t t = r + p.row0 - p.pad;
-    const int64_t hs = t >= 0 && t % p.spread == 0 ? t / p.spread : -1;
-    if (hs < 0 || hs >= p.Hs) {
+    const int64_t hs = p.source_row(r);
+    if (hs < 0) {
       std::fill(br, br + rs, T(0));
       continue;
     }
     const int64_t rowoff = image + hs * p.Ws * C;
     for (int64_t c = 0; c < ps.cols; ++c) {
       T* dst = br + c * ps.Cs;
-      const int64_t u = c - p.pad;
-      const int64_t ws = u >= 0 && u % p.spread == 0 ? u / p.spread : -1;
-      if (ws < 0 || ws >= p.Ws) {
+      const int64_t ws = p.source_col(c);
+      if (ws < 0) {
         std::fill(dst, dst + ps.Cs, T(0));
         continue;
       }
