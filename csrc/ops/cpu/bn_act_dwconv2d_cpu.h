@@ -77,18 +77,6 @@ struct GradYPlane {
   }
 };
 
-// Sums partials [parts][C] (per plane or per image x strip x block) over parts, in
-// order, into out[C].
-template <typename T>
-void reduce_parts(const std::vector<double>& part, int64_t parts, int64_t stride, int64_t C,
-                  T* out) {
-  for (int64_t c = 0; c < C; ++c) {
-    double a = 0;
-    for (int64_t i = 0; i < parts; ++i) a += part[i * stride + c];
-    out[c] = static_cast<T>(a);
-  }
-}
-
 // y = conv(act(z * scale + shift)) and y's per-channel sum and sum of squares (double).
 template <typename T>
 void fused_forward(const T* z, const T* scale, const T* shift, const T* w, T* y, int64_t act,

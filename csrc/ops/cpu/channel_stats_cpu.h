@@ -29,6 +29,18 @@ inline void sum_sumsq(const T* p, int64_t n, double& sum, double& sumsq) {
   sumsq = q;
 }
 
+// Sums partials laid out [parts][stride] (channel c of part i at i * stride + c: per
+// image, plane, or image x strip x block) over the parts, in order, into out[C].
+template <typename T>
+void reduce_parts(const std::vector<double>& part, int64_t parts, int64_t stride, int64_t C,
+                  T* out) {
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0;
+    for (int64_t i = 0; i < parts; ++i) a += part[i * stride + c];
+    out[c] = static_cast<T>(a);
+  }
+}
+
 template <typename T>
 void stats_nchw(const T* z, int64_t N, int64_t C, int64_t P, double* ps, double* pq) {
   at::parallel_for(0, N * C, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, P)),
@@ -69,17 +81,8 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& z_in) {
     else
       stats_nchw(z.const_data_ptr<scalar_t>(), N, C, P, ps.data(), pq.data());
   });
-  double* s = args.sum.mutable_data_ptr<double>();
-  double* q = args.sumsq.mutable_data_ptr<double>();
-  for (int64_t c = 0; c < C; ++c) {
-    double a = 0, b = 0;
-    for (int64_t n = 0; n < N; ++n) {
-      a += ps[n * C + c];
-      b += pq[n * C + c];
-    }
-    s[c] = a;
-    q[c] = b;
-  }
+  reduce_parts(ps, N, C, C, args.sum.mutable_data_ptr<double>());
+  reduce_parts(pq, N, C, C, args.sumsq.mutable_data_ptr<double>());
   return {args.sum, args.sumsq};
 }
 

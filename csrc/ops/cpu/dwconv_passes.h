@@ -189,6 +189,14 @@ void block_pass(const Pass& p, const BlockPlan& bp, int64_t N, int64_t C, int64_
   });
 }
 
+// Kernel taps [k0, k1) of a k-tap, dilation-d window starting at source index i0 that
+// land inside a source of n values (k1 <= k0: none).
+inline std::pair<int64_t, int64_t> taps_inside(int64_t i0, int64_t n, int64_t k, int64_t d) {
+  const int64_t k0 = i0 >= 0 ? 0 : (-i0 + d - 1) / d;
+  const int64_t k1 = n - 1 - i0 < 0 ? 0 : std::min(k, (n - 1 - i0) / d + 1);
+  return {k0, k1};
+}
+
 // The plain channels_last pass (no transform of the source, spread 1): straight from
 // the NHWC source `x` (`C` channels, p.Hs x p.Ws per image), no scratch. Per image x
 // output row, taps on rows outside the source are dropped from the tap list; pixels
@@ -220,8 +228,7 @@ void direct_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
     for (int64_t task = b; task < e; ++task) {
       const int64_t n = task / p.Ho, oh = task % p.Ho;
       const int64_t ih0 = oh * S - p.pad;
-      const int64_t kh0 = ih0 >= 0 ? 0 : (-ih0 + d - 1) / d;
-      const int64_t kh1 = H - 1 - ih0 < 0 ? 0 : std::min(K, (H - 1 - ih0) / d + 1);
+      const auto [kh0, kh1] = taps_inside(ih0, H, K, d);
       if (kh1 <= kh0) {  // every tap in the padding
         for (int64_t ow = 0; ow < p.Wo; ++ow)
           for (int64_t bi = 0; bi < nb; ++bi) out(n, bi, oh, ow, Vec<T>{});
@@ -249,8 +256,7 @@ void direct_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
       // Border pixels: only the columns kw in [kw0, kw1) lie inside.
       const auto border = [&](int64_t ow) {
         const int64_t iw0 = ow * S - p.pad;
-        const int64_t kw0 = iw0 >= 0 ? 0 : (-iw0 + d - 1) / d;
-        const int64_t kw1 = W - 1 - iw0 < 0 ? 0 : std::min(K, (W - 1 - iw0) / d + 1);
+        const auto [kw0, kw1] = taps_inside(iw0, W, K, d);
         for (int64_t b0 = 0; b0 < nb; b0 += 8) {
           const int64_t nj = std::min<int64_t>(8, nb - b0);
           Vec<T> acc[8];
