@@ -60,8 +60,12 @@ def _want_cuda():
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
     # -fopenmp: at::parallel_for in our kernels is header code that threads only when
-    # _OPENMP is defined (torch itself links the same libgomp).
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-tree-loop-distribute-patterns"]
+    # _OPENMP is defined (torch itself links the same libgomp). -fno-trapping-math: GCC
+    # keeps loops with two float compares (the ReLU6 derivative) scalar otherwise; it
+    # changes no value, only which floating-point exception flags may be raised, and
+    # nothing here reads them.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-tree-loop-distribute-patterns",
+           "-fno-trapping-math"]
     if _want_cuda():
         sources += sorted(glob.glob("csrc/ops/cuda/*.cu"))
         print(f"bsnas: building CPU + CUDA kernels (CUDA_HOME={_cuda_home}, "

@@ -53,15 +53,21 @@ def _case(rng):
                 kernel_size=rng.choice([3, 5, 7]), stride=stride), rng.randint(1, max_w)
 
 
-@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
+# NCHW trains in channels_last inside on CPU (SpringBlock.CPU_TRAIN_CHANNELS_LAST);
+# "nchw-direct" turns that off so the NCHW kernels are checked through the block too.
+@pytest.mark.parametrize("fmt,cl_inside", [(torch.contiguous_format, True),
+                                           (torch.contiguous_format, False),
+                                           (torch.channels_last, True)],
+                         ids=["nchw", "nchw-direct", "cl"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_sliced_reference(dtype, training, fmt):
+def test_matches_sliced_reference(dtype, training, fmt, cl_inside):
     rng = random.Random(11)
     torch.manual_seed(26)
     for _ in range(6):
         args, width = _case(rng)
         block = SpringBlock(**args).to(dtype)
+        block.CPU_TRAIN_CHANNELS_LAST = cl_inside
         _randomise(block)
         block.width = width
         block.train(training)
@@ -74,6 +80,7 @@ def test_matches_sliced_reference(dtype, training, fmt):
         x_ref = x.detach().double().requires_grad_()
         stats = _stats(ref_block)
         y = block(x)
+        assert y.is_contiguous(memory_format=fmt)  # the caller's layout comes back
         ref = _reference(ref_block, x_ref, width, training, stats)
         g = torch.randn_like(ref)
 

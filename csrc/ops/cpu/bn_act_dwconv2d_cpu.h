@@ -179,9 +179,16 @@ void fused_backward(const T* gy, const T* y, const T* gsum, const T* gsq2, const
                     const int64_t o = ((n * g.H + ih) * g.W + iw) * g.C + cb.c0;
                     double* s = ps.data() + slot * V;
                     double* b = pb.data() + slot * V;
-                    for (int64_t l = 0; l < cb.cb; ++l)
-                      gz[o + l] = bn_act_grad<A>(v[l], z[o + l], scale[cb.c0 + l],
-                                                 shift[cb.c0 + l], s[l], b[l]);
+                    const T *zo = z + o, *sc = scale + cb.c0, *sh = shift + cb.c0;
+                    T* go = gz + o;
+                    if (cb.cb == V) {  // one vector: GCC leaves the general loop scalar
+#pragma omp simd
+                      for (int64_t l = 0; l < V; ++l)
+                        go[l] = bn_act_grad<A>(v[l], zo[l], sc[l], sh[l], s[l], b[l]);
+                    } else {
+                      for (int64_t l = 0; l < cb.cb; ++l)
+                        go[l] = bn_act_grad<A>(v[l], zo[l], sc[l], sh[l], s[l], b[l]);
+                    }
                   });
     reduce_parts(ps, bp.parts(g.N), bp.nb * V, g.C, gscale);
     reduce_parts(pb, bp.parts(g.N), bp.nb * V, g.C, gshift);
