@@ -64,7 +64,7 @@ template <typename T>
 BSNAS_HD bool act_passes(T u, int64_t act) {
   if (act == kActIdentity) return true;
   if (act == kActReLU) return u > T(0);
-  return (u > T(0)) & (u < T(6));  // no branch: lets the CPU loops vectorize
+  return u > T(0) && u < T(6);
 }
 
 // The memory format every op of this extension computes in and returns: channels_last

@@ -181,7 +181,7 @@ void fused_backward(const T* gy, const T* y, const T* gsum, const T* gsq2, const
                     double* b = pb.data() + slot * V;
                     const T *zo = z + o, *sc = scale + cb.c0, *sh = shift + cb.c0;
                     T* go = gz + o;
-                    if (cb.cb == V) {  // one vector: GCC leaves the general loop scalar
+                    if (cb.cb == V) {  // a whole vector: one fixed-length vector loop
 #pragma omp simd
                       for (int64_t l = 0; l < V; ++l)
                         go[l] = bn_act_grad<A>(v[l], zo[l], sc[l], sh[l], s[l], b[l]);
@@ -212,6 +212,7 @@ void fused_backward(const T* gy, const T* y, const T* gsum, const T* gsq2, const
           const T* zp = z + nc * hw;
           const T sc = scale[c], sh = shift[c];
           double s = 0, b = 0;
+#pragma omp simd reduction(+ : s, b)
           for (int64_t i = 0; i < hw; ++i) gp[i] = bn_act_grad<A>(gp[i], zp[i], sc, sh, s, b);
           ps[nc] = s;
           pb[nc] = b;
