@@ -18,7 +18,7 @@ from torch import nn
 
 from bsnas.nn.batchnorm import DynamicBatchNorm2d
 from bsnas.nn.masked_conv import MaskedDepthwiseConv2d, MaskedPointwiseConv2d
-from bsnas.ops import ACTIVATION_CODES, bn_act_dwconv2d, channel_stats, mbconv_folded
+from bsnas.ops import ACTIVATION_CODES, bn_act, bn_act_dwconv2d, channel_stats, mbconv_folded
 
 ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU, "hswish": nn.Hardswish}
 
@@ -114,10 +114,12 @@ class SpringBlock(nn.Module):
                    for bn in (self.expand_bn, self.depthwise_bn))
 
     #: On CPU the fused training path computes in channels_last, converting an NCHW
-    #: input on the way in and the output back: measured 2026-11-28 on the dev box
-    #: (batch 16, k5, 2 threads, the proxyless stage shapes, widths 25/50/100%), the
-    #: step through channels_last took 0.54x-0.75x of the NCHW time at 7x7, 14x14 and
-    #: 28x28 stride 2, 0.63x-1.15x at the larger planes (conversions included).
+    #: input on the way in and the output back. Measured 2026-11-28 on the dev box
+    #: (batch 16, k5, 2 threads, the proxyless stage shapes, widths 25/50/100%): before
+    #: the NCHW BN-activation backward was vectorised, the step through channels_last
+    #: took 0.54x-0.75x of the NCHW time on 7x7-14x14 planes; after it, 0.75x-1.08x
+    #: (median about 0.95x, conversions included), and a supernet step is faster in
+    #: channels_last for every implementation (benchmarks/RESULTS.md).
     CPU_TRAIN_CHANNELS_LAST = True
 
     def _train_in_channels_last(self, x: torch.Tensor) -> bool:
@@ -139,8 +141,11 @@ class SpringBlock(nn.Module):
                                        k // 2, 1, self.activation)
         # The depthwise BN's sums come out of the same pass.
         scale2, shift2 = self.depthwise_bn.batch_affine(ysum, ysq, y.numel() // c)
-        act = _act_fn(self.activation)
-        h = act(torch.addcmul(shift2.view(1, -1, 1, 1), y, scale2.view(1, -1, 1, 1)))
+        if y.device.type == "cpu":  # one pass each way (bn_act has no CUDA kernel yet)
+            h = bn_act(y, scale2, shift2, self.activation)
+        else:
+            act = _act_fn(self.activation)
+            h = act(torch.addcmul(shift2.view(1, -1, 1, 1), y, scale2.view(1, -1, 1, 1)))
         h = self.project_bn(self.project(h))
         return h + x if self.residual else h
 

@@ -200,9 +200,38 @@ std::tuple<at::Tensor, at::Tensor> bn_affine_from_sums(const at::Tensor& sum,
   return {out[0], out[1]};
 }
 
+// ---------------------------------------------------------------- bn_act
+using BnActOnlySig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
+using BnActOnlyBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
+
+struct BnActFn : torch::autograd::Function<BnActFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& scale,
+                            const at::Tensor& shift, int64_t act) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = handle<BnActOnlySig>("bsnas::bn_act");
+    ctx->save_for_backward({y, scale, shift});
+    ctx->saved_data["act"] = act;
+    return op.call(y, scale, shift, act);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = handle<BnActOnlyBwdSig>("bsnas::_bn_act_backward");
+    const auto saved = ctx->get_saved_variables();
+    auto [gy, gscale, gshift] =
+        op.call(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["act"].toInt());
+    return {grad_if(ctx, 0, gy), grad_if(ctx, 1, gscale), grad_if(ctx, 2, gshift), {}};
+  }
+};
+
+at::Tensor bn_act(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+                  int64_t act) {
+  return BnActFn::apply(y, scale, shift, act);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bsnas, Autograd, m) {
+  m.impl("bn_act", &bn_act);
   m.impl("masked_dwconv2d", &masked_dwconv2d);
   m.impl("masked_pwconv2d", &masked_pwconv2d);
   m.impl("bn_act_dwconv2d", &bn_act_dwconv2d);

@@ -178,10 +178,10 @@ inline void check_grad_out(const char* op, const at::Tensor& grad_out,
 inline void check_affine_act(const char* op, const at::Tensor& x, const at::Tensor& scale,
                              const at::Tensor& shift, int64_t width, int64_t act,
                              const char* scale_name = "scale",
-                             const char* shift_name = "shift") {
+                             const char* shift_name = "shift", const char* x_name = "z") {
   for (const auto& [t, name] : {std::pair{&scale, scale_name}, std::pair{&shift, shift_name}}) {
     TORCH_CHECK(t->defined(), op, ": ", name, " is undefined");
-    check_same(op, *t, name, x, "z");
+    check_same(op, *t, name, x, x_name);
     TORCH_CHECK(t->dim() == 1 && t->size(0) == width, op, ": ", name,
                 " must be 1-D of the active width ", width, ", got shape ", t->sizes());
   }

@@ -6,6 +6,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2,f16c,popcnt")
 #define BSNAS_CPU_ISA avx512
 #define BSNAS_VEC_BYTES 64
+#include "bn_act_cpu.h"
 #include "bn_act_dwconv2d_cpu.h"
 #include "channel_stats_cpu.h"
 #include "masked_dwconv2d_cpu.h"

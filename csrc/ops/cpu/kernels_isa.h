@@ -41,6 +41,11 @@
       const at::Tensor& dw_b, const at::Tensor& project_b,                                \
       const std::optional<at::Tensor>& shortcut, int64_t stride, int64_t act);            \
   std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& z);                  \
+  at::Tensor bn_act_forward(const at::Tensor& y, const at::Tensor& scale,                 \
+                            const at::Tensor& shift, int64_t act);                        \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(                         \
+      const at::Tensor& grad_h, const at::Tensor& y, const at::Tensor& scale,             \
+      const at::Tensor& shift, int64_t act);                                              \
   }
 
 BSNAS_DECLARE_CPU_KERNELS(generic)

@@ -43,7 +43,9 @@ const char* selected_isa() {
   m.impl("bn_act_dwconv2d", &ISA::bn_act_dw_forward);               \
   m.impl("_bn_act_dwconv2d_backward", &ISA::bn_act_dw_backward);   \
   m.impl("_mbconv_folded_depthwise", &ISA::folded_dw_forward);     \
-  m.impl("channel_stats", &ISA::channel_stats)
+  m.impl("channel_stats", &ISA::channel_stats);                    \
+  m.impl("bn_act", &ISA::bn_act_forward);                           \
+  m.impl("_bn_act_backward", &ISA::bn_act_backward)
 
 TORCH_LIBRARY_IMPL(bsnas, CPU, m) {
   switch (detect()) {

@@ -1,0 +1,164 @@
+#pragma once
+// CPU kernels of bsnas::bn_act and its backward (see ../bn_act.cpp): one elementwise
+// pass each, vectorised over the plane (NCHW) or the channels (channels_last). The
+// backward's float64 partial sums live per plane (NCHW) or per image x chunk of
+// kPixelsPerPart pixels (channels_last) and are reduced in a fixed order, so results do
+// not depend on the number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "channel_stats_cpu.h"
+#include "dwconv_passes.h"
+
+namespace bsnas {
+namespace cpu {
+namespace BSNAS_CPU_ISA {
+
+constexpr const char* kBnAct = "bn_act";
+constexpr const char* kBnActBack = "_bn_act_backward";
+constexpr int64_t kPixelsPerPart = 1024;
+
+inline void check_bn_act_args(const char* op, const at::Tensor& y, const at::Tensor& scale,
+                              const at::Tensor& shift, int64_t act) {
+  TORCH_CHECK(y.defined() && y.dim() == 4, op, ": y must be 4-D [N, C, H, W], got ",
+              y.defined() ? y.dim() : 0, "-D");
+  check_floating(op, y);
+  check_affine_act(op, y, scale, shift, y.size(1), act, "scale", "shift", "y");
+}
+
+template <typename T>
+void bn_act_forward_impl(const T* yp, const T* sc, const T* sh, T* hp, int64_t N, int64_t C,
+                         int64_t P, bool cl, int64_t act) {
+  simd::with_act(act, [&]<int A>() {
+    if (cl) {
+      at::parallel_for(0, N * P, std::max<int64_t>(1, 16384 / C), [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          const T* yi = yp + i * C;
+          T* hi = hp + i * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) hi[c] = activate(yi[c] * sc[c] + sh[c], A);
+        }
+      });
+    } else {
+      at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / P), [&](int64_t b, int64_t e) {
+        for (int64_t nc = b; nc < e; ++nc) {
+          const T s = sc[nc % C], t = sh[nc % C];
+          const T* yi = yp + nc * P;
+          T* hi = hp + nc * P;
+#pragma omp simd
+          for (int64_t i = 0; i < P; ++i) hi[i] = activate(yi[i] * s + t, A);
+        }
+      });
+    }
+  });
+}
+
+at::Tensor bn_act_forward(const at::Tensor& y_in, const at::Tensor& scale_in,
+                          const at::Tensor& shift_in, int64_t act) {
+  check_bn_act_args(kBnAct, y_in, scale_in, shift_in, act);
+  const auto fmt = compute_format(y_in);
+  const at::Tensor y = y_in.contiguous(fmt);
+  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  at::Tensor h = at::empty_like(y, y.options().memory_format(fmt));
+  if (h.numel() == 0) return h;
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), kBnAct, [&] {
+    bn_act_forward_impl(y.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
+                        shift.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(),
+                        y.size(0), y.size(1), y.size(2) * y.size(3),
+                        fmt == at::MemoryFormat::ChannelsLast, act);
+  });
+  return h;
+}
+
+// grad_y and the (grad_scale, grad_shift) sums of bn_act.
+template <typename T>
+void bn_act_backward_impl(const T* gp, const T* yp, const T* sc, const T* sh, T* gyp,
+                          T* gscale, T* gshift, int64_t N, int64_t C, int64_t P, bool cl,
+                          int64_t act) {
+  simd::with_act(act, [&]<int A>() {
+    if (cl) {
+      const int64_t chunks = (P + kPixelsPerPart - 1) / kPixelsPerPart, parts = N * chunks;
+      std::vector<double> ps(static_cast<size_t>(parts * C), 0.0), pb(ps.size(), 0.0);
+      at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+        for (int64_t part = b; part < e; ++part) {
+          const int64_t n = part / chunks, p0 = (part % chunks) * kPixelsPerPart;
+          const int64_t p1 = std::min(P, p0 + kPixelsPerPart);
+          double* s = ps.data() + part * C;
+          double* q = pb.data() + part * C;
+          for (int64_t i = (n * P + p0) * C, end = (n * P + p1) * C; i < end; i += C) {
+            const T *yi = yp + i, *gi = gp + i;
+            T* go = gyp + i;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const T yv = yi[c], cs = sc[c];
+              const T gu = act_passes(yv * cs + sh[c], A) ? gi[c] : T(0);
+              s[c] += double(gu) * double(yv);
+              q[c] += double(gu);
+              go[c] = gu * cs;
+            }
+          }
+        }
+      });
+      reduce_parts(ps, parts, C, C, gscale);
+      reduce_parts(pb, parts, C, C, gshift);
+    } else {
+      std::vector<double> ps(static_cast<size_t>(N * C), 0.0), pb(ps.size(), 0.0);
+      at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / P), [&](int64_t b, int64_t e) {
+        for (int64_t nc = b; nc < e; ++nc) {
+          const T cs = sc[nc % C], t = sh[nc % C];
+          const T *yi = yp + nc * P, *gi = gp + nc * P;
+          T* go = gyp + nc * P;
+          double s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
+          for (int64_t i = 0; i < P; ++i) {
+            const T yv = yi[i];
+            const T gu = act_passes(yv * cs + t, A) ? gi[i] : T(0);
+            s += double(gu) * double(yv);
+            q += double(gu);
+            go[i] = gu * cs;
+          }
+          ps[nc] = s;
+          pb[nc] = q;
+        }
+      });
+      reduce_parts(ps, N, C, C, gscale);
+      reduce_parts(pb, N, C, C, gshift);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
+    const at::Tensor& grad_h, const at::Tensor& y_in, const at::Tensor& scale_in,
+    const at::Tensor& shift_in, int64_t act) {
+  check_bn_act_args(kBnActBack, y_in, scale_in, shift_in, act);
+  TORCH_CHECK(grad_h.defined(), kBnActBack, ": grad_h is undefined");
+  check_same(kBnActBack, grad_h, "grad_h", y_in, "y");
+  TORCH_CHECK(grad_h.sizes() == y_in.sizes(), kBnActBack, ": grad_h has shape ",
+              grad_h.sizes(), ", expected ", y_in.sizes());
+  const auto fmt = compute_format(y_in);
+  const at::Tensor y = y_in.contiguous(fmt), g = grad_h.contiguous(fmt);
+  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  at::Tensor gy = at::empty_like(y, y.options().memory_format(fmt));
+  at::Tensor gscale = at::zeros({y.size(1)}, y.options());
+  at::Tensor gshift = at::zeros({y.size(1)}, y.options());
+  if (y.numel() == 0) return {gy, gscale, gshift};
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), kBnActBack, [&] {
+    using T = scalar_t;
+    bn_act_backward_impl(g.const_data_ptr<T>(), y.const_data_ptr<T>(),
+                         scale.const_data_ptr<T>(), shift.const_data_ptr<T>(),
+                         gy.mutable_data_ptr<T>(), gscale.mutable_data_ptr<T>(),
+                         gshift.mutable_data_ptr<T>(), y.size(0), y.size(1),
+                         y.size(2) * y.size(3), fmt == at::MemoryFormat::ChannelsLast, act);
+  });
+  return {gy, gscale, gshift};
+}
+
+}  // namespace BSNAS_CPU_ISA
+}  // namespace cpu
+}  // namespace bsnas
