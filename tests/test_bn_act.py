@@ -53,8 +53,8 @@ def test_gradcheck_and_opcheck(fmt):
     for activation in ACTS:
         assert torch.autograd.gradcheck(
             lambda a, b, c: bn_act(a, b, c, activation),
-            (y.clone().requires_grad_(), scale.clone().requires_grad_(), shift.clone().requires_grad_()))
-    args = (y.float().requires_grad_(), scale.float().requires_grad_(), shift.float().requires_grad_(), 2)
+            tuple(t.clone().requires_grad_() for t in (y, scale, shift)))
+    args = (*(t.float().requires_grad_() for t in (y, scale, shift)), 2)
     torch.library.opcheck(torch.ops.bsnas.bn_act.default, args)
     g = torch.randn_like(y).float().contiguous(memory_format=fmt)
     torch.library.opcheck(torch.ops.bsnas._bn_act_backward.default,

@@ -24,7 +24,8 @@ def bn_act(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     """`act(y * scale + shift)` per channel; `activation` is "identity", "relu" or
     "relu6". Differentiable in y, scale and shift."""
     if activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
+        raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, "
+                         f"got {activation!r}")
     return torch.ops.bsnas.bn_act(y, scale, shift, ACTIVATION_CODES[activation])
 
 

@@ -20,6 +20,18 @@ namespace bsnas {
 namespace cpu {
 namespace BSNAS_CPU_ISA {
 
+// The BN-activation backward of one value: returns grad_z = gu * sc and adds the
+// grad_scale / grad_shift partials gu * z and gu, for gu = ga * act'(u), u = z * sc + sh
+// computed as the forward computes it.
+template <int A, typename T>
+inline T bn_act_grad(T ga, T zv, T sc, T sh, double& ps, double& pb) {
+  const T u = zv * sc + sh;
+  const T gu = act_passes(u, A) ? ga : T(0);
+  ps += double(gu) * double(zv);
+  pb += double(gu);
+  return gu * sc;
+}
+
 constexpr const char* kBnAct = "bn_act";
 constexpr const char* kBnActBack = "_bn_act_backward";
 constexpr int64_t kPixelsPerPart = 1024;
@@ -95,13 +107,8 @@ void bn_act_backward_impl(const T* gp, const T* yp, const T* sc, const T* sh, T*
             const T *yi = yp + i, *gi = gp + i;
             T* go = gyp + i;
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const T yv = yi[c], cs = sc[c];
-              const T gu = act_passes(yv * cs + sh[c], A) ? gi[c] : T(0);
-              s[c] += double(gu) * double(yv);
-              q[c] += double(gu);
-              go[c] = gu * cs;
-            }
+            for (int64_t c = 0; c < C; ++c)
+              go[c] = bn_act_grad<A>(gi[c], yi[c], sc[c], sh[c], s[c], q[c]);
           }
         }
       });
@@ -116,13 +123,7 @@ void bn_act_backward_impl(const T* gp, const T* yp, const T* sc, const T* sh, T*
           T* go = gyp + nc * P;
           double s = 0, q = 0;
 #pragma omp simd reduction(+ : s, q)
-          for (int64_t i = 0; i < P; ++i) {
-            const T yv = yi[i];
-            const T gu = act_passes(yv * cs + t, A) ? gi[i] : T(0);
-            s += double(gu) * double(yv);
-            q += double(gu);
-            go[i] = gu * cs;
-          }
+          for (int64_t i = 0; i < P; ++i) go[i] = bn_act_grad<A>(gi[i], yi[i], cs, t, s, q);
           ps[nc] = s;
           pb[nc] = q;
         }

@@ -23,6 +23,7 @@
 
 #include <vector>
 
+#include "bn_act_cpu.h"
 #include "channel_stats_cpu.h"
 #include "dwconv_passes.h"
 
@@ -150,16 +151,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_dw_forward(
 }
 
 // ------------------------------------------------------------------------ backward
-
-// grad_z and the grad_scale / grad_shift partials of one value: gu = ga * act'(u).
-template <int A, typename T>
-inline T bn_act_grad(T ga, T zv, T sc, T sh, double& ps, double& pb) {
-  const T u = zv * sc + sh;  // as the forward computes it
-  const T gu = act_passes(u, A) ? ga : T(0);
-  ps += double(gu) * double(zv);
-  pb += double(gu);
-  return gu * sc;
-}
 
 template <int A, bool UseY, typename T>
 void fused_backward(const T* gy, const T* y, const T* gsum, const T* gsq2, const T* z,
