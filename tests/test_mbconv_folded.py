@@ -164,15 +164,20 @@ def test_spring_block_eval_runs_on_it(act, fmt):
         assert used == (act != "hswish")
 
 
-def test_spring_block_eval_narrow_cpu_planes_take_onednn():
-    """On CPU, output planes under SpringBlock.CPU_FOLDED_MIN_WIDTH wide run eager
-    (oneDNN's depthwise is faster there); the function is the same."""
+def test_spring_block_eval_narrow_nchw_planes_run_in_channels_last():
+    """On CPU, NCHW inputs with output planes under
+    SpringBlock.CPU_FOLDED_NCHW_MIN_WIDTH wide run the op in channels_last and come back
+    NCHW; wider ones and channels_last inputs run it as they are. Same function."""
     torch.manual_seed(8)
     block = SpringBlock(8, 8, 32, 5, 1).eval()
-    for width, used in ((7, False), (SpringBlock.CPU_FOLDED_MIN_WIDTH, True)):
-        x = torch.randn(2, 8, 7, width)
-        with torch.profiler.profile() as prof, torch.no_grad():
-            y = block(x)
-        assert any(e.name == "bsnas::mbconv_folded" for e in prof.events()) == used
-        with torch.no_grad():
-            torch.testing.assert_close(y, block.to_static()(x), rtol=1e-5, atol=1e-5)
+    for width in (7, SpringBlock.CPU_FOLDED_NCHW_MIN_WIDTH):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(2, 8, 7, width).contiguous(memory_format=fmt)
+            with torch.profiler.profile() as prof, torch.no_grad():
+                y = block(x)
+            assert sum(e.name == "bsnas::mbconv_folded" for e in prof.events()) == 1
+            assert y.is_contiguous(memory_format=fmt)
+            assert block._fold_in_channels_last(x) == (
+                fmt == torch.contiguous_format and width < block.CPU_FOLDED_NCHW_MIN_WIDTH)
+            with torch.no_grad():
+                torch.testing.assert_close(y, block.to_static()(x), rtol=1e-5, atol=1e-5)

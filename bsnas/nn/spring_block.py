@@ -179,14 +179,13 @@ class SpringBlock(nn.Module):
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         f = self.folded_weights()
-        if self.activation in ACTIVATION_CODES and self._folded_op_pays(x) and not (
+        if self.activation in ACTIVATION_CODES and not (
                 torch.is_grad_enabled() and x.requires_grad):
-            # Three kernels: expand GEMM, one depthwise kernel, project GEMM.
-            return mbconv_folded(x, f["expand_w"], f["expand_b"], f["dw_w"], f["dw_b"],
-                                 f["project_w"], f["project_b"], self.stride,
-                                 self.activation, self.residual)
-        # hswish, a gradient wanted for x, or a narrow CPU plane: the same function in
-        # eager PyTorch.
+            if self._fold_in_channels_last(x):
+                return self._folded_op(x.contiguous(memory_format=torch.channels_last),
+                                       f).contiguous()
+            return self._folded_op(x, f)
+        # hswish, or a gradient wanted for x: the same function in eager PyTorch.
         act = _act_fn(self.activation)
         c, k = self._width, self.kernel_size
         h = act(F.conv2d(x, f["expand_w"], f["expand_b"]))
@@ -194,14 +193,25 @@ class SpringBlock(nn.Module):
         h = F.conv2d(h, f["project_w"], f["project_b"])
         return h + x if self.residual else h
 
-    #: On CPU, output planes narrower than this take the eager path (oneDNN) in eval:
-    #: measured 2026-11-28 on the dev box (batch 16, one thread, round-robin medians),
-    #: the whole block through the op ran at 0.49x-0.65x of the eager path's speed at
-    #: 7x7 outputs (k 3/5/7, widths 25-100%) and 0.77x-1.42x at 14x14 -> 7x7 stride 2.
-    CPU_FOLDED_MIN_WIDTH = 16
+    def _folded_op(self, x: torch.Tensor, f: dict) -> torch.Tensor:
+        # Three kernels: expand GEMM, one depthwise kernel, project GEMM.
+        return mbconv_folded(x, f["expand_w"], f["expand_b"], f["dw_w"], f["dw_b"],
+                             f["project_w"], f["project_b"], self.stride, self.activation,
+                             self.residual)
 
-    def _folded_op_pays(self, x: torch.Tensor) -> bool:
-        return x.is_cuda or -(-x.shape[-1] // self.stride) >= self.CPU_FOLDED_MIN_WIDTH
+    #: On CPU, NCHW inputs whose output planes are narrower than this run the folded op
+    #: in channels_last (converted in and out): its NCHW depthwise pays a per-plane cost
+    #: on small planes. Measured 2026-11-28 on the dev box (batch 16, k5, 2 threads,
+    #: round-robin medians, the proxyless shapes with 14- and 7-wide outputs, widths
+    #: 25-100%): 1.28x-2.63x of eager slicing this way, against 0.88x-1.33x for the eager
+    #: path these planes took before; channels_last inputs take the op directly (1.18x-
+    #: 1.61x, eager 0.99x-1.32x). Wider NCHW planes: the op in NCHW, 1.6x-4.4x.
+    CPU_FOLDED_NCHW_MIN_WIDTH = 16
+
+    def _fold_in_channels_last(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and x.is_contiguous()
+                and not x.is_contiguous(memory_format=torch.channels_last)
+                and -(-x.shape[-1] // self.stride) < self.CPU_FOLDED_NCHW_MIN_WIDTH)
 
     def train(self, mode: bool = True):
         if mode:  # training changes the weights: free the folded copies
