@@ -167,10 +167,11 @@ inline DwGeometry check_dw_args(const char* op, const at::Tensor& x,
 }
 
 inline void check_grad_out(const char* op, const at::Tensor& grad_out,
-                           const at::Tensor& x, at::IntArrayRef expected) {
-  TORCH_CHECK(grad_out.defined(), op, ": grad_out is undefined");
-  check_same(op, grad_out, "grad_out", x, "x");
-  TORCH_CHECK(grad_out.sizes() == expected, op, ": grad_out has shape ",
+                           const at::Tensor& x, at::IntArrayRef expected,
+                           const char* grad_name = "grad_out", const char* x_name = "x") {
+  TORCH_CHECK(grad_out.defined(), op, ": ", grad_name, " is undefined");
+  check_same(op, grad_out, grad_name, x, x_name);
+  TORCH_CHECK(grad_out.sizes() == expected, op, ": ", grad_name, " has shape ",
               grad_out.sizes(), ", expected ", expected);
 }
 
@@ -187,6 +188,15 @@ inline void check_affine_act(const char* op, const at::Tensor& x, const at::Tens
   }
   TORCH_CHECK(act == kActIdentity || act == kActReLU || act == kActReLU6, op,
               ": activation code must be 0 (identity), 1 (relu) or 2 (relu6), got ", act);
+}
+
+// Arguments of bsnas::bn_act: y [N, C, H, W] and its per-channel scale / shift.
+inline void check_bn_act_args(const char* op, const at::Tensor& y, const at::Tensor& scale,
+                              const at::Tensor& shift, int64_t act) {
+  TORCH_CHECK(y.defined() && y.dim() == 4, op, ": y must be 4-D [N, C, H, W], got ",
+              y.defined() ? y.dim() : 0, "-D");
+  check_floating(op, y);
+  check_affine_act(op, y, scale, shift, y.size(1), act, "scale", "shift", "y");
 }
 
 // Arguments of bsnas::_bn_act_dwconv2d_backward (the CPU and CUDA kernels).

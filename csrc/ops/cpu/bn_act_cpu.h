@@ -36,14 +36,6 @@ constexpr const char* kBnAct = "bn_act";
 constexpr const char* kBnActBack = "_bn_act_backward";
 constexpr int64_t kPixelsPerPart = 1024;
 
-inline void check_bn_act_args(const char* op, const at::Tensor& y, const at::Tensor& scale,
-                              const at::Tensor& shift, int64_t act) {
-  TORCH_CHECK(y.defined() && y.dim() == 4, op, ": y must be 4-D [N, C, H, W], got ",
-              y.defined() ? y.dim() : 0, "-D");
-  check_floating(op, y);
-  check_affine_act(op, y, scale, shift, y.size(1), act, "scale", "shift", "y");
-}
-
 template <typename T>
 void bn_act_forward_impl(const T* yp, const T* sc, const T* sh, T* hp, int64_t N, int64_t C,
                          int64_t P, bool cl, int64_t act) {
@@ -138,10 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     const at::Tensor& grad_h, const at::Tensor& y_in, const at::Tensor& scale_in,
     const at::Tensor& shift_in, int64_t act) {
   check_bn_act_args(kBnActBack, y_in, scale_in, shift_in, act);
-  TORCH_CHECK(grad_h.defined(), kBnActBack, ": grad_h is undefined");
-  check_same(kBnActBack, grad_h, "grad_h", y_in, "y");
-  TORCH_CHECK(grad_h.sizes() == y_in.sizes(), kBnActBack, ": grad_h has shape ",
-              grad_h.sizes(), ", expected ", y_in.sizes());
+  check_grad_out(kBnActBack, grad_h, y_in, y_in.sizes(), "grad_h", "y");
   const auto fmt = compute_format(y_in);
   const at::Tensor y = y_in.contiguous(fmt), g = grad_h.contiguous(fmt);
   const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
