@@ -19,6 +19,7 @@ from torch import nn
 from bsnas.nn.batchnorm import DynamicBatchNorm2d
 from bsnas.nn.masked_conv import MaskedDepthwiseConv2d, MaskedPointwiseConv2d
 from bsnas.ops import ACTIVATION_CODES, bn_act, bn_act_dwconv2d, channel_stats, mbconv_folded
+from bsnas.ops.masked_conv import _format
 
 ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU, "hswish": nn.Hardswish}
 
@@ -30,9 +31,16 @@ def _act_fn(name: str):
 def _in_layout_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """`y` in `x`'s memory format (a no-op when it already is): at width 1 the hidden
     tensors are NCHW and channels_last at once, and the ops then compute in NCHW."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if _format(x) == torch.channels_last:
         return y.contiguous(memory_format=torch.channels_last)
     return y
+
+
+def _cpu_nchw(x: torch.Tensor) -> bool:
+    """A dense NCHW CPU tensor (not also channels_last): the inputs the block converts
+    to channels_last where its channels_last kernels are the faster ones."""
+    return (x.device.type == "cpu" and x.is_contiguous()
+            and not x.is_contiguous(memory_format=torch.channels_last))
 
 
 class SpringBlock(nn.Module):
@@ -123,8 +131,7 @@ class SpringBlock(nn.Module):
     CPU_TRAIN_CHANNELS_LAST = True
 
     def _train_in_channels_last(self, x: torch.Tensor) -> bool:
-        return (self.CPU_TRAIN_CHANNELS_LAST and x.device.type == "cpu" and x.is_contiguous()
-                and not x.is_contiguous(memory_format=torch.channels_last))
+        return self.CPU_TRAIN_CHANNELS_LAST and _cpu_nchw(x)
 
     # Training: the expand BN + activation are applied inside the depthwise kernel as it
     # reads its input (the activation tensor between them never exists).
@@ -209,9 +216,7 @@ class SpringBlock(nn.Module):
     CPU_FOLDED_NCHW_MIN_WIDTH = 16
 
     def _fold_in_channels_last(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and x.is_contiguous()
-                and not x.is_contiguous(memory_format=torch.channels_last)
-                and -(-x.shape[-1] // self.stride) < self.CPU_FOLDED_NCHW_MIN_WIDTH)
+        return _cpu_nchw(x) and -(-x.shape[-1] // self.stride) < self.CPU_FOLDED_NCHW_MIN_WIDTH
 
     def train(self, mode: bool = True):
         if mode:  # training changes the weights: free the folded copies
