@@ -66,6 +66,11 @@ def _extension():
     # nothing here reads them.
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-tree-loop-distribute-patterns",
            "-fno-trapping-math"]
+    # Where the compiler links libstdc++ statically (the lent GPU machine's g++ does), the
+    # copy inside _C must keep its own symbols: exported, its functions ran against the
+    # data of the process's libstdc++.so (loaded by torch) and formatting an integer into
+    # an error message crashed. Hidden, the copy is self-contained. No effect otherwise.
+    link = ["-Wl,--exclude-libs,ALL"]
     if _want_cuda():
         sources += sorted(glob.glob("csrc/ops/cuda/*.cu"))
         print(f"bsnas: building CPU + CUDA kernels (CUDA_HOME={_cuda_home}, "
@@ -74,9 +79,11 @@ def _extension():
             "bsnas._C", sources,
             define_macros=[("BSNAS_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]},
+            extra_link_args=link,
         )
     print("bsnas: building CPU kernels only (no CUDA build of torch, nvcc not found, or BSNAS_CUDA=0)")
-    return CppExtension("bsnas._C", sources, extra_compile_args={"cxx": cxx})
+    return CppExtension("bsnas._C", sources, extra_compile_args={"cxx": cxx},
+                        extra_link_args=link)
 
 
 setup(
