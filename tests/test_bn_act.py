@@ -1,13 +1,19 @@
 """bsnas.ops.bn_act (per-channel affine + activation, one-pass backward) against the
-plain PyTorch composite."""
+plain PyTorch composite in float64, on random shapes and values; gradcheck and opcheck.
+CUDA cases run where a GPU and the CUDA kernels are present (float16 / bfloat16 there:
+computed in float32 from the rounded inputs, one rounding of each result, so 2e-3 /
+1.6e-2 relative to the largest reference magnitude)."""
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import bsnas
 from bsnas.ops import bn_act
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and bsnas.cuda_compiled() else [])
+HALF_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
 ACTS = {"identity": lambda u: u, "relu": F.relu, "relu6": F.relu6}
 
@@ -16,40 +22,55 @@ def _reference(y, scale, shift, activation):
     return ACTS[activation](y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
 
 
-def _inputs(rng, dtype, fmt, shape=None):
+def _inputs(rng, dtype, fmt, shape=None, device="cpu"):
     shape = shape or (rng.randint(1, 4), rng.randint(1, 70), rng.randint(1, 12), rng.randint(1, 12))
-    y = (torch.randn(*shape, dtype=dtype) * 3).contiguous(memory_format=fmt)
-    scale = torch.rand(shape[1], dtype=dtype) * 2 - 0.5
-    shift = torch.randn(shape[1], dtype=dtype) * 2
+    y = (torch.randn(*shape) * 3).to(device, dtype).contiguous(memory_format=fmt)
+    scale = (torch.rand(shape[1]) * 2 - 0.5).to(device, dtype)
+    shift = (torch.randn(shape[1]) * 2).to(device, dtype)
     return y, scale, shift
+
+
+def _assert_close(got, want, dtype):
+    """`got` (dtype) against the float64 `want`."""
+    assert got.dtype == dtype
+    if dtype in HALF_TOL:
+        tol = HALF_TOL[dtype]
+        scale = max(want.abs().max().item(), 1e-6)
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale)
+    elif dtype == torch.float64:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    else:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("activation", sorted(ACTS))
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_reference(dtype, fmt, activation):
-    rng = random.Random(f"{dtype}-{fmt}-{activation}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference(device, dtype, fmt, activation):
+    if device == "cpu" and dtype in HALF_TOL:
+        pytest.skip("half precision is CUDA only")
+    rng = random.Random(f"{device}-{dtype}-{fmt}-{activation}")
     torch.manual_seed(rng.randint(0, 1 << 30))
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
     for _ in range(8):
-        args = [t.requires_grad_() for t in _inputs(rng, dtype, fmt)]
+        args = [t.requires_grad_() for t in _inputs(rng, dtype, fmt, device=device)]
         h = bn_act(*args, activation)
-        assert h.is_contiguous(memory_format=fmt) and h.dtype == dtype
+        assert h.is_contiguous(memory_format=fmt) and h.device.type == device
         ref_args = [t.detach().double().requires_grad_() for t in args]
         ref = _reference(*ref_args, activation)
-        g = torch.randn_like(ref)
-        got = torch.autograd.grad(h, args, g.to(dtype))
-        want = torch.autograd.grad(ref, ref_args, g)
-        torch.testing.assert_close(h.double(), ref, **tol)
+        g = torch.randn_like(ref).to(dtype)
+        got = torch.autograd.grad(h, args, g)
+        want = torch.autograd.grad(ref, ref_args, g.double())
+        _assert_close(h, ref.detach(), dtype)
         for a, b in zip(got, want):
-            assert a.dtype == dtype
-            torch.testing.assert_close(a.double(), b, **tol)
+            _assert_close(a, b, dtype)
 
 
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
-def test_gradcheck_and_opcheck(fmt):
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_and_opcheck(device, fmt):
     rng = random.Random(5)
-    y, scale, shift = _inputs(rng, torch.float64, fmt, (2, 5, 4, 3))
+    y, scale, shift = _inputs(rng, torch.float64, fmt, (2, 5, 4, 3), device)
     for activation in ACTS:
         assert torch.autograd.gradcheck(
             lambda a, b, c: bn_act(a, b, c, activation),
@@ -83,20 +104,46 @@ def test_large_image_parts_and_threads():
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-3)
 
 
-def test_bad_input():
-    y = torch.randn(2, 3, 4, 4)
-    s = torch.ones(3)
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
+def test_cuda_large_is_deterministic(fmt):
+    """Many splits of each channel's values: the same bits on every run, and the float64
+    reference."""
+    rng = random.Random(11)
+    y, scale, shift = _inputs(rng, torch.float32, fmt, (16, 72, 56, 56), "cuda")
+    g = torch.randn_like(y)
+    outs = [torch.ops.bsnas._bn_act_backward(g, y, scale, shift, 2) for _ in range(2)]
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    ref_args = [t.double().requires_grad_() for t in (y, scale, shift)]
+    want = torch.autograd.grad(_reference(*ref_args, "relu6"), ref_args, g.double())
+    for a, b in zip(outs[0], want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(bn_act(y, scale, shift).double(),
+                               _reference(*ref_args, "relu6").detach(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input(device):
+    y = torch.randn(2, 3, 4, 4, device=device)
+    s = torch.ones(3, device=device)
     with pytest.raises(RuntimeError, match="y must be 4-D"):
-        bn_act(torch.randn(3, 4, 4), s, s)
+        bn_act(torch.randn(3, 4, 4, device=device), s, s)
     with pytest.raises(RuntimeError, match="scale must be 1-D of the active width 3"):
-        bn_act(y, torch.ones(4), s)
+        bn_act(y, torch.ones(4, device=device), s)
     with pytest.raises(RuntimeError, match="shift is Double but y is Float"):
         bn_act(y, s, s.double())
-    with pytest.raises(RuntimeError, match="half precision is supported on CUDA only"):
-        bn_act(y.half(), s.half(), s.half())
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="half precision is supported on CUDA only"):
+            bn_act(y.half(), s.half(), s.half())
+    else:
+        with pytest.raises(RuntimeError, match="shift is on cpu"):
+            bn_act(y, s, s.cpu())
+        with pytest.raises(RuntimeError, match="CUDA tensors must be float32"):
+            bn_act(y.int(), s.int(), s.int())
     with pytest.raises(RuntimeError, match="activation code must be"):
         torch.ops.bsnas.bn_act(y, s, s, 7)
     with pytest.raises(ValueError, match="activation must be one of"):
         bn_act(y, s, s, "gelu")
     with pytest.raises(RuntimeError, match="grad_h has shape"):
-        torch.ops.bsnas._bn_act_backward(torch.randn(2, 3, 4, 5), y, s, s, 2)
+        torch.ops.bsnas._bn_act_backward(torch.randn(2, 3, 4, 5, device=device), y, s, s, 2)

@@ -148,11 +148,7 @@ class SpringBlock(nn.Module):
                                        k // 2, 1, self.activation)
         # The depthwise BN's sums come out of the same pass.
         scale2, shift2 = self.depthwise_bn.batch_affine(ysum, ysq, y.numel() // c)
-        if y.device.type == "cpu":  # one pass each way (bn_act has no CUDA kernel yet)
-            h = bn_act(y, scale2, shift2, self.activation)
-        else:
-            act = _act_fn(self.activation)
-            h = act(torch.addcmul(shift2.view(1, -1, 1, 1), y, scale2.view(1, -1, 1, 1)))
+        h = bn_act(y, scale2, shift2, self.activation)  # one pass each way
         h = self.project_bn(self.project(h))
         return h + x if self.residual else h
 

@@ -4,9 +4,10 @@
 
 with a one-pass backward: grad_y = gu * scale, grad_scale = sum(gu * y), grad_shift =
 sum(gu) for gu = grad_h * act'(u) (sums in float64; autograd in csrc/ops/autograd.cpp).
-The spring block applies its depthwise BN + activation with it in training on CPU, where
-the eager composite (addcmul, clamp) took two passes forward and six backward. CPU
-only: on CUDA the block keeps the composite.
+The spring block applies its depthwise BN + activation with it in training, where the
+eager composite (addcmul, clamp) took two passes forward and six backward. CPU
+(float32/float64) and CUDA (also float16/bfloat16; the backward's sums are
+deterministic, two launches).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from bsnas import _C  # noqa: F401  (registers the ops)
 from bsnas.ops.bn_act_dwconv import ACTIVATION_CODES
-from bsnas.ops.masked_conv import _format
+from bsnas.ops.masked_conv import _autocast, _format
 
 __all__ = ["bn_act"]
 
@@ -26,6 +27,7 @@ def bn_act(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, "
                          f"got {activation!r}")
+    y, scale, shift = _autocast(y, scale, shift)  # under CUDA autocast, as the other ops
     return torch.ops.bsnas.bn_act(y, scale, shift, ACTIVATION_CODES[activation])
 
 

@@ -28,13 +28,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <array>
-#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
 
 #include "../masked_conv_common.h"
+#include "cuda_util.cuh"
 
 namespace bsnas {
 namespace {
@@ -601,20 +600,6 @@ __global__ void __launch_bounds__(kTileThreads)
 }
 
 // ------------------------------------------------------------------------------ host
-
-inline int sm_count(int device) {
-  static std::array<std::atomic<int>, 64> cache{};
-  if (device < 0 || device >= int(cache.size())) device = 0;
-  int v = cache[device].load(std::memory_order_relaxed);
-  if (v == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
-    v = std::max(v, 1);
-    cache[device].store(v, std::memory_order_relaxed);
-  }
-  return v;
-}
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid of a flat grid-stride kernel: enough blocks for a couple of waves, no more.
 inline unsigned flat_blocks(int64_t total, int sms) {
