@@ -272,17 +272,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const at::Tensor gy = grad_y.contiguous(fmt), y = y_in.contiguous(fmt);
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  // float64 statistics gradients -> z's dtype ([C] values).
-  const at::Tensor gsum = grad_sum.to(z.scalar_type()).contiguous();
-  const at::Tensor gsq = grad_sumsq.to(z.scalar_type()).contiguous();
+  const at::Tensor gsum = grad_sum.contiguous(), gsq = grad_sumsq.contiguous();  // float64
   at::Tensor gz = at::empty_like(z, z.options().memory_format(fmt));
   at::Tensor gscale = at::empty({g.C}, z.options()), gshift = at::empty({g.C}, z.options());
   // Full-width gradient; rows past `width` stay zero.
-  at::Tensor gw = at::zeros(weight.sizes(), weight.options());
+  at::Tensor gw = full_width_grad(weight, g.C);
   if (z.numel() == 0) {  // a is all padding: every gradient is zero (or empty)
     gscale.zero_();
     gshift.zero_();
-    return {gz, gscale, gshift, gw};
+    return {gz, gscale, gshift, gw.zero_()};
   }
   bn_act_cuda::weight_grad(gy, gsum, gsq, z, scale, shift, y, act, gw, g);
   bn_act_cuda::input_grad(gy, gsum, gsq, z, scale, shift, y, weight, act, gz, gscale, gshift,

@@ -8,7 +8,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -114,10 +114,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   const at::Tensor y = y_in.contiguous(fmt), g = grad_h.contiguous(fmt);
   const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
   at::Tensor gy = at::empty_like(y, y.options().memory_format(fmt));
-  at::Tensor gscale = at::zeros({y.size(1)}, y.options());
-  at::Tensor gshift = at::zeros({y.size(1)}, y.options());
+  at::Tensor gscale = at::empty({y.size(1)}, y.options());  // every entry written below
+  at::Tensor gshift = at::empty({y.size(1)}, y.options());
   const int64_t N = y.size(0), C = y.size(1), P = y.size(2) * y.size(3);
-  if (N * P == 0 || C == 0) return {gy, gscale, gshift};
+  if (N * P == 0 || C == 0) return {gy, gscale.zero_(), gshift.zero_()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), kBnActBack, [&] {
     using T = scalar_t;

@@ -1,6 +1,8 @@
 // Small host helpers shared by the CUDA kernels' launchers.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
@@ -25,5 +27,14 @@ inline int sm_count(int device) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A full-width weight gradient shaped like `weight` whose rows [0, width) the caller's
+// kernel writes in full: only the rows past `width` are zeroed here (none at full
+// width, one launch saved).
+inline at::Tensor full_width_grad(const at::Tensor& weight, int64_t width) {
+  at::Tensor gw = at::empty(weight.sizes(), weight.options());
+  if (width < weight.size(0)) gw.narrow(0, width, weight.size(0) - width).zero_();
+  return gw;
+}
 
 }  // namespace bsnas

@@ -192,8 +192,8 @@ struct BnActLoads {
   BnActInput<scalar_t> in;
   const scalar_t* __restrict__ gy;
   const scalar_t* __restrict__ y;
-  const scalar_t* __restrict__ grad_sum;
-  const scalar_t* __restrict__ grad_sumsq;
+  const double* __restrict__ grad_sum;  // float64, as the op's statistics
+  const double* __restrict__ grad_sumsq;
   template <typename index_t>
   __device__ __forceinline__ Chan channel(index_t c) const {
     return {static_cast<acc_t>(grad_sum[c]), acc_t(2) * static_cast<acc_t>(grad_sumsq[c]),
@@ -305,8 +305,8 @@ BnActLoads<scalar_t> make_bn_act_loads(const at::Tensor& gy, const at::Tensor& g
            shift.const_data_ptr<scalar_t>(), static_cast<int>(act)},
           gy.const_data_ptr<scalar_t>(),
           y.const_data_ptr<scalar_t>(),
-          gsum.const_data_ptr<scalar_t>(),
-          gsq.const_data_ptr<scalar_t>()};
+          gsum.const_data_ptr<double>(),
+          gsq.const_data_ptr<double>()};
 }
 
 // ------------------------------------------------------------------ block reductions

@@ -330,8 +330,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out,
   const at::Tensor weight = weight_in.contiguous();
   at::Tensor gx = at::empty_like(x, x.options().memory_format(fmt));
   // Full-width gradient; rows past `width` stay zero.
-  at::Tensor gw = at::zeros(weight.sizes(), weight.options());
-  if (x.numel() == 0) return {gx.zero_(), gw};
+  at::Tensor gw = full_width_grad(weight, g.C);
+  if (x.numel() == 0) return {gx.zero_(), gw.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16,
                                   x.scalar_type(), kBwd,
                                   [&] { launch_backward<scalar_t>(gy, x, weight, gx, gw, g); });
