@@ -49,10 +49,13 @@ def stage_layers(quick: bool):
 
 
 def _timer(device):
-    """Returns interleaved(fns, reps) -> {name: median seconds}: one warm-up call of each
-    function, then `reps` rounds calling every function once per round (round-robin,
-    so load changes on a shared machine hit all of them alike). CUDA events on GPU."""
-    def once(fn):
+    """Returns interleaved(fns, reps) -> {name: median seconds}, for fns {name: (setup,
+    fn)}: one warm-up call of each, then `reps` rounds calling every function once per
+    round (round-robin, so load changes on a shared machine hit all of them alike).
+    Only fn is timed (CUDA events on GPU); setup (switching the block to an
+    implementation, train / eval) runs before the clock starts."""
+    def once(setup, fn):
+        setup()
         if device.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -65,13 +68,14 @@ def _timer(device):
         return time.perf_counter() - tic
 
     def interleaved(fns, reps):
-        for fn in fns.values():
+        for setup, fn in fns.values():
             for _ in range(3 if device.type == "cuda" else 1):
+                setup()
                 fn()
         times = {k: [] for k in fns}
         for _ in range(reps):
-            for k, fn in fns.items():
-                times[k].append(once(fn))
+            for k, (setup, fn) in fns.items():
+                times[k].append(once(setup, fn))
         return {k: statistics.median(v) for k, v in times.items()}
     return interleaved
 
@@ -129,18 +133,17 @@ def main(argv=None) -> None:
                     mod.train(train)
                     return mod
 
-                def train_step(select=select):
-                    m = select(train=True)
+                def train_step(mod=mod):
                     with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                        y = m(x)
+                        y = mod(x)
                     y.backward(g)
 
-                def infer(select=select):
-                    m = select(train=False)
+                def infer(mod=mod):
                     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                        m(x)
+                        mod(x)
 
-                fns["train"][kind], fns["infer"][kind] = train_step, infer
+                fns["train"][kind] = (lambda select=select: select(train=True), train_step)
+                fns["infer"][kind] = (lambda select=select: select(train=False), infer)
             # Round-robin over the implementations, so load changes on a shared machine
             # hit them alike; medians per implementation.
             times = {mode: run(fns[mode], reps) for mode in fns}

@@ -10,6 +10,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 import time
@@ -65,7 +66,7 @@ def main(argv=None) -> None:
           f"{'channels_last' if a.channels_last else 'NCHW'}\n")
     print("| mode | impl | launches / call | kernel time / call (us) | wall / call (us) |")
     print("|---|---|---:|---:|---:|")
-    tables = {}
+    tables, apis = {}, {}
     for mode, fn in (("train", train), ("infer", infer)):
         for kind in ("fused", "slicing", "masking"):
             use_baseline(block, kind)
@@ -87,10 +88,17 @@ def main(argv=None) -> None:
             kern = sum(e.device_time_total for e in ev
                        if e.device_type == torch.autograd.DeviceType.CUDA) / 5
             print(f"| {mode} | {kind} | {launches:.0f} | {kern:.0f} | {wall * 1e6:.0f} |")
-            if kind == "fused":
+            # Runtime / driver API calls per call (launches, syncs, memsets, copies).
+            api = collections.Counter(e.name for e in ev if e.name.startswith("cu"))
+            apis[(mode, kind)] = ", ".join(f"{k} {v / 5:g}" for k, v in api.most_common(8))
+            if kind == "fused" and a.top:
                 tables[mode] = prof.key_averages().table(sort_by="self_cpu_time_total",
                                                          row_limit=a.top)
     use_baseline(block, "fused")
+    if any(apis.values()):
+        print("\nCUDA API calls per call:")
+        for (mode, kind), line in apis.items():
+            print(f"- {mode} {kind}: {line}")
     for mode, t in tables.items():
         print(f"\nfused {mode}, 5 calls, by self host time:\n{t}")
 

@@ -152,9 +152,10 @@ class SpringBlock(nn.Module):
         h = self.project_bn(self.project(h))
         return h + x if self.residual else h
 
-    # Inference (eval mode, no gradient wanted): BN folded into the active weights. The folded weights are copies of the
-    # active part, cached per width and rebuilt whenever a parameter or BN buffer
-    # changes (every in-place update bumps the tensor's version counter).
+    # Inference (eval mode, no gradient wanted): BN folded into the active weights. The
+    # folded weights are copies of the active part, cached per width and rebuilt whenever
+    # a parameter or BN buffer changes (every in-place update bumps the tensor's version
+    # counter).
     def _state_versions(self) -> tuple:
         return tuple(t._version for t in (*self.parameters(), *self.buffers()))
 

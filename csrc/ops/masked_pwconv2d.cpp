@@ -9,7 +9,7 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/sum.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -79,9 +79,14 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out,
   const at::Tensor gy = grad_out.contiguous(fmt);
   const at::Tensor w = active_block(weight_2d(weight, g), g);
   at::Tensor gx = at::empty({g.N, g.in_w, g.H, g.W}, x.options().memory_format(fmt));
-  at::Tensor gw_full = at::zeros({g.out_max, g.in_max, 1, 1}, weight.options());
-  at::Tensor gw = active_block(gw_full.view({g.out_max, g.in_max}), g);
-  if (x.numel() == 0) return {gx.zero_(), gw_full};
+  // Full-shaped weight gradient: the GEMMs below write the active block in full, so
+  // only the entries outside it are zeroed (none at full width).
+  at::Tensor gw_full = at::empty({g.out_max, g.in_max, 1, 1}, weight.options());
+  if (x.numel() == 0) return {gx.zero_(), gw_full.zero_()};
+  const at::Tensor gw2 = gw_full.view({g.out_max, g.in_max});
+  if (g.out_w < g.out_max) gw2.narrow(0, g.out_w, g.out_max - g.out_w).zero_();
+  if (g.in_w < g.in_max) gw2.narrow(0, 0, g.out_w).narrow(1, g.in_w, g.in_max - g.in_w).zero_();
+  at::Tensor gw = active_block(gw2, g);
   if (g.channels_last) {
     const at::Tensor gy2 = rows_view(gy), x2 = rows_view(x);
     at::Tensor gx2 = rows_view(gx);
@@ -103,7 +108,13 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out,
       const int64_t per = std::max<int64_t>(1, (int64_t{1} << 23) / (g.out_w * g.in_w));
       for (int64_t n0 = 0; n0 < g.N; n0 += per) {
         const int64_t len = std::min(per, g.N - n0);
-        gw.add_(at::bmm(gy3.narrow(0, n0, len), x3.narrow(0, n0, len).transpose(1, 2)).sum(0));
+        const at::Tensor prod =
+            at::bmm(gy3.narrow(0, n0, len), x3.narrow(0, n0, len).transpose(1, 2));
+        if (n0 == 0) {
+          at::sum_out(gw, prod, 0);  // reduces straight into the strided view
+        } else {
+          gw.add_(prod.sum(0));
+        }
       }
     }
   }
