@@ -1,5 +1,6 @@
-"""Issue 3 benchmark: the spring block, training step (forward + backward) and inference
-(forward in eval mode under no_grad), at the shapes of the `proxyless` preset's stages
+"""Issue 3 benchmark: the spring block, training step (forward + backward, the input
+requiring a gradient as inside a network) and inference (forward in eval mode under
+no_grad), at the shapes of the `proxyless` preset's stages
 (224x224 input), widths 25/50/100% of the block's max width, against
 
 - slicing: the same block through `F.conv2d` on weight slices (Once-for-All), eager;
@@ -112,7 +113,8 @@ def main(argv=None) -> None:
     for name, cin, cout, stride, h, wmax in stage_layers(a.quick):
         torch.manual_seed(0)
         block = SpringBlock(cin, cout, wmax, a.kernel, stride).to(device)
-        x = torch.randn(batch, cin, h, h, device=device).to(memory_format=fmt)
+        # The input wants a gradient, as every block's input does inside a network.
+        x = torch.randn(batch, cin, h, h, device=device).to(memory_format=fmt).requires_grad_()
         g = torch.randn(batch, cout, h // stride, h // stride, device=device).to(memory_format=fmt)
         compiled = torch.compile(use_baseline(SpringBlock(cin, cout, wmax, a.kernel, stride).to(device),
                                               "slicing"), dynamic=True) if a.compile else None
