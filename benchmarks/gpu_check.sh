@@ -4,9 +4,10 @@
 #
 #     bash benchmarks/gpu_check.sh            # outputs in ${OUT:-/tmp/bsnas_out}
 #
-# Stages: device/version info; in-place CUDA build (sm_90); bsnas.cuda_compiled();
-# tests/test_ops_cuda.py; the small "smoke" CUDA tests under compute-sanitizer memcheck
-# (when compute-sanitizer is found); benchmarks/bench_gpu.py. Every stage runs under
+# Stages: device/version info; in-place CUDA build (sm_90); bsnas.cuda_compiled(); the
+# CUDA test files (one process each); the small "smoke" CUDA tests under
+# compute-sanitizer memcheck (when compute-sanitizer is found); benchmarks/bench_gpu.py;
+# benchmarks/bench_block.py; benchmarks/profile_block.py. Every stage runs under
 # `timeout`, bounded so that the whole script ends within about 8 minutes; a failed
 # stage is recorded and the next one still runs. Exits non-zero if any stage failed.
 # The summary table is printed last.
@@ -129,6 +130,16 @@ if ((block_t > 40)); then
     "$PY" benchmarks/bench_block.py --device cuda --reps 20 $compile_flag --out "$OUT/block_bench.md"
 else
   STAGES+=("block|skipped (no time left)|0|-")
+fi
+
+# Where the block's time goes (launches, kernel time, wall time per call; top host-time
+# ops): tells host-bound layers from kernel-bound ones.
+now=$(date +%s)
+if ((DEADLINE - now > 30)); then
+  TAIL_LINES=12 run_stage profile 40 "$OUT/profile_block.md" \
+    "$PY" benchmarks/profile_block.py --top 15
+else
+  STAGES+=("profile|skipped (no time left)|0|-")
 fi
 
 echo
