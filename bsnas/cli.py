@@ -65,12 +65,27 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _run_latency_table(args: argparse.Namespace) -> int:
+def _add_measure_args(p: argparse.ArgumentParser, when: str) -> None:
+    """--space, the timing flags and the shape of the timed inputs, shared by the latency
+    commands; `when` says when a table is measured."""
+    p.add_argument("--space", required=True, help="preset name or YAML file")
+    _add_timing_args(p)
+    p.add_argument("--batch-size", type=int, default=1, help=f"batch size {when} (default 1)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help=f"input resolution {when} (default: the space's)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _measure_table(args: argparse.Namespace) -> dict:
     from bsnas.latency import measure_table
+    return measure_table(args.space, args.device, batch_size=args.batch_size,
+                         resolution=args.resolution, warmup=args.warmup, repeats=args.repeats,
+                         rounds=args.rounds, progress=None if args.quiet else _log)
+
+
+def _run_latency_table(args: argparse.Namespace) -> int:
     _set_threads(args)
-    table = measure_table(args.space, args.device, batch_size=args.batch_size, resolution=args.resolution,
-                          warmup=args.warmup, repeats=args.repeats, rounds=args.rounds,
-                          progress=None if args.quiet else _log)
+    table = _measure_table(args)
     out = args.out or f"latency-{table['space']}-{table['device']}.json"
     _write_json(out, table)
     print(f"wrote {out}: {sum(len(w) for l in table['layers'] for w in l.values() if isinstance(w, dict))} "
@@ -82,12 +97,8 @@ def add_latency_table(sub) -> None:
     p = sub.add_parser("latency-table", help="measure the latency of every (layer, op, width) choice",
                        description="Measure every (layer, op, width) choice of a space on this device "
                                    "and write a JSON latency table (see bsnas.latency).")
-    p.add_argument("--space", required=True, help="preset name or YAML file")
-    _add_timing_args(p)
-    p.add_argument("--batch-size", type=int, default=1, help="batch size of the timed inputs (default 1)")
-    p.add_argument("--resolution", type=int, default=None, help="input resolution (default: the space's)")
+    _add_measure_args(p, "of the timed inputs")
     p.add_argument("--out", default=None, help="output JSON (default latency-<space>-<device>.json)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_run_latency_table)
 
 
@@ -96,16 +107,12 @@ def add_latency_table(sub) -> None:
 
 def _run_latency_report(args: argparse.Namespace) -> int:
     from bsnas.cost import load_latency_table
-    from bsnas.latency import evaluate_table, measure_table
+    from bsnas.latency import evaluate_table
     _set_threads(args)
-    progress = None if args.quiet else _log
-    if args.table:
-        table = load_latency_table(args.table)
-    else:
-        table = measure_table(args.space, args.device, batch_size=args.batch_size, resolution=args.resolution,
-                              warmup=args.warmup, repeats=args.repeats, rounds=args.rounds, progress=progress)
+    table = load_latency_table(args.table) if args.table else _measure_table(args)
     report = evaluate_table(args.space, table, archs=args.archs, seed=args.seed, device=args.device,
-                            warmup=args.warmup, repeats=args.repeats, rounds=args.rounds, progress=progress)
+                            warmup=args.warmup, repeats=args.repeats, rounds=args.rounds,
+                            progress=None if args.quiet else _log)
     report["table"] = table
     _write_json(args.out, report)
     print(f"{report['space']} on {report['device_name']} ({report['device']}, {report['threads']} threads), "
@@ -119,15 +126,11 @@ def add_latency_report(sub) -> None:
     p = sub.add_parser("latency-report", help="how well a latency table predicts end-to-end latency",
                        description="Measure N random architectures end to end and report Pearson and "
                                    "Kendall correlations with the latency-table sums.")
-    p.add_argument("--space", required=True, help="preset name or YAML file")
+    _add_measure_args(p, "when measuring a table")
     p.add_argument("--archs", type=int, default=50, help="number of random architectures (default 50)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--table", default=None, help="latency table JSON (default: measure one first)")
-    _add_timing_args(p)
-    p.add_argument("--batch-size", type=int, default=1, help="batch size when measuring a table (default 1)")
-    p.add_argument("--resolution", type=int, default=None, help="resolution when measuring a table")
     p.add_argument("--out", required=True, help="output JSON report (includes the table)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_run_latency_report)
 
 
