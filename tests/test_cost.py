@@ -16,16 +16,6 @@ MOBILENETV2_PARAMS = 3_504_872
 MOBILENETV2_MACS = 300_774_272  # 300.8M at 224x224
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread: these models are tiny, and several threads spin-wait badly when
-    other processes share the machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def counted_macs(model, resolution, in_channels=3):
     """MACs of one forward pass as FlopCounterMode counts them (FLOPs / 2)."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -20,16 +20,6 @@ from bsnas.cli import main as cli_main
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread: these models are tiny, and several threads spin-wait badly when
-    other processes share the machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomize(net: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial BN statistics/affine and classifier weights, so that equivalence
     tests see every BN entry and sizeable logits."""

@@ -18,16 +18,6 @@ REPO = Path(__file__).resolve().parent.parent
 FAST = {"warmup": 1, "repeats": 2, "rounds": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread: timings with several threads degrade badly when other processes
-    share the machine's cores (OpenMP spin-waits), which would only slow the tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def table():
     return measure_table("tiny", "cpu", **FAST)

@@ -10,16 +10,6 @@ from bsnas import Arch, EnabledSpace, LayerChoice, Supernet, load_space
 from bsnas.nn import SpringBlock
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread: these models are tiny, and several threads spin-wait badly when
-    other processes share the machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
