@@ -678,14 +678,19 @@ void dispatch_stride(int64_t stride, const Fn& fn) {
   fn.template operator()<0>();
 }
 
+// Whether dispatch_strips picks a strip variant (ST > 0) for this geometry.
+inline bool uses_strips(const DwGeometry& g, int64_t weight_numel) {
+  return fits_int32(g, weight_numel) && g.dil == 1 && (g.stride == 1 || g.stride == 2) &&
+         (g.K == 3 || g.K == 5 || g.K == 7);
+}
+
 // The fused kernels' variants: strips (ST > 0, the hot path) for k = 3, 5, 7 with
 // dilation 1 and stride ST = 1 or 2, int32 indices; otherwise the runtime-k, per-tap
 // kernels (ST = 0), int32 or int64 indices. Calls fn.template operator()<index_t, KS,
 // ST>().
 template <typename Fn>
 void dispatch_strips(const DwGeometry& g, int64_t weight_numel, const Fn& fn) {
-  const bool i32 = fits_int32(g, weight_numel);
-  if (i32 && g.dil == 1 && (g.stride == 1 || g.stride == 2)) {
+  if (uses_strips(g, weight_numel)) {
     const auto by_stride = [&]<int KS>() {
       if (g.stride == 1) fn.template operator()<int32_t, KS, 1>();
       else fn.template operator()<int32_t, KS, 2>();
@@ -693,11 +698,10 @@ void dispatch_strips(const DwGeometry& g, int64_t weight_numel, const Fn& fn) {
     switch (g.K) {
       case 3: return by_stride.template operator()<3>();
       case 5: return by_stride.template operator()<5>();
-      case 7: return by_stride.template operator()<7>();
-      default: break;
+      default: return by_stride.template operator()<7>();
     }
   }
-  if (i32) fn.template operator()<int32_t, 0, 0>();
+  if (fits_int32(g, weight_numel)) fn.template operator()<int32_t, 0, 0>();
   else fn.template operator()<int64_t, 0, 0>();
 }
 

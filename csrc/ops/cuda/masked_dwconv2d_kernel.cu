@@ -7,7 +7,8 @@
 // Layouts:
 // - NCHW kernels are flat: one thread per output (input, for grad_x) element in a
 //   grid-stride loop, so a warp covers consecutive columns of a row and the weight
-//   reads of a warp are (mostly) one broadcast address.
+//   reads of a warp are (mostly) one broadcast address; except the forward for k = 3,
+//   5, 7 at dilation 1 and stride 1 or 2, which runs in strips (dw_fwd_nchw_strips).
 // - channels_last kernels are channel-tiled: threadIdx.x is the channel inside a tile of
 //   at most 64 channels (consecutive threads read consecutive addresses) and
 //   threadIdx.y/blockIdx.y stride over pixels, so each thread keeps the k*k taps of its
@@ -81,6 +82,48 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     y[i] = static_cast<scalar_t>(s);
+  }
+}
+
+// The NCHW forward for k = 3, 5, 7, dilation 1, stride ST = 1 or 2 (dispatch_strips):
+// the block layout and strips of the fused kernels (bn_act_dwconv2d_kernel.cu), with the
+// input read as stored. Block (kThreads): channel blockIdx.x, its taps in registers;
+// strips [q0, q1) of N*Ho*(strips per row), chunk blockIdx.y; each thread computes
+// kStrip consecutive outputs of a row from one register span per input row (conv_strip)
+// instead of k * k loads per output. Why: on an H200 (2026-11-28, one run of
+// bench_gpu.py), the fused NCHW kernel, which also applies BN + activation and sums the
+// output statistics, took 0.53x-0.87x the time of dw_fwd_nchw above on every NCHW shape
+// (float32 and bfloat16, k 3 and 5, 7x7 to 112x112). Taps are summed in dw_fwd_nchw's
+// order (kernel rows, then columns); padding columns add w * 0.
+template <typename scalar_t, int KS, int ST>
+__global__ void __launch_bounds__(kThreads)
+    dw_fwd_nchw_strips(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
+                       scalar_t* __restrict__ y, const Dims<int32_t> d, const int32_t chunk) {
+  using index_t = int32_t;
+  using acc_t = at::opmath_type<scalar_t>;
+  const PlainLoads<scalar_t> in{nullptr, x};
+  const typename PlainLoads<scalar_t>::Chan ch{};
+  const index_t c = blockIdx.x;
+  const index_t HoWo = d.Ho * d.Wo, HW = d.H * d.W;
+  const index_t Wq = row_positions<ST>(d.Wo), HoWq = d.Ho * Wq;
+  const index_t M = d.N * HoWq;
+  const index_t q0 = index_t(blockIdx.y) * chunk;
+  const index_t q1 = q0 + (chunk < M - q0 ? chunk : M - q0);
+  acc_t wr[KS * KS];
+#pragma unroll
+  for (int t = 0; t < KS * KS; ++t) wr[t] = static_cast<acc_t>(w[c * KS * KS + t]);
+  for (index_t q = q0 + threadIdx.x; q < q1; q += blockDim.x) {
+    const index_t n = q / HoWq;
+    const index_t r = q - n * HoWq;
+    const index_t oh = r / Wq, ow0 = (r - oh * Wq) * kStrip;
+    const index_t nc = n * d.C + c;
+    acc_t out[kStrip];
+    conv_strip<KS, ST>(in, ch, wr, d, nc * HW, d.W, index_t(1), oh * ST - d.pad,
+                       ow0 * ST - d.pad, out);
+    const index_t yb = nc * HoWo + oh * d.Wo;
+#pragma unroll
+    for (int j = 0; j < kStrip; ++j)
+      if (ow0 + j < d.Wo) y[yb + ow0 + j] = static_cast<scalar_t>(out[j]);
   }
 }
 
@@ -216,6 +259,18 @@ void launch_forward(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* wp = weight.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  if (!g.channels_last && uses_strips(g, weight.numel())) {
+    dispatch_strips(g, weight.numel(), [&]<typename index_t, int KS, int ST>() {
+      if constexpr (ST > 0) {
+        const Split sp = split_positions(g.N * g.Ho * row_positions<ST>(g.Wo), g.C, kThreads, sms);
+        const dim3 grid(static_cast<unsigned>(g.C), static_cast<unsigned>(sp.splits));
+        dw_fwd_nchw_strips<scalar_t, KS, ST><<<grid, kThreads, 0, stream>>>(
+            xp, wp, yp, make_dims<int32_t>(g), static_cast<int32_t>(sp.chunk));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+    return;
+  }
   dispatch_index_k(g, weight.numel(), [&]<typename index_t, int KS>() {
     const Dims<index_t> d = make_dims<index_t>(g);
     if (g.channels_last) {
