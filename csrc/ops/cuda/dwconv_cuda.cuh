@@ -723,5 +723,53 @@ void launch_sum_splits(const acc_t* part, int64_t splits, int64_t L, scalar_t* o
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// grad_weight rows [0, width) of the depthwise convolution into the full-width `gwp`, its
+// operands read through the loading policy `ld`: a reduction over the N*Ho*Wo outputs
+// (or N*Ho*strips) of each channel, in strips (ST > 0) where dispatch_strips picks them
+// and `strips` allows, per-tap reads otherwise. `like` gives the partials' device.
+template <typename scalar_t, typename Loads>
+void launch_weight_grad(const Loads& ld, scalar_t* gwp, const at::Tensor& like,
+                        const DwGeometry& g, int64_t weight_numel, bool strips,
+                        cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int sms = sm_count(like.get_device());
+  const int64_t KK = g.K * g.K;
+  const Tile tile = g.channels_last ? channel_tile(g.C) : Tile{0, 0, 0};
+  at::Tensor part;
+  const auto run = [&]<typename index_t, int KS, int ST>() {
+    const int64_t M = g.N * g.Ho * row_positions<ST>(g.Wo);
+    const Split sp = g.channels_last ? split_positions(M, tile.tiles, tile.py, sms)
+                                     : split_positions(M, g.C, kThreads, sms);
+    acc_t* partp = nullptr;
+    if (sp.splits > 1) {
+      part = partial_buffer<acc_t>(like, sp.splits, g.C, KK);
+      partp = part.mutable_data_ptr<acc_t>();
+    }
+    const Dims<index_t> d = make_dims<index_t>(g);
+    const auto chunk = static_cast<index_t>(sp.chunk);
+    if (g.channels_last) {
+      const dim3 grid(static_cast<unsigned>(tile.tiles), static_cast<unsigned>(sp.splits));
+      dw_bwd_w_nhwc<scalar_t, index_t, KS, Loads, ST>
+          <<<grid, dim3(tile.ct, tile.py), 0, stream>>>(ld, gwp, partp, d, chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      const dim3 grid(static_cast<unsigned>(g.C), static_cast<unsigned>(sp.splits));
+      dw_bwd_w_nchw<scalar_t, index_t, KS, Loads, ST>
+          <<<grid, kThreads, 0, stream>>>(ld, gwp, partp, d, chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (sp.splits > 1)
+      launch_sum_splits<scalar_t, acc_t>(partp, sp.splits, g.C * KK, gwp, nullptr, sms,
+                                         stream);
+  };
+  if (strips) {
+    dispatch_strips(g, weight_numel, run);
+  } else {
+    dispatch_index_k(g, weight_numel, [&]<typename index_t, int KS>() {
+      run.template operator()<index_t, KS, 0>();
+    });
+  }
+}
+
 }  // namespace
 }  // namespace bsnas

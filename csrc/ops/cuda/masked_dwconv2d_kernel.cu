@@ -17,9 +17,10 @@
 // no atomics). grad_weight is a per-(channel, tap) reduction over N*Ho*Wo: each thread
 // accumulates all k*k taps in registers, a block reduction combines them, and when the
 // positions are split over gridDim.y the per-split partials go to a small [splits, width,
-// k*k] buffer summed afterwards in split order (deterministic, no atomics). The
-// weight-gradient kernels and the host helpers live in dwconv_cuda.cuh, shared with the
-// fused bsnas::bn_act_dwconv2d (bn_act_dwconv2d_kernel.cu).
+// k*k] buffer summed afterwards in split order (deterministic, no atomics); for NCHW
+// with k = 3, 5, 7, dilation 1 and stride 1 or 2 each thread takes strips of kStrip
+// outputs. The weight-gradient kernels, their launcher and the host helpers live in
+// dwconv_cuda.cuh, shared with the fused bsnas::bn_act_dwconv2d.
 //
 // Kernel size is a template parameter for k = 3, 5, 7 (unrolled taps, register weights
 // and accumulators); other odd k use the runtime-K kernels. Indices are int32 when every
@@ -291,34 +292,15 @@ void launch_forward(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y
 template <typename scalar_t>
 void launch_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
                      at::Tensor& gx, at::Tensor& gw, const DwGeometry& g) {
-  using acc_t = at::opmath_type<scalar_t>;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = sm_count(x.get_device());
   const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* wp = weight.const_data_ptr<scalar_t>();
   scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-  scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
-  const int64_t KK = g.K * g.K;
-  const int64_t M = g.N * g.Ho * g.Wo;  // positions reduced per (channel, tap)
-
-  // How the N*Ho*Wo positions of each channel (tile) split over gridDim.y.
   const Tile tile = g.channels_last ? channel_tile(g.C) : Tile{0, 0, 0};
-  const Split sp = g.channels_last ? split_positions(M, tile.tiles, tile.py, sms)
-                                   : split_positions(M, g.C, kThreads, sms);
-  const int64_t splits = sp.splits, chunk = sp.chunk;
-  at::Tensor part;
-  acc_t* partp = nullptr;
-  if (splits > 1) {
-    part = at::empty({splits, g.C, KK},
-                     x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    partp = part.mutable_data_ptr<acc_t>();
-  }
-
-  const PlainLoads<scalar_t> loads{gyp, xp};
+  // grad_x
   dispatch_index_k(g, weight.numel(), [&]<typename index_t, int KS>() {
     const Dims<index_t> d = make_dims<index_t>(g);
-    // grad_x
     dispatch_stride<index_t, KS>(g.stride, [&]<int ST>() {
       if (g.channels_last) {
         const dim3 block(tile.ct, tile.py);
@@ -334,23 +316,16 @@ void launch_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
-    // grad_weight
-    if (g.channels_last) {
-      const dim3 block(tile.ct, tile.py);
-      const dim3 grid(static_cast<unsigned>(tile.tiles), static_cast<unsigned>(splits));
-      dw_bwd_w_nhwc<scalar_t, index_t, KS, PlainLoads<scalar_t>><<<grid, block, 0, stream>>>(
-          loads, gwp, partp, d, static_cast<index_t>(chunk));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      const dim3 grid(static_cast<unsigned>(g.C), static_cast<unsigned>(splits));
-      dw_bwd_w_nchw<scalar_t, index_t, KS, PlainLoads<scalar_t>>
-          <<<grid, kThreads, 0, stream>>>(loads, gwp, partp, d, static_cast<index_t>(chunk));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
   });
-  // Rows [0, width) of the full-width gradient (rows past `width` keep their zeros).
-  if (splits > 1)
-    launch_sum_splits<scalar_t, acc_t>(partp, splits, g.C * KK, gwp, nullptr, sms, stream);
+  // grad_weight, rows [0, width) of the full-width gradient. NCHW in strips where they
+  // apply: on the H200 (2026-11-28) the fused op's backward (weight gradient in strips,
+  // input gradient in strips at stride 1), doing more work, took 0.48x-0.86x this op's
+  // backward time on NCHW shapes from 14x14 up (about 1x at 7x7 k3); this takes the
+  // weight-gradient half of that. channels_last keeps per-tap reads (there the fused
+  // backward was 0.9x-1.7x this op's time).
+  launch_weight_grad(PlainLoads<scalar_t>{gyp, x.const_data_ptr<scalar_t>()},
+                     gw.mutable_data_ptr<scalar_t>(), x, g, weight.numel(),
+                     /*strips=*/!g.channels_last, stream);
 }
 
 at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, int64_t width,
