@@ -155,7 +155,8 @@ class SpringBlock(nn.Module):
     # Inference (eval mode, no gradient wanted): BN folded into the active weights. The
     # folded weights are copies of the active part, cached per width and rebuilt whenever
     # a parameter or BN buffer changes (every in-place update bumps the tensor's version
-    # counter).
+    # counter; writes through `tensor.data` do not, so code that changes weights that way,
+    # as some EMA helpers do, must drop the copies with `block.train()` before eval).
     def _fold_key(self, c: int) -> tuple:
         """What the folded weights of width c are computed from: the tensors (by
         identity, so that a replaced parameter counts as a change), their version
