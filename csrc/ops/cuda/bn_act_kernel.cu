@@ -1,5 +1,6 @@
 // CUDA kernels of bsnas::bn_act and its backward (../bn_act.cpp), float32/float64/
-// float16/bfloat16, NCHW and channels_last, float (double for float64) arithmetic:
+// float16/bfloat16, NCHW and channels_last, float (double for float64) arithmetic, u =
+// y * scale + shift never contracted into an FMA (bn_affine), as PyTorch computes it:
 //   forward:  one elementwise launch, h = act(y * scale[c] + shift[c]);
 //   backward: grad_y = gu * scale[c] written in the same pass that sums gu * y and gu per
 //             channel (gu = grad_h * act'(u), u recomputed), deterministic
@@ -41,8 +42,8 @@ __global__ void bn_act_forward_kernel(const T* __restrict__ y, const T* __restri
   const index_t step = static_cast<index_t>(gridDim.x) * blockDim.x;
   for (index_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
     const index_t c = (i / P) % C;
-    const acc_t u = static_cast<acc_t>(y[i]) * static_cast<acc_t>(scale[c]) +
-                    static_cast<acc_t>(shift[c]);
+    const acc_t u = bn_affine(static_cast<acc_t>(y[i]), static_cast<acc_t>(scale[c]),
+                              static_cast<acc_t>(shift[c]));
     h[i] = static_cast<T>(activate(u, act));
   }
 }
@@ -60,7 +61,7 @@ struct BnActGradElem {
   __device__ __forceinline__ void operator()(int64_t i, int64_t c, double& a, double& b) const {
     using acc_t = at::opmath_type<T>;
     const acc_t sc = static_cast<acc_t>(scale[c]), yv = static_cast<acc_t>(y[i]);
-    const acc_t u = yv * sc + static_cast<acc_t>(shift[c]);
+    const acc_t u = bn_affine(yv, sc, static_cast<acc_t>(shift[c]));  // as the forward
     const acc_t gu = act_passes(u, act) ? static_cast<acc_t>(g[i]) : acc_t(0);
     gy[i] = static_cast<T>(gu * sc);
     a += static_cast<double>(gu) * static_cast<double>(yv);

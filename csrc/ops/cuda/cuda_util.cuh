@@ -1,4 +1,4 @@
-// Small host helpers shared by the CUDA kernels' launchers.
+// Small helpers shared by the CUDA kernels and their launchers.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -10,6 +10,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 namespace bsnas {
 
@@ -27,6 +28,16 @@ inline int sm_count(int device) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// z * scale + shift rounded after the product and after the sum, never contracted into
+// one fused multiply-add, so u (and the activation's kinks) are the values PyTorch's
+// `z * scale + shift` gives in float32 / float64.
+template <typename acc_t>
+__device__ __forceinline__ acc_t bn_affine(acc_t z, acc_t s, acc_t b) {
+  static_assert(std::is_same_v<acc_t, float> || std::is_same_v<acc_t, double>);
+  if constexpr (std::is_same_v<acc_t, float>) return __fadd_rn(__fmul_rn(z, s), b);
+  else return __dadd_rn(__dmul_rn(z, s), b);
+}
 
 // A full-width weight gradient shaped like `weight` whose rows [0, width) the caller's
 // kernel writes in full: only the rows past `width` are zeroed here (none at full

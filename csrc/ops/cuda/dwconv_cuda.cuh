@@ -93,16 +93,6 @@ __device__ __forceinline__ index_t gather_index(index_t i, index_t off, index_t 
   }
 }
 
-// z * scale + shift rounded after the product and after the sum, never contracted into
-// one fused multiply-add, so u (and the activation's kinks) are the values PyTorch's
-// `z * scale + shift` gives in float32 / float64.
-template <typename acc_t>
-__device__ __forceinline__ acc_t bn_affine(acc_t z, acc_t s, acc_t b) {
-  static_assert(std::is_same_v<acc_t, float> || std::is_same_v<acc_t, double>);
-  if constexpr (std::is_same_v<acc_t, float>) return __fadd_rn(__fmul_rn(z, s), b);
-  else return __dadd_rn(__dmul_rn(z, s), b);
-}
-
 // ----------------------------------------------------------- operand loading policies
 
 // How the weight-gradient kernels read their two operands at flat indices: `g(ch, i)`
