@@ -7,9 +7,10 @@
 # Stages: device/version info; in-place CUDA build (sm_90); bsnas.cuda_compiled(); the
 # CUDA test files (one process each); the small "smoke" CUDA tests under
 # compute-sanitizer memcheck (when compute-sanitizer is found); benchmarks/bench_gpu.py;
-# benchmarks/bench_block.py; benchmarks/profile_block.py. Every stage runs under
-# `timeout`, bounded so that the whole script ends within about 8 minutes; a failed
-# stage is recorded and the next one still runs. Exits non-zero if any stage failed.
+# benchmarks/bench_block.py; benchmarks/profile_block.py; benchmarks/bench_bn_act.py.
+# Every stage runs under `timeout`, bounded so that the whole script ends within about 8
+# minutes; a failed stage is recorded and the next one still runs. Exits non-zero if any
+# stage failed.
 # The summary table is printed last.
 set -euo pipefail
 
@@ -140,6 +141,15 @@ if ((DEADLINE - now > 30)); then
     "$PY" benchmarks/profile_block.py --top 15
 else
   STAGES+=("profile|skipped (no time left)|0|-")
+fi
+
+# bn_act against the addcmul + relu6 composite it replaced in the block.
+now=$(date +%s)
+if ((DEADLINE - now > 25)); then
+  TAIL_LINES=3 run_stage bn_act 30 "$OUT/bn_act.log" \
+    "$PY" benchmarks/bench_bn_act.py --device cuda --out "$OUT/bn_act_bench.md"
+else
+  STAGES+=("bn_act|skipped (no time left)|0|-")
 fi
 
 echo
