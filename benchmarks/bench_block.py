@@ -81,6 +81,13 @@ def _timer(device):
     return interleaved
 
 
+def write_report(path: str, text: str) -> None:
+    """Writes `text` (and a final newline) to `path`, creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text + "\n")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -161,9 +168,7 @@ def main(argv=None) -> None:
                      ["", "Inference (eval, no_grad):", ""] + tables["infer"])
     print(text)
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+        write_report(a.out, text)
 
 
 if __name__ == "__main__":

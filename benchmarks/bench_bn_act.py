@@ -3,7 +3,7 @@ composite the spring block used before it: `F.relu6(torch.addcmul(shift, y, scal
 forward and forward + backward (gradients for y, scale and shift), at the depthwise
 outputs of the MobileNet-like shapes of bench_gpu.py (widths 50% and 100% of C_max),
 NCHW and channels_last; float32, and bfloat16 on CUDA. Medians of repeats after warm-up
-(CUDA events on GPU, perf_counter on CPU), round-robin over the two implementations.
+(bench_block.py's timer: CUDA events on GPU, perf_counter on CPU; round-robin).
 Usage:
     python benchmarks/bench_bn_act.py [--device cpu|cuda] [--batch N] [--reps R] [--out F.md]
 """
@@ -18,7 +18,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # bench_block.py, and bsnas from a source tree
+from bench_block import _timer, write_report  # noqa: E402
+
 from bsnas.ops import bn_act  # noqa: E402
 
 SHAPES = [(112, 96), (56, 144), (28, 240), (14, 480), (7, 960)]  # (H = W, C_max)
@@ -33,31 +36,6 @@ def ours(y, scale, shift):
     return bn_act(y, scale, shift, "relu6")
 
 
-def _timer(device, reps):
-    def once(fn):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            return a.elapsed_time(b) * 1e3
-        tic = time.perf_counter()
-        fn()
-        return (time.perf_counter() - tic) * 1e6
-
-    def run(fns):
-        for fn in fns.values():
-            for _ in range(3):
-                fn()
-        times = {k: [] for k in fns}
-        for _ in range(reps):
-            for k, fn in fns.items():
-                times[k].append(once(fn))
-        return {k: statistics.median(v) for k, v in times.items()}
-    return run
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -67,7 +45,12 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     batch = a.batch or (64 if dev.type == "cuda" else 8)
-    run = _timer(dev, a.reps or (30 if dev.type == "cuda" else 7))
+    reps = a.reps or (30 if dev.type == "cuda" else 7)
+    interleaved = _timer(dev)
+
+    def run(fns):  # {name: median microseconds}
+        times = interleaved({k: (lambda: None, fn) for k, fn in fns.items()}, reps)
+        return {k: v * 1e6 for k, v in times.items()}
     dtypes = [torch.float32] + ([torch.bfloat16] if dev.type == "cuda" else [])
     lines = [f"torch {torch.__version__}, {dev}"
              + (f" ({torch.cuda.get_device_name()})" if dev.type == "cuda" else
@@ -112,9 +95,7 @@ def main(argv=None) -> None:
     text = "\n".join(lines)
     print(text)
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+        write_report(a.out, text)
 
 
 if __name__ == "__main__":
