@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from bsnas import _C  # noqa: F401  (registers the ops)
-from bsnas.ops.bn_act_dwconv import ACTIVATION_CODES
+from bsnas.ops.bn_act_dwconv import _act_code
 from bsnas.ops.masked_conv import _autocast, _format
 
 __all__ = ["bn_act"]
@@ -24,11 +24,9 @@ def bn_act(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
            activation: str = "relu6") -> torch.Tensor:
     """`act(y * scale + shift)` per channel; `activation` is "identity", "relu" or
     "relu6". Differentiable in y, scale and shift."""
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, "
-                         f"got {activation!r}")
+    act = _act_code(activation)
     y, scale, shift = _autocast(y, scale, shift)  # under CUDA autocast, as the other ops
-    return torch.ops.bsnas.bn_act(y, scale, shift, ACTIVATION_CODES[activation])
+    return torch.ops.bsnas.bn_act(y, scale, shift, act)
 
 
 def _check(y, scale, shift):

@@ -24,19 +24,24 @@ ACTIVATION_CODES = {"identity": 0, "relu": 1, "relu6": 2}
 _ops = torch.ops.bsnas
 
 
+def _act_code(activation: str) -> int:
+    """The kernels' code of an activation name; ValueError for any other name."""
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
+    return ACTIVATION_CODES[activation]
+
+
 def bn_act_dwconv2d(z, scale, shift, weight, width=None, stride: int = 1, padding=None,
                     dilation: int = 1, activation: str = "relu6"):
     """See the module docstring. `padding` defaults to "same"; `activation` is one of
     "identity", "relu", "relu6". Returns `(y, sum, sumsq)`."""
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
+    act = _act_code(activation)
     if width is None:
         width = z.shape[1]
     if padding is None:
         padding = dilation * (weight.shape[-1] - 1) // 2
     z, scale, shift, weight = _autocast(z, scale, shift, weight)
-    return _ops.bn_act_dwconv2d(z, scale, shift, weight, width, stride, padding, dilation,
-                                ACTIVATION_CODES[activation])
+    return _ops.bn_act_dwconv2d(z, scale, shift, weight, width, stride, padding, dilation, act)
 
 
 @torch.library.register_fake("bsnas::bn_act_dwconv2d")

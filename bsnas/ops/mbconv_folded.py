@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from bsnas import _C  # noqa: F401  (registers the ops)
-from bsnas.ops.bn_act_dwconv import ACTIVATION_CODES
+from bsnas.ops.bn_act_dwconv import _act_code
 from bsnas.ops.masked_conv import _autocast, _conv_out, _format
 
 __all__ = ["mbconv_folded"]
@@ -29,10 +29,9 @@ def mbconv_folded(x, expand_w, expand_b, dw_w, dw_b, project_w, project_b, strid
     `expand_b [c]`, `dw_w [c, 1, k, k]` (odd k, "same" padding), `dw_b [c]`,
     `project_w [out, c, 1, 1]`, `project_b [out]`; `residual` adds `x` (stride 1,
     out == in). Returns `[N, out, H / stride, W / stride]` in x's memory format."""
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
+    act = _act_code(activation)
     args = _autocast(x, expand_w, expand_b, dw_w, dw_b, project_w, project_b)
-    return _ops.mbconv_folded(*args, stride, ACTIVATION_CODES[activation], residual)
+    return _ops.mbconv_folded(*args, stride, act, residual)
 
 
 def _empty(x, channels, h, w):
