@@ -270,6 +270,13 @@ def test_empty_batch():
     assert y.shape == (0, 4, 8, 8)
     y = masked_pwconv2d(torch.randn(0, 4, 8, 8), torch.randn(6, 5, 1, 1), 4, 2)
     assert y.shape == (0, 2, 8, 8)
+    # The weight gradients keep the full shape and are zero everywhere.
+    _, gw = torch.ops.bsnas._masked_dwconv2d_backward(
+        torch.randn(0, 4, 8, 8), torch.randn(0, 4, 8, 8), torch.randn(6, 1, 3, 3), 4, 1, 1, 1)
+    assert gw.shape == (6, 1, 3, 3) and not gw.any()
+    _, gw = torch.ops.bsnas._masked_pwconv2d_backward(
+        torch.randn(0, 2, 8, 8), torch.randn(0, 4, 8, 8), torch.randn(6, 5, 1, 1), 4, 2)
+    assert gw.shape == (6, 5, 1, 1) and not gw.any()
 
 
 def test_build_reports_cuda():

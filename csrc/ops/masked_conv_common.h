@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -190,13 +191,50 @@ inline void check_affine_act(const char* op, const at::Tensor& x, const at::Tens
               ": activation code must be 0 (identity), 1 (relu) or 2 (relu6), got ", act);
 }
 
-// Arguments of bsnas::bn_act: y [N, C, H, W] and its per-channel scale / shift.
-inline void check_bn_act_args(const char* op, const at::Tensor& y, const at::Tensor& scale,
-                              const at::Tensor& shift, int64_t act) {
-  TORCH_CHECK(y.defined() && y.dim() == 4, op, ": y must be 4-D [N, C, H, W], got ",
-              y.defined() ? y.dim() : 0, "-D");
-  check_floating(op, y);
-  check_affine_act(op, y, scale, shift, y.size(1), act, "scale", "shift", "y");
+// The full-shaped weight gradient of a masked op, viewed as [size(0), numel / size(0)],
+// whose active block (the first `rows` rows, and of those the first `cols` columns) the
+// caller's kernel writes in full: only the entries outside the block are zeroed here
+// (none at full width), instead of filling the whole tensor first.
+inline at::Tensor weight_grad_outside_zeroed(const at::Tensor& weight, int64_t rows,
+                                             int64_t cols) {
+  at::Tensor gw = at::empty(weight.sizes(), weight.options());
+  const int64_t r_max = weight.size(0), c_max = weight.numel() / r_max;
+  const at::Tensor gw2 = gw.view({r_max, c_max});
+  if (rows < r_max) gw2.narrow(0, rows, r_max - rows).zero_();
+  if (cols < c_max) gw2.narrow(0, 0, rows).narrow(1, cols, c_max - cols).zero_();
+  return gw;
+}
+
+// bsnas::bn_act's and its backward's inputs, for the CPU and CUDA kernels: y [N, C, H,
+// W] and its per-channel scale / shift (and the backward's grad_h) checked and dense in
+// y's compute format, with the outputs allocated: `out` (h, or the backward's grad_y)
+// like y, and the backward's grad_scale / grad_shift [C], uninitialised (the kernels
+// write every entry; for an empty y the caller zeroes them).
+struct BnActArgs {
+  at::Tensor y, scale, shift, grad_h, out, grad_scale, grad_shift;
+  bool channels_last;
+};
+inline BnActArgs prepare_bn_act(const char* op, const at::Tensor& y_in,
+                                const at::Tensor& scale_in, const at::Tensor& shift_in,
+                                int64_t act, const at::Tensor* grad_h_in = nullptr) {
+  TORCH_CHECK(y_in.defined() && y_in.dim() == 4, op, ": y must be 4-D [N, C, H, W], got ",
+              y_in.defined() ? y_in.dim() : 0, "-D");
+  check_floating(op, y_in);
+  check_affine_act(op, y_in, scale_in, shift_in, y_in.size(1), act, "scale", "shift", "y");
+  if (grad_h_in != nullptr) check_grad_out(op, *grad_h_in, y_in, y_in.sizes(), "grad_h", "y");
+  const auto fmt = compute_format(y_in);
+  BnActArgs a;
+  a.y = y_in.contiguous(fmt);
+  a.scale = scale_in.contiguous();
+  a.shift = shift_in.contiguous();
+  a.out = at::empty_like(a.y, a.y.options().memory_format(fmt));
+  a.channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  if (grad_h_in != nullptr) {
+    a.grad_h = grad_h_in->contiguous(fmt);
+    a.grad_scale = at::empty({a.y.size(1)}, a.y.options());
+    a.grad_shift = at::empty({a.y.size(1)}, a.y.options());
+  }
+  return a;
 }
 
 // Arguments of bsnas::_bn_act_dwconv2d_backward (the CPU and CUDA kernels).

@@ -79,14 +79,10 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out,
   const at::Tensor gy = grad_out.contiguous(fmt);
   const at::Tensor w = active_block(weight_2d(weight, g), g);
   at::Tensor gx = at::empty({g.N, g.in_w, g.H, g.W}, x.options().memory_format(fmt));
-  // Full-shaped weight gradient: the GEMMs below write the active block in full, so
-  // only the entries outside it are zeroed (none at full width).
-  at::Tensor gw_full = at::empty({g.out_max, g.in_max, 1, 1}, weight.options());
+  // Full-shaped weight gradient; the GEMMs below write the active block in full.
+  at::Tensor gw_full = weight_grad_outside_zeroed(weight, g.out_w, g.in_w);
   if (x.numel() == 0) return {gx.zero_(), gw_full.zero_()};
-  const at::Tensor gw2 = gw_full.view({g.out_max, g.in_max});
-  if (g.out_w < g.out_max) gw2.narrow(0, g.out_w, g.out_max - g.out_w).zero_();
-  if (g.in_w < g.in_max) gw2.narrow(0, 0, g.out_w).narrow(1, g.in_w, g.in_max - g.in_w).zero_();
-  at::Tensor gw = active_block(gw2, g);
+  at::Tensor gw = active_block(gw_full.view({g.out_max, g.in_max}), g);
   if (g.channels_last) {
     const at::Tensor gy2 = rows_view(gy), x2 = rows_view(x);
     at::Tensor gx2 = rows_view(gx);

@@ -6,8 +6,6 @@
 // not depend on the number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -65,19 +63,15 @@ void bn_act_forward_impl(const T* yp, const T* sc, const T* sh, T* hp, int64_t N
 
 at::Tensor bn_act_forward(const at::Tensor& y_in, const at::Tensor& scale_in,
                           const at::Tensor& shift_in, int64_t act) {
-  check_bn_act_args(kBnAct, y_in, scale_in, shift_in, act);
-  const auto fmt = compute_format(y_in);
-  const at::Tensor y = y_in.contiguous(fmt);
-  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  at::Tensor h = at::empty_like(y, y.options().memory_format(fmt));
-  if (h.numel() == 0) return h;
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), kBnAct, [&] {
-    bn_act_forward_impl(y.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
-                        shift.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(),
-                        y.size(0), y.size(1), y.size(2) * y.size(3),
-                        fmt == at::MemoryFormat::ChannelsLast, act);
+  const BnActArgs a = prepare_bn_act(kBnAct, y_in, scale_in, shift_in, act);
+  if (a.out.numel() == 0) return a.out;
+  AT_DISPATCH_FLOATING_TYPES(a.y.scalar_type(), kBnAct, [&] {
+    bn_act_forward_impl(a.y.const_data_ptr<scalar_t>(), a.scale.const_data_ptr<scalar_t>(),
+                        a.shift.const_data_ptr<scalar_t>(), a.out.mutable_data_ptr<scalar_t>(),
+                        a.y.size(0), a.y.size(1), a.y.size(2) * a.y.size(3), a.channels_last,
+                        act);
   });
-  return h;
+  return a.out;
 }
 
 // grad_y and the (grad_scale, grad_shift) sums of bn_act.
@@ -129,24 +123,17 @@ void bn_act_backward_impl(const T* gp, const T* yp, const T* sc, const T* sh, T*
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     const at::Tensor& grad_h, const at::Tensor& y_in, const at::Tensor& scale_in,
     const at::Tensor& shift_in, int64_t act) {
-  check_bn_act_args(kBnActBack, y_in, scale_in, shift_in, act);
-  check_grad_out(kBnActBack, grad_h, y_in, y_in.sizes(), "grad_h", "y");
-  const auto fmt = compute_format(y_in);
-  const at::Tensor y = y_in.contiguous(fmt), g = grad_h.contiguous(fmt);
-  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  at::Tensor gy = at::empty_like(y, y.options().memory_format(fmt));
-  at::Tensor gscale = at::zeros({y.size(1)}, y.options());
-  at::Tensor gshift = at::zeros({y.size(1)}, y.options());
-  if (y.numel() == 0) return {gy, gscale, gshift};
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), kBnActBack, [&] {
+  const BnActArgs a = prepare_bn_act(kBnActBack, y_in, scale_in, shift_in, act, &grad_h);
+  if (a.y.numel() == 0) return {a.out, a.grad_scale.zero_(), a.grad_shift.zero_()};
+  AT_DISPATCH_FLOATING_TYPES(a.y.scalar_type(), kBnActBack, [&] {
     using T = scalar_t;
-    bn_act_backward_impl(g.const_data_ptr<T>(), y.const_data_ptr<T>(),
-                         scale.const_data_ptr<T>(), shift.const_data_ptr<T>(),
-                         gy.mutable_data_ptr<T>(), gscale.mutable_data_ptr<T>(),
-                         gshift.mutable_data_ptr<T>(), y.size(0), y.size(1),
-                         y.size(2) * y.size(3), fmt == at::MemoryFormat::ChannelsLast, act);
+    bn_act_backward_impl(a.grad_h.const_data_ptr<T>(), a.y.const_data_ptr<T>(),
+                         a.scale.const_data_ptr<T>(), a.shift.const_data_ptr<T>(),
+                         a.out.mutable_data_ptr<T>(), a.grad_scale.mutable_data_ptr<T>(),
+                         a.grad_shift.mutable_data_ptr<T>(), a.y.size(0), a.y.size(1),
+                         a.y.size(2) * a.y.size(3), a.channels_last, act);
   });
-  return {gy, gscale, gshift};
+  return {a.out, a.grad_scale, a.grad_shift};
 }
 
 }  // namespace BSNAS_CPU_ISA

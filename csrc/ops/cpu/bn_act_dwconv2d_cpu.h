@@ -243,9 +243,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_dw_backward(
   const at::Tensor gsq = grad_sumsq.to(z.scalar_type()).contiguous();
   at::Tensor gz = at::empty_like(z, z.options().memory_format(fmt));
   at::Tensor gscale = at::zeros({g.C}, z.options()), gshift = at::zeros({g.C}, z.options());
-  // Full-width gradient; rows past `width` stay zero.
-  at::Tensor gw = at::zeros(weight.sizes(), weight.options());
-  if (z.numel() == 0) return {gz, gscale, gshift, gw};  // a is all padding
+  // Full-width gradient; the passes write rows [0, width) in full.
+  at::Tensor gw = weight_grad_outside_zeroed(weight, g.C, g.K * g.K);
+  if (z.numel() == 0) return {gz, gscale, gshift, gw.zero_()};  // a is all padding
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), kBnActBwd, [&] {
     using T = scalar_t;
     const T* gsq_p = gsq.const_data_ptr<T>();

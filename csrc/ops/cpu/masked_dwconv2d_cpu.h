@@ -6,7 +6,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "dwconv_passes.h"
@@ -112,9 +111,9 @@ std::tuple<at::Tensor, at::Tensor> dw_backward(const at::Tensor& grad_out,
   const at::Tensor gy = grad_out.contiguous(fmt);
   const at::Tensor weight = weight_in.contiguous();
   at::Tensor gx = at::empty_like(x, x.options().memory_format(fmt));
-  // Full-width gradient; rows past `width` stay zero.
-  at::Tensor gw = at::zeros(weight.sizes(), weight.options());
-  if (x.numel() == 0) return {gx.zero_(), gw};
+  // Full-width gradient; the passes write rows [0, width) in full.
+  at::Tensor gw = weight_grad_outside_zeroed(weight, g.C, g.K * g.K);
+  if (x.numel() == 0) return {gx.zero_(), gw.zero_()};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kDwBwd, [&] {
     const auto* xp = x.const_data_ptr<scalar_t>();
     const auto* wp = weight.const_data_ptr<scalar_t>();

@@ -38,7 +38,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <c10/core/ScalarType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -276,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   at::Tensor gz = at::empty_like(z, z.options().memory_format(fmt));
   at::Tensor gscale = at::empty({g.C}, z.options()), gshift = at::empty({g.C}, z.options());
   // Full-width gradient; rows past `width` stay zero.
-  at::Tensor gw = full_width_grad(weight, g.C);
+  at::Tensor gw = weight_grad_outside_zeroed(weight, g.C, g.K * g.K);
   if (z.numel() == 0) {  // a is all padding: every gradient is zero (or empty)
     gscale.zero_();
     gshift.zero_();

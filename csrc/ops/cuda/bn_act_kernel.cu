@@ -8,8 +8,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -71,14 +69,11 @@ struct BnActGradElem {
 
 at::Tensor forward_cuda(const at::Tensor& y_in, const at::Tensor& scale_in,
                         const at::Tensor& shift_in, int64_t act) {
-  check_bn_act_args(kBnAct, y_in, scale_in, shift_in, act);
   const c10::cuda::CUDAGuard guard(y_in.device());
-  const auto fmt = compute_format(y_in);
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor y = y_in.contiguous(fmt);
-  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  at::Tensor h = at::empty_like(y, y.options().memory_format(fmt));
-  const int64_t total = y.numel(), C = y.size(1), P = cl ? 1 : y.size(2) * y.size(3);
+  const BnActArgs a = prepare_bn_act(kBnAct, y_in, scale_in, shift_in, act);
+  const at::Tensor &y = a.y, &scale = a.scale, &shift = a.shift, &h = a.out;
+  const int64_t total = y.numel(), C = y.size(1);
+  const int64_t P = a.channels_last ? 1 : y.size(2) * y.size(3);
   if (total == 0) return h;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto blocks = static_cast<unsigned>(std::clamp<int64_t>(
@@ -108,24 +103,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
                                                              const at::Tensor& scale_in,
                                                              const at::Tensor& shift_in,
                                                              int64_t act) {
-  check_bn_act_args(kBnActBack, y_in, scale_in, shift_in, act);
-  check_grad_out(kBnActBack, grad_h, y_in, y_in.sizes(), "grad_h", "y");
   const c10::cuda::CUDAGuard guard(y_in.device());
-  const auto fmt = compute_format(y_in);
-  const at::Tensor y = y_in.contiguous(fmt), g = grad_h.contiguous(fmt);
-  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  at::Tensor gy = at::empty_like(y, y.options().memory_format(fmt));
-  at::Tensor gscale = at::empty({y.size(1)}, y.options());  // every entry written below
-  at::Tensor gshift = at::empty({y.size(1)}, y.options());
+  const BnActArgs a = prepare_bn_act(kBnActBack, y_in, scale_in, shift_in, act, &grad_h);
+  const at::Tensor &y = a.y, &g = a.grad_h, &gy = a.out, &gscale = a.grad_scale,
+                   &gshift = a.grad_shift;
   const int64_t N = y.size(0), C = y.size(1), P = y.size(2) * y.size(3);
   if (N * P == 0 || C == 0) return {gy, gscale.zero_(), gshift.zero_()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), kBnActBack, [&] {
     using T = scalar_t;
     const BnActGradElem<T> elem{g.const_data_ptr<T>(), y.const_data_ptr<T>(),
-                                scale.const_data_ptr<T>(), shift.const_data_ptr<T>(),
+                                a.scale.const_data_ptr<T>(), a.shift.const_data_ptr<T>(),
                                 gy.mutable_data_ptr<T>(), static_cast<int>(act)};
-    channel_sums::run(elem, N, C, P, fmt == at::MemoryFormat::ChannelsLast, y, stream,
+    channel_sums::run(elem, N, C, P, a.channels_last, y, stream,
                       gscale.mutable_data_ptr<T>(), gshift.mutable_data_ptr<T>());
   });
   return {gy, gscale, gshift};

@@ -1,8 +1,6 @@
 // Small helpers shared by the CUDA kernels and their launchers.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
@@ -37,15 +35,6 @@ __device__ __forceinline__ acc_t bn_affine(acc_t z, acc_t s, acc_t b) {
   static_assert(std::is_same_v<acc_t, float> || std::is_same_v<acc_t, double>);
   if constexpr (std::is_same_v<acc_t, float>) return __fadd_rn(__fmul_rn(z, s), b);
   else return __dadd_rn(__dmul_rn(z, s), b);
-}
-
-// A full-width weight gradient shaped like `weight` whose rows [0, width) the caller's
-// kernel writes in full: only the rows past `width` are zeroed here (none at full
-// width, one launch saved).
-inline at::Tensor full_width_grad(const at::Tensor& weight, int64_t width) {
-  at::Tensor gw = at::empty(weight.sizes(), weight.options());
-  if (width < weight.size(0)) gw.narrow(0, width, weight.size(0) - width).zero_();
-  return gw;
 }
 
 }  // namespace bsnas

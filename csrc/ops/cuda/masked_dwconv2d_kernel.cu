@@ -30,7 +30,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <c10/core/ScalarType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -360,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out,
   const at::Tensor weight = weight_in.contiguous();
   at::Tensor gx = at::empty_like(x, x.options().memory_format(fmt));
   // Full-width gradient; rows past `width` stay zero.
-  at::Tensor gw = full_width_grad(weight, g.C);
+  at::Tensor gw = weight_grad_outside_zeroed(weight, g.C, g.K * g.K);
   if (x.numel() == 0) return {gx.zero_(), gw.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16,
                                   x.scalar_type(), kBwd,
