@@ -92,15 +92,18 @@ void fused_forward(const T* z, const T* scale, const T* shift, const T* w, T* y,
       std::vector<double> psum(static_cast<size_t>(bp.slots(g.N) * V), 0.0), psq(psum.size(), 0.0);
       block_pass<T>(p, bp, g.N, g.C, g.H * g.W * g.C, w, false, BnAct<A, T>{z, scale, shift},
                     [&](int64_t n, int64_t slot, const ChannelBlock& cb, int64_t oh, int64_t ow,
-                        const Vec<T>& v) {
-                      store_block(y, cb, (n * g.Ho + oh) * g.Wo + ow, v);
+                        int R, const Vec<T>* acc) {
+                      store_run(y, cb, (n * g.Ho + oh) * g.Wo + ow, R, acc);
                       double* s = psum.data() + slot * V;
                       double* q = psq.data() + slot * V;
+                      for (int r = 0; r < R; ++r) {
+                        const Vec<T>& v = acc[r];
 #pragma omp simd
-                      for (int64_t l = 0; l < V; ++l) {
-                        const double d = v[l];
-                        s[l] += d;
-                        q[l] += d * d;
+                        for (int64_t l = 0; l < V; ++l) {
+                          const double d = v[l];
+                          s[l] += d;
+                          q[l] += d * d;
+                        }
                       }
                     });
       reduce_parts(psum, bp.parts(g.N), bp.nb * V, g.C, sum);
@@ -166,19 +169,23 @@ void fused_backward(const T* gy, const T* y, const T* gsum, const T* gsq2, const
     const GradY<UseY, T> gyt{gy, y, gsum, gsq2};
     block_pass<T>(p, bp, g.N, g.C, ohw * g.C, w, true, gyt,
                   [&](int64_t n, int64_t slot, const ChannelBlock& cb, int64_t ih, int64_t iw,
-                      const Vec<T>& v) {
-                    const int64_t o = ((n * g.H + ih) * g.W + iw) * g.C + cb.c0;
+                      int R, const Vec<T>* acc) {
+                    const int64_t o0 = ((n * g.H + ih) * g.W + iw) * g.C + cb.c0;
                     double* s = ps.data() + slot * V;
                     double* b = pb.data() + slot * V;
-                    const T *zo = z + o, *sc = scale + cb.c0, *sh = shift + cb.c0;
-                    T* go = gz + o;
-                    if (cb.cb == V) {  // a whole vector: one fixed-length vector loop
+                    const T *sc = scale + cb.c0, *sh = shift + cb.c0;
+                    for (int r = 0; r < R; ++r) {
+                      const Vec<T>& v = acc[r];
+                      const T* zo = z + o0 + r * g.C;
+                      T* go = gz + o0 + r * g.C;
+                      if (cb.cb == V) {  // a whole vector: one fixed-length vector loop
 #pragma omp simd
-                      for (int64_t l = 0; l < V; ++l)
-                        go[l] = bn_act_grad<A>(v[l], zo[l], sc[l], sh[l], s[l], b[l]);
-                    } else {
-                      for (int64_t l = 0; l < cb.cb; ++l)
-                        go[l] = bn_act_grad<A>(v[l], zo[l], sc[l], sh[l], s[l], b[l]);
+                        for (int64_t l = 0; l < V; ++l)
+                          go[l] = bn_act_grad<A>(v[l], zo[l], sc[l], sh[l], s[l], b[l]);
+                      } else {
+                        for (int64_t l = 0; l < cb.cb; ++l)
+                          go[l] = bn_act_grad<A>(v[l], zo[l], sc[l], sh[l], s[l], b[l]);
+                      }
                     }
                   });
     reduce_parts(ps, bp.parts(g.N), bp.nb * V, g.C, gscale);

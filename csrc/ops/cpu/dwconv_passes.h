@@ -2,7 +2,8 @@
 // dwconv_simd.h: forward, input gradient and weight gradient, NCHW (one task per plane,
 // or per channel for the weight gradient) and channels_last (one task per image x strip
 // of output rows x group of channel blocks, or per group of images x block for the
-// weight gradient; the plain stride-2 forward one task per image x output row).
+// weight gradient; the plain passes that read the tensor itself, window_pass and
+// direct_pass, one task per image x output row).
 //
 // The caller supplies what is read (a transform applied while packing: identity for
 // masked_dwconv2d; BN + activation of the input, or the upstream gradient with the
@@ -32,6 +33,11 @@ constexpr int64_t kPlaneGroupBytes = 64 * 1024;
 
 // Scratch bytes per strip of the channels_last passes: a fraction of a core's L2.
 constexpr int64_t kStripBytes = 192 * 1024;
+
+// Bytes of one run's register window over all channels (kernel rows x window pixels x
+// channels) up to which window_pass takes each run through every block before the
+// next: about two thirds of a core's L1 data cache.
+constexpr int64_t kWindowBytes = 32 * 1024;
 
 // -------------------------------------------------------------------------- NCHW
 
@@ -139,9 +145,10 @@ inline std::pair<int64_t, int64_t> source_rows(const Pass& p) {
 
 // For every image n, strip and channel group: pack src(c, off) of the image's source
 // tensor (`src_image` elements per image) into a PixelStrip scratch, convolve with the
-// blocks' filters (flipped for the input-gradient pass) and hand each output vector to
-// out(n, slot, block, oh, ow, vec); slot indexes the (image, strip, block) partial sums
-// of bp.slots(N).
+// blocks' filters (flipped for the input-gradient pass) and hand the output vectors to
+// out(n, slot, block, oh, ow, R, acc): the R vectors acc[0, R) of pixels (oh, ow),
+// (oh, ow + 1), ...; slot indexes the (image, strip, block) partial sums of
+// bp.slots(N).
 template <typename T, typename Src, typename Out>
 void block_pass(const Pass& p, const BlockPlan& bp, int64_t N, int64_t C, int64_t src_image,
                 const T* w, bool flip, const Src& src, const Out& out) {
@@ -177,12 +184,12 @@ void block_pass(const Pass& p, const BlockPlan& bp, int64_t N, int64_t C, int64_
       }
       strip_conv(
           sb, sp, ps, b0, b1, taps.data(), toff.data(),
-          [&](int64_t bi, int64_t oh, int64_t ow, const Vec<T>& v) {
-            out(n, part * bp.nb + bi, block_of<T>(bi, C), oh0 + oh, ow, v);
+          [&](int64_t bi, int64_t oh, int64_t ow0, int R, const Vec<T>* acc) {
+            out(n, part * bp.nb + bi, block_of<T>(bi, C), oh0 + oh, ow0, R, acc);
           },
-          [&](int64_t run, int64_t runs) {
+          [&](int64_t step, int64_t steps) {
             if (pf_len == 0) return;
-            const int64_t a = pf_len * run / runs, z = pf_len * (run + 1) / runs;
+            const int64_t a = pf_len * step / steps, z = pf_len * (step + 1) / steps;
             src.prefetch(pf_off + a, z - a);
           });
     }
@@ -280,11 +287,89 @@ void direct_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
   });
 }
 
+// The plain channels_last pass through the register window, straight from the NHWC
+// source `x` (`C` channels, p.Hs x p.Ws per image), no scratch: kernel 3, 5 or 7,
+// dilation 1, stride 1 or 2, spread 1 (returns false for anything else, doing
+// nothing). One task per image x output row; per channel block, the row in runs of up
+// to 8 pixels. Kernel rows outside the source are skipped; runs whose window reaches
+// into the left or right padding, and the last block when C is not a whole number of
+// vectors, use masked loads (nothing outside the source is read). out(n, block, oh,
+// ow, R, acc) receives the R output vectors of pixels (oh, ow), (oh, ow + 1), ...
+template <typename T, typename Out>
+bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bool flip,
+                 const Out& out) {
+  if (p.d != 1 || p.spread != 1) return false;
+  bool done = false;
+  with_kernel_size(p.K, [&](auto KT) {
+    constexpr int K = decltype(KT)::value;
+    if constexpr (K != 0) {
+      done = with_window_stride(p.S, [&](auto ST) {
+        constexpr int S = decltype(ST)::value;
+        constexpr int64_t V = kLanes<T>, kk = K * K;
+        const int64_t W = p.Ws, H = p.Hs, nb = num_blocks<T>(C), image = H * W * C;
+        const int64_t tail = C - (nb - 1) * V;  // lanes of the last block
+        std::vector<T> taps(static_cast<size_t>(nb * kk * V));
+        pack_taps(taps.data(), w, C, kk, flip);
+        // Runs outermost (each run through every block) while a run's window over all
+        // channels fits in L1, blocks outermost otherwise (measured both ways, dev box).
+        const bool runs_outer = K * (S * 7 + K) * C * int64_t(sizeof(T)) <= kWindowBytes;
+        at::parallel_for(0, N * p.Ho, grain(p.Wo * C * kk), [&](int64_t b, int64_t e) {
+          for (int64_t task = b; task < e; ++task) {
+            const int64_t n = task / p.Ho, oh = task % p.Ho;
+            const int64_t ih0 = oh * S - p.pad;
+            const auto [kh0, kh1] = taps_inside(ih0, H, K, 1);
+            const T* row = x + n * image + (ih0 + kh0) * W * C;  // kernel row kh0
+            const auto run = [&](int64_t bi, int64_t ow0, auto R) {
+                constexpr int RV = decltype(R)::value, NI = S * (RV - 1) + K;
+                const int64_t lanes = bi + 1 < nb ? V : tail;
+                const T* tb = taps.data() + bi * kk * V;
+                Vec<T> acc[RV];
+                const int64_t c0 = ow0 * S - p.pad;  // source column of window slot 0
+                const T* src = row + c0 * C + bi * V;
+                if (kh1 <= kh0) {  // every tap in the padding
+                  for (int r = 0; r < RV; ++r) acc[r] = Vec<T>{};
+                } else if (lanes == V && c0 >= 0 && c0 + NI <= W) {
+                  window_positions<RV, K, S, false>(src, C, W * C, kh0, kh1, tb, nullptr, acc);
+                } else {
+                  int64_t slot_lanes[NI];
+                  for (int i = 0; i < NI; ++i)
+                    slot_lanes[i] = c0 + i >= 0 && c0 + i < W ? lanes : 0;
+                  window_positions<RV, K, S, true>(src, C, W * C, kh0, kh1, tb, slot_lanes,
+                                                   acc);
+                }
+                out(n, bi, oh, ow0, RV, acc);
+            };
+            if (runs_outer) {
+              for_blocks(p.Wo, [&](int64_t ow0, auto R) {
+                for (int64_t bi = 0; bi < nb; ++bi) run(bi, ow0, R);
+              });
+            } else {
+              for (int64_t bi = 0; bi < nb; ++bi)
+                for_blocks(p.Wo, [&](int64_t ow0, auto R) { run(bi, ow0, R); });
+            }
+          }
+        });
+      });
+    }
+  });
+  return done;
+}
+
 // Stores an output vector of a channel block at pixel `pix` of an NHWC tensor.
 template <typename T>
 inline void store_block(T* dst, const ChannelBlock& cb, int64_t pix, const Vec<T>& v) {
   T* d = dst + pix * cb.C + cb.c0;
   vstore_part(d, v, cb.cb);
+}
+// Stores the R output vectors of a channel block at pixels pix, pix + 1, ...
+template <typename T>
+inline void store_run(T* dst, const ChannelBlock& cb, int64_t pix, int R, const Vec<T>* acc) {
+  T* d = dst + pix * cb.C + cb.c0;
+  if (cb.cb == kLanes<T>) {
+    for (int r = 0; r < R; ++r) vstore(d + r * cb.C, acc[r]);
+  } else {
+    for (int r = 0; r < R; ++r) vstore_part(d + r * cb.C, acc[r], cb.cb);
+  }
 }
 
 // grad_w of channels_last: tasks over (group of kImagesPerPartial images, channel

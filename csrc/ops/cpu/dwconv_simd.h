@@ -6,17 +6,19 @@
 // upstream gradient with the statistics terms), so the inner loops have no bounds
 // checks. NCHW planes split columns by phase (column mod stride): the taps of a stride-2
 // convolution then read consecutive values, like those of a stride-1 one. channels_last
-// strips keep the tensor's pixel-major layout over all channels (PixelStrip). The one
-// pass without a scratch is the plain channels_last forward at stride 2 (direct_pass in
-// dwconv_passes.h), where packing would copy four inputs per output.
+// strips keep the tensor's pixel-major layout over all channels (PixelStrip). The passes
+// without a scratch are the plain channels_last ones (no transform of what is read):
+// window_pass and direct_pass in dwconv_passes.h, reading the tensor itself.
 //
-// Two register-blocked micro-kernels, both accumulating in vector registers across all
-// k*k taps before a single store (GCC vector extensions, BSNAS_VEC_BYTES wide, so the
-// same code serves every instruction-set build of kernels_isa.h):
+// Register-blocked micro-kernels, all accumulating in vector registers across all k*k
+// taps before a single store (GCC vector extensions, BSNAS_VEC_BYTES wide, so the same
+// code serves every instruction-set build of kernels_isa.h):
 // - Plane (NCHW): lanes run along an output row of one channel; R output rows at once,
 //   each tap is one broadcast weight times R loads.
 // - Blocked (channels_last): lanes hold BSNAS_VEC_BYTES of consecutive channels; R
-//   output pixels at once, each tap is one weight vector times R loads.
+//   output pixels at once. window_positions (kernel 3/5/7, dilation 1, stride 1/2): R
+//   pixels of one output row, each kernel row's inputs loaded once into registers and
+//   reused by its k taps; block_positions (any other case): one load per tap and pixel.
 //
 // The input gradient is a stride-1 convolution with the flipped filter over the output
 // gradient spread by the stride (zeros between values) and padded by
@@ -72,11 +74,11 @@ template <typename T>
 inline void vstore(T* p, const Vec<T>& v) { *reinterpret_cast<Vec<T>*>(p) = v; }
 template <typename T>
 inline Vec<T> vsplat(T s) { return s - Vec<T>{}; }  // x - 0 == x: a plain broadcast
-// The first n lanes (0 < n <= lanes) of p, zero above, reading nothing past p[n - 1]:
-// one masked load where the instruction set has it.
+// The first n lanes (0 <= n <= lanes) of p, zero above, reading nothing at or past
+// p[n] (n = 0 reads nothing, whatever p points at): one masked load where the
+// instruction set has it.
 template <typename T>
-inline Vec<T> vload_part(const T* p, int64_t n) {
-  if (n == kLanes<T>) return vload(p);
+inline Vec<T> vload_first(const T* p, int64_t n) {
 #if defined(__x86_64__) && defined(__GNUC__) && BSNAS_VEC_BYTES == 64
   if constexpr (std::is_same_v<T, float>)
     return (Vec<T>)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
@@ -94,6 +96,12 @@ inline Vec<T> vload_part(const T* p, int64_t n) {
   for (int64_t l = 0; l < n; ++l) v[l] = p[l];
   return v;
 #endif
+}
+// The same for 0 < n <= lanes, a plain load when n is all of them.
+template <typename T>
+inline Vec<T> vload_part(const T* p, int64_t n) {
+  if (n == kLanes<T>) return vload(p);
+  return vload_first(p, n);
 }
 
 // Lanes first, first + 2, first + 4, ... of the concatenation (a, b): one permute.
@@ -355,15 +363,30 @@ inline void pack_plane(T* buf, const Pass& p, const Src& src) {
   });
 }
 
-// The first n lanes of v to p (n <= lanes; a short scalar loop, cheaper than a memcpy
-// call for the few lanes of a row tail).
+// The first n lanes of v to p (0 < n <= lanes), writing nothing at or past p[n]: one
+// masked store where the instruction set has it.
 template <typename T>
 inline void vstore_part(T* p, const Vec<T>& v, int64_t n) {
   if (n == kLanes<T>) {
     vstore(p, v);
     return;
   }
+#if defined(__x86_64__) && defined(__GNUC__) && BSNAS_VEC_BYTES == 64
+  if constexpr (std::is_same_v<T, float>)
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), (__m512)v);
+  else
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), (__m512d)v);
+#elif defined(__x86_64__) && defined(__GNUC__) && BSNAS_VEC_BYTES == 32
+  if constexpr (std::is_same_v<T, float>)
+    _mm256_maskstore_ps(
+        p, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+        (__m256)v);
+  else
+    _mm256_maskstore_pd(
+        p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)), (__m256d)v);
+#else
   for (int64_t l = 0; l < n; ++l) p[l] = v[l];
+#endif
 }
 
 // R output vectors of one plane at scratch offsets base[r] (values): acc[r] over all
@@ -658,15 +681,94 @@ __attribute__((noinline)) void block_positions(const T* src, int64_t ntaps, cons
   for (int r = 0; r < R; ++r) acc[r] = a[r];
 }
 
+// R consecutive output pixels of one output row of a channel block, stride S,
+// dilation 1, over kernel rows [kh0, kh1): src is the input pixel under tap (kh0, 0)
+// of the first output, ps / rs the pixel / row strides (values). Each kernel row's
+// NI = S * (R - 1) + K inputs are loaded once and reused by its K taps (a register
+// window), so a multiply-add costs well under one load; with a load per multiply-add
+// (block_positions) the loads were the limit. Masked: window slot i reads only its
+// first lanes[i] values (0: none, the slot lies in the padding; fewer than a vector:
+// the last channel block), so the kernel runs on the tensor itself at its borders.
+template <int R, int K, int S, bool Masked, typename T>
+__attribute__((noinline)) void window_positions(const T* src, int64_t ps, int64_t rs,
+                                                int64_t kh0, int64_t kh1, const T* taps,
+                                                const int64_t* lanes, Vec<T>* acc) {
+  constexpr int64_t V = kLanes<T>;
+  constexpr int NI = S * (R - 1) + K;
+  Vec<T> a[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) a[r] = Vec<T>{};
+#pragma GCC unroll 1
+  for (int64_t kh = kh0; kh < kh1; ++kh) {
+    const T* row = src + (kh - kh0) * rs;
+    const T* tk = taps + kh * K * V;
+    Vec<T> in[NI];
+#pragma GCC unroll 32
+    for (int i = 0; i < NI; ++i)
+      in[i] = Masked ? vload_first(row + i * ps, lanes[i]) : vload(row + i * ps);
+#pragma GCC unroll 8
+    for (int kw = 0; kw < K; ++kw) {
+      const Vec<T> wv = vload(tk + kw * V);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[r] += wv * in[r * S + kw];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = a[r];
+}
+
+// Calls f(integral_constant<S>) for stride 1 or 2 and returns true; false otherwise.
+template <typename F>
+inline bool with_window_stride(int64_t S, const F& f) {
+  if (S == 1) f(std::integral_constant<int, 1>{});
+  else if (S == 2) f(std::integral_constant<int, 2>{});
+  else return false;
+  return true;
+}
+
 // The pass over a packed strip of channel blocks [b0, b1) (taps of every block, as
-// pack_taps lays them out): for each run of up to 8 output pixels, every block in turn,
-// out(block, oh, ow, acc) per output vector; then between(run, runs).
+// pack_taps lays them out). out(block, oh, ow, R, acc) receives the R output vectors of
+// pixels (oh, ow), (oh, ow + 1), ... of a block; between(step, steps) is called after
+// each run, steps times in all.
+// - K = 3, 5, 7 at dilation 1 and stride 1 or 2: block by block, each output row in
+//   runs of up to 8 pixels through the register window (window_positions);
+// - otherwise: runs of up to 8 pixels in raster order (a run may span rows, so small
+//   planes still fill 8 accumulators), each run through every block, one tap load per
+//   multiply-add (block_positions), handed out one vector at a time.
 template <typename T, typename Out, typename Between>
 inline void strip_conv(const T* buf, const Pass& p, const PixelStrip& ps, int64_t b0,
                        int64_t b1, const T* taps, const int64_t* toff, const Out& out,
                        const Between& between) {
   constexpr int64_t V = kLanes<T>;
   const int64_t kk = p.K * p.K, rs = p.S * ps.row_stride(), cs = p.S * ps.Cs;
+  bool done = false;
+  if (p.d == 1) {
+    with_kernel_size(p.K, [&](auto KT) {
+      constexpr int K = decltype(KT)::value;
+      if constexpr (K != 0) {
+        done = with_window_stride(p.S, [&](auto ST) {
+          constexpr int S = decltype(ST)::value;
+          const int64_t steps = (p.Wo + 7) / 8 * p.Ho * (b1 - b0);
+          int64_t step = 0;
+          for (int64_t bi = b0; bi < b1; ++bi) {
+            const T* bb = buf + (bi - b0) * V;
+            const T* tb = taps + bi * kk * V;
+            for (int64_t oh = 0; oh < p.Ho; ++oh) {
+              for_blocks(p.Wo, [&](int64_t ow0, auto R) {
+                constexpr int RV = decltype(R)::value;
+                Vec<T> acc[RV];
+                window_positions<RV, K, S, false>(bb + oh * rs + ow0 * cs, ps.Cs,
+                                                  ps.row_stride(), 0, K, tb, nullptr, acc);
+                out(bi, oh, ow0, RV, acc);
+                between(step++, steps);
+              });
+            }
+          }
+        });
+      }
+    });
+  }
+  if (done) return;
   const int64_t runs = (p.Ho * p.Wo + 7) / 8;
   int64_t ph = 0, pw = 0;  // the next position
   for_blocks(p.Ho * p.Wo, [&](int64_t i, auto R) {
@@ -685,7 +787,7 @@ inline void strip_conv(const T* buf, const Pass& p, const PixelStrip& ps, int64_
       Vec<T> acc[RV];
       block_positions<RV, false>(buf + (bi - b0) * V, kk, taps + bi * kk * V, toff, base, V,
                                  acc);
-      for (int r = 0; r < RV; ++r) out(bi, oh[r], ow[r], acc[r]);
+      for (int r = 0; r < RV; ++r) out(bi, oh[r], ow[r], 1, acc + r);
     }
     between(i / 8, runs);
   });

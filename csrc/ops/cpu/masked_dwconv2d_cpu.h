@@ -31,11 +31,17 @@ void dw_forward_impl(const T* x, const T* w, T* y, const DwGeometry& g) {
   using namespace simd;
   const int64_t kk = g.K * g.K;
   if (g.channels_last) {
-    // Measured on the dev box (2 threads, N=8, float32, 2026-11-28): straight from the
-    // tensor is 1.2x-1.5x faster than through the packed strip at stride 2 (the strip
-    // copies 4 inputs per output there), and 0.5x-0.9x at stride 1 (on small planes
-    // most pixels are border pixels, which the packed strip does not have).
     const Pass p = Pass::forward(g, 1);
+    const auto store = [&](int64_t n, int64_t bi, int64_t oh, int64_t ow, int R,
+                           const Vec<T>* acc) {
+      store_run(y, block_of<T>(bi, g.C), (n * g.Ho + oh) * g.Wo + ow, R, acc);
+    };
+    // Kernel 3/5/7, stride 1/2, dilation 1: the register window straight from the
+    // tensor (dev box, 2 threads, N=8, float32, same-run A/B: 1.2x-2x faster than the
+    // packed strip at stride 1 and than direct_pass at stride 2). Otherwise the packed
+    // strip at stride 1, direct_pass (no scratch: packing would copy S*S inputs per
+    // output) at larger strides.
+    if (window_pass<T>(p, g.N, g.C, x, w, false, store)) return;
     if (g.stride > 1) {
       direct_pass<T>(p, g.N, g.C, x, w, false,
                      [&](int64_t n, int64_t bi, int64_t oh, int64_t ow, const Vec<T>& v) {
@@ -45,7 +51,9 @@ void dw_forward_impl(const T* x, const T* w, T* y, const DwGeometry& g) {
       block_pass<T>(p, block_plan<T>(p, g.N, g.C), g.N, g.C, g.H * g.W * g.C, w, false,
                     Plain<T>{x},
                     [&](int64_t n, int64_t, const ChannelBlock& cb, int64_t oh, int64_t ow,
-                        const Vec<T>& v) { store_block(y, cb, (n * g.Ho + oh) * g.Wo + ow, v); });
+                        int R, const Vec<T>* acc) {
+                      store_run(y, cb, (n * g.Ho + oh) * g.Wo + ow, R, acc);
+                    });
     }
   } else {
     const Pass p = Pass::forward(g, kLanes<T>);
@@ -62,10 +70,18 @@ void dw_backward_impl(const T* gy, const T* x, const T* w, T* gx, T* gw, const D
   const int64_t kk = g.K * g.K;
   if (g.channels_last) {
     const Pass p = Pass::input_grad(g, 1);
-    block_pass<T>(p, block_plan<T>(p, g.N, g.C), g.N, g.C, g.Ho * g.Wo * g.C, w, true,
-                  Plain<T>{gy},
-                  [&](int64_t n, int64_t, const ChannelBlock& cb, int64_t ih, int64_t iw,
-                      const Vec<T>& v) { store_block(gx, cb, (n * g.H + ih) * g.W + iw, v); });
+    const auto store = [&](int64_t n, int64_t bi, int64_t ih, int64_t iw, int R,
+                           const Vec<T>* acc) {
+      store_run(gx, block_of<T>(bi, g.C), (n * g.H + ih) * g.W + iw, R, acc);
+    };
+    if (!window_pass<T>(p, g.N, g.C, gy, w, true, store)) {  // stride 1 only: spread 1
+      block_pass<T>(p, block_plan<T>(p, g.N, g.C), g.N, g.C, g.Ho * g.Wo * g.C, w, true,
+                    Plain<T>{gy},
+                    [&](int64_t n, int64_t, const ChannelBlock& cb, int64_t ih, int64_t iw,
+                        int R, const Vec<T>* acc) {
+                      store_run(gx, cb, (n * g.H + ih) * g.W + iw, R, acc);
+                    });
+    }
     block_weight_grad(g, Plain<T>{x}, Plain<T>{gy}, gw);
   } else {
     const Pass p = Pass::input_grad(g, kLanes<T>);

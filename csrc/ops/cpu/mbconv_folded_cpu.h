@@ -48,10 +48,14 @@ void folded_depthwise(const T* z, const T* eb, const T* w, const T* db, T* h,
     block_pass<T>(p, block_plan<T>(p, g.N, g.C), g.N, g.C, g.H * g.W * g.C, w, false,
                   BiasAct<A, T>{z, eb},
                   [&](int64_t n, int64_t, const ChannelBlock& cb, int64_t oh, int64_t ow,
-                      const Vec<T>& v) {
-                    T* d = h + ((n * g.Ho + oh) * g.Wo + ow) * g.C + cb.c0;
+                      int R, const Vec<T>* acc) {
+                    T* d0 = h + ((n * g.Ho + oh) * g.Wo + ow) * g.C + cb.c0;
                     const T* b = db + cb.c0;
-                    for (int64_t l = 0; l < cb.cb; ++l) d[l] = activate(v[l] + b[l], A);
+                    for (int r = 0; r < R; ++r) {
+                      T* d = d0 + r * g.C;
+                      const Vec<T>& v = acc[r];
+                      for (int64_t l = 0; l < cb.cb; ++l) d[l] = activate(v[l] + b[l], A);
+                    }
                   });
   } else {
     const Pass p = Pass::forward(g, kLanes<T>);
