@@ -101,6 +101,84 @@ void plane_weight_grad(const DwGeometry& g, const MakeA& make_a, const MakeG& ma
   });
 }
 
+// Small NCHW planes (output at most kSmallPlane pixels) through the channels_last
+// register window: per image x block of kLanes channels, the block's planes are
+// transposed into a zero-padded [rows][cols][lanes] scratch, convolved by
+// window_positions, and the [Ho][Wo][lanes] result transposed back into the planes.
+// On planes this small a vector along an output row is mostly empty or spans rows; a
+// vector across channels is always full. Kernel 3, 5 or 7, dilation 1, stride 1 or 2,
+// spread 1 (returns false for anything else, doing nothing). src / dst: NCHW tensors
+// of C channels with p.Hs x p.Ws / p.Ho x p.Wo planes; flip as in pack_taps.
+constexpr int64_t kSmallPlane = 256;
+
+template <typename T>
+bool small_plane_pass(const Pass& p, int64_t N, int64_t C, const T* src, const T* w, bool flip,
+                      T* dst) {
+  if (p.d != 1 || p.spread != 1 || p.Ho * p.Wo > kSmallPlane) return false;
+  bool done = false;
+  with_kernel_size(p.K, [&](auto KT) {
+    constexpr int K = decltype(KT)::value;
+    if constexpr (K != 0) {
+      done = with_window_stride(p.S, [&](auto ST) {
+        constexpr int S = decltype(ST)::value;
+        constexpr int64_t V = kLanes<T>, kk = K * K;
+        const int64_t H = p.Hs, W = p.Ws, Ho = p.Ho, Wo = p.Wo, hw = H * W, ohw = Ho * Wo;
+        const int64_t rows = (Ho - 1) * S + K, cols = (Wo - 1) * S + K;
+        const int64_t nb = num_blocks<T>(C);
+        std::vector<T> taps(static_cast<size_t>(nb * kk * V));
+        pack_taps(taps.data(), w, C, kk, flip);
+        // Source rows / columns held: h + pad in [0, rows), w + pad in [0, cols).
+        const int64_t h0 = std::max<int64_t>(0, -p.pad), h1 = std::min(H, rows - p.pad);
+        const int64_t w0 = std::max<int64_t>(0, -p.pad), w1 = std::min(W, cols - p.pad);
+        at::parallel_for(0, N * nb, grain(ohw * V * kk), [&](int64_t b, int64_t e) {
+          std::vector<T> buf(static_cast<size_t>(rows * cols * V + V), T(0));
+          std::vector<T> obuf(static_cast<size_t>(ohw * V + V));
+          T* sb = align_to_vector(buf.data());
+          T* ob = align_to_vector(obuf.data());
+          bool dirty = false;  // lanes past a partial block's may hold older values
+          for (int64_t task = b; task < e; ++task) {
+            const int64_t n = task / nb, bi = task % nb, c0 = bi * V;
+            const int64_t lanes = std::min(V, C - c0);
+            if (lanes < V && dirty) std::fill(sb, sb + rows * cols * V, T(0));
+            dirty = true;
+            const T* xs = src + (n * C + c0) * hw;
+            for (int64_t h = h0; h < h1; ++h) {
+              for (int64_t x = w0; x < w1; ++x) {
+                T* d = sb + ((h + p.pad) * cols + x + p.pad) * V;
+                const T* s = xs + h * W + x;
+                if (lanes == V) {
+#pragma omp simd
+                  for (int64_t l = 0; l < V; ++l) d[l] = s[l * hw];
+                } else {
+                  for (int64_t l = 0; l < lanes; ++l) d[l] = s[l * hw];
+                }
+              }
+            }
+            const T* tb = taps.data() + bi * kk * V;
+            for (int64_t oh = 0; oh < Ho; ++oh) {
+              for_blocks(Wo, [&](int64_t ow0, auto R) {
+                constexpr int RV = decltype(R)::value;
+                Vec<T> acc[RV];
+                window_positions<RV, K, S, false>(sb + (oh * S * cols + ow0 * S) * V, V,
+                                                  cols * V, 0, K, tb, nullptr, acc);
+                for (int r = 0; r < RV; ++r) vstore(ob + (oh * Wo + ow0 + r) * V, acc[r]);
+              });
+            }
+            T* ys = dst + (n * C + c0) * ohw;
+            for (int64_t l = 0; l < lanes; ++l) {
+              T* yp = ys + l * ohw;
+              const T* o = ob + l;
+#pragma omp simd
+              for (int64_t i = 0; i < ohw; ++i) yp[i] = o[i * V];
+            }
+          }
+        });
+      });
+    }
+  });
+  return done;
+}
+
 // ------------------------------------------------------------------ channels_last
 
 // How a channels_last pass is cut into tasks: image x strip of `ro` output rows x group

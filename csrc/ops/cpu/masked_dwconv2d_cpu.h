@@ -56,6 +56,7 @@ void dw_forward_impl(const T* x, const T* w, T* y, const DwGeometry& g) {
                     });
     }
   } else {
+    if (small_plane_pass<T>(Pass::forward(g, 1), g.N, g.C, x, w, false, y)) return;
     const Pass p = Pass::forward(g, kLanes<T>);
     plane_pass<T>(
         p, g.N * g.C, [&](int64_t nc) { return Plain<T>{x + nc * g.H * g.W}; },
@@ -84,14 +85,16 @@ void dw_backward_impl(const T* gy, const T* x, const T* w, T* gx, T* gw, const D
     }
     block_weight_grad(g, Plain<T>{x}, Plain<T>{gy}, gw);
   } else {
-    const Pass p = Pass::input_grad(g, kLanes<T>);
-    plane_pass<T>(
-        p, g.N * g.C, [&](int64_t nc) { return Plain<T>{gy + nc * g.Ho * g.Wo}; },
-        [&](int64_t nc, T* wf) {
-          const T* wc = w + (nc % g.C) * kk;
-          for (int64_t t = 0; t < kk; ++t) wf[t] = wc[kk - 1 - t];
-        },
-        [&](int64_t nc) { return gx + nc * g.H * g.W; }, [](int64_t, const T*) {});
+    if (!small_plane_pass<T>(Pass::input_grad(g, 1), g.N, g.C, gy, w, true, gx)) {
+      plane_pass<T>(
+          Pass::input_grad(g, kLanes<T>), g.N * g.C,
+          [&](int64_t nc) { return Plain<T>{gy + nc * g.Ho * g.Wo}; },
+          [&](int64_t nc, T* wf) {
+            const T* wc = w + (nc % g.C) * kk;
+            for (int64_t t = 0; t < kk; ++t) wf[t] = wc[kk - 1 - t];
+          },
+          [&](int64_t nc) { return gx + nc * g.H * g.W; }, [](int64_t, const T*) {});
+    }
     plane_weight_grad(
         g, [&](int64_t nc) { return Plain<T>{x + nc * g.H * g.W}; },
         [&](int64_t nc) { return Plain<T>{gy + nc * g.Ho * g.Wo}; }, gw);
