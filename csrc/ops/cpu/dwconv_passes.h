@@ -118,69 +118,62 @@ constexpr int64_t kSmallPlane = 256;
 template <typename T>
 bool small_plane_pass(const Pass& p, int64_t N, int64_t C, const T* src, const T* w, bool flip,
                       T* dst) {
-  if (p.d != 1 || p.spread != 1 || p.Ho * p.Wo > (p.S == 1 ? 1 : 4) * kSmallPlane) return false;
-  bool done = false;
-  with_kernel_size(p.K, [&](auto KT) {
-    constexpr int K = decltype(KT)::value;
-    if constexpr (K != 0) {
-      done = with_window_stride(p.S, [&](auto ST) {
-        constexpr int S = decltype(ST)::value;
-        constexpr int64_t V = kLanes<T>, kk = K * K;
-        const int64_t H = p.Hs, W = p.Ws, Ho = p.Ho, Wo = p.Wo, hw = H * W, ohw = Ho * Wo;
-        const int64_t rows = (Ho - 1) * S + K, cols = (Wo - 1) * S + K;
-        const int64_t nb = num_blocks<T>(C);
-        std::vector<T> taps(static_cast<size_t>(nb * kk * V));
-        pack_taps(taps.data(), w, C, kk, flip);
-        // Source rows / columns held: h + pad in [0, rows), w + pad in [0, cols).
-        const int64_t h0 = std::max<int64_t>(0, -p.pad), h1 = std::min(H, rows - p.pad);
-        const int64_t w0 = std::max<int64_t>(0, -p.pad), w1 = std::min(W, cols - p.pad);
-        at::parallel_for(0, N * nb, grain(ohw * V * kk), [&](int64_t b, int64_t e) {
-          std::vector<T> buf(static_cast<size_t>(rows * cols * V + V), T(0));
-          std::vector<T> obuf(static_cast<size_t>(ohw * V + V));
-          T* sb = align_to_vector(buf.data());
-          T* ob = align_to_vector(obuf.data());
-          bool dirty = false;  // lanes past a partial block's may hold older values
-          for (int64_t task = b; task < e; ++task) {
-            const int64_t n = task / nb, bi = task % nb, c0 = bi * V;
-            const int64_t lanes = std::min(V, C - c0);
-            if (lanes < V && dirty) std::fill(sb, sb + rows * cols * V, T(0));
-            dirty = true;
-            const T* xs = src + (n * C + c0) * hw;
-            for (int64_t h = h0; h < h1; ++h) {
-              for (int64_t x = w0; x < w1; ++x) {
-                T* d = sb + ((h + p.pad) * cols + x + p.pad) * V;
-                const T* s = xs + h * W + x;
-                if (lanes == V) {
+  if (p.spread != 1 || p.Ho * p.Wo > (p.S == 1 ? 1 : 4) * kSmallPlane) return false;
+  return with_window(p.K, p.S, p.d, [&](auto KT, auto ST) {
+    constexpr int K = decltype(KT)::value, S = decltype(ST)::value;
+    constexpr int64_t V = kLanes<T>, kk = K * K;
+    const int64_t H = p.Hs, W = p.Ws, Ho = p.Ho, Wo = p.Wo, hw = H * W, ohw = Ho * Wo;
+    const int64_t rows = (Ho - 1) * S + K, cols = (Wo - 1) * S + K;
+    const int64_t nb = num_blocks<T>(C);
+    std::vector<T> taps(static_cast<size_t>(nb * kk * V));
+    pack_taps(taps.data(), w, C, kk, flip);
+    // Source rows / columns held: h + pad in [0, rows), w + pad in [0, cols).
+    const int64_t h0 = std::max<int64_t>(0, -p.pad), h1 = std::min(H, rows - p.pad);
+    const int64_t w0 = std::max<int64_t>(0, -p.pad), w1 = std::min(W, cols - p.pad);
+    at::parallel_for(0, N * nb, grain(ohw * V * kk), [&](int64_t b, int64_t e) {
+      std::vector<T> buf(static_cast<size_t>(rows * cols * V + V), T(0));
+      std::vector<T> obuf(static_cast<size_t>(ohw * V + V));
+      T* sb = align_to_vector(buf.data());
+      T* ob = align_to_vector(obuf.data());
+      bool dirty = false;  // lanes past a partial block's may hold older values
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t n = task / nb, bi = task % nb, c0 = bi * V;
+        const int64_t lanes = std::min(V, C - c0);
+        if (lanes < V && dirty) std::fill(sb, sb + rows * cols * V, T(0));
+        dirty = true;
+        const T* xs = src + (n * C + c0) * hw;
+        for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t x = w0; x < w1; ++x) {
+            T* d = sb + ((h + p.pad) * cols + x + p.pad) * V;
+            const T* s = xs + h * W + x;
+            if (lanes == V) {
 #pragma omp simd
-                  for (int64_t l = 0; l < V; ++l) d[l] = s[l * hw];
-                } else {
-                  for (int64_t l = 0; l < lanes; ++l) d[l] = s[l * hw];
-                }
-              }
-            }
-            const T* tb = taps.data() + bi * kk * V;
-            for (int64_t oh = 0; oh < Ho; ++oh) {
-              for_blocks(Wo, [&](int64_t ow0, auto R) {
-                constexpr int RV = decltype(R)::value;
-                Vec<T> acc[RV];
-                window_positions<RV, K, S, false>(sb + (oh * S * cols + ow0 * S) * V, V,
-                                                  cols * V, 0, K, tb, nullptr, acc);
-                for (int r = 0; r < RV; ++r) vstore(ob + (oh * Wo + ow0 + r) * V, acc[r]);
-              });
-            }
-            T* ys = dst + (n * C + c0) * ohw;
-            for (int64_t l = 0; l < lanes; ++l) {
-              T* yp = ys + l * ohw;
-              const T* o = ob + l;
-#pragma omp simd
-              for (int64_t i = 0; i < ohw; ++i) yp[i] = o[i * V];
+              for (int64_t l = 0; l < V; ++l) d[l] = s[l * hw];
+            } else {
+              for (int64_t l = 0; l < lanes; ++l) d[l] = s[l * hw];
             }
           }
-        });
-      });
-    }
+        }
+        const T* tb = taps.data() + bi * kk * V;
+        for (int64_t oh = 0; oh < Ho; ++oh) {
+          for_blocks(Wo, [&](int64_t ow0, auto R) {
+            constexpr int RV = decltype(R)::value;
+            Vec<T> acc[RV];
+            window_positions<RV, K, S, false>(sb + (oh * S * cols + ow0 * S) * V, V,
+                                              cols * V, 0, K, tb, nullptr, acc);
+            for (int r = 0; r < RV; ++r) vstore(ob + (oh * Wo + ow0 + r) * V, acc[r]);
+          });
+        }
+        T* ys = dst + (n * C + c0) * ohw;
+        for (int64_t l = 0; l < lanes; ++l) {
+          T* yp = ys + l * ohw;
+          const T* o = ob + l;
+#pragma omp simd
+          for (int64_t i = 0; i < ohw; ++i) yp[i] = o[i * V];
+        }
+      }
+    });
   });
-  return done;
 }
 
 // ------------------------------------------------------------------ channels_last
@@ -380,61 +373,54 @@ void direct_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
 template <typename T, typename Out>
 bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bool flip,
                  const Out& out) {
-  if (p.d != 1 || p.spread != 1) return false;
-  bool done = false;
-  with_kernel_size(p.K, [&](auto KT) {
-    constexpr int K = decltype(KT)::value;
-    if constexpr (K != 0) {
-      done = with_window_stride(p.S, [&](auto ST) {
-        constexpr int S = decltype(ST)::value;
-        constexpr int64_t V = kLanes<T>, kk = K * K;
-        const int64_t W = p.Ws, H = p.Hs, nb = num_blocks<T>(C), image = H * W * C;
-        const int64_t tail = C - (nb - 1) * V;  // lanes of the last block
-        std::vector<T> taps(static_cast<size_t>(nb * kk * V));
-        pack_taps(taps.data(), w, C, kk, flip);
-        // Runs outermost (each run through every block) while a run's window over all
-        // channels fits in L1, blocks outermost otherwise (measured both ways, dev box).
-        const bool runs_outer = K * (S * 7 + K) * C * int64_t(sizeof(T)) <= kWindowBytes;
-        at::parallel_for(0, N * p.Ho, grain(p.Wo * C * kk), [&](int64_t b, int64_t e) {
-          for (int64_t task = b; task < e; ++task) {
-            const int64_t n = task / p.Ho, oh = task % p.Ho;
-            const int64_t ih0 = oh * S - p.pad;
-            const auto [kh0, kh1] = taps_inside(ih0, H, K, 1);
-            const T* row = x + n * image + (ih0 + kh0) * W * C;  // kernel row kh0
-            const auto run = [&](int64_t bi, int64_t ow0, auto R) {
-                constexpr int RV = decltype(R)::value, NI = S * (RV - 1) + K;
-                const int64_t lanes = bi + 1 < nb ? V : tail;
-                const T* tb = taps.data() + bi * kk * V;
-                Vec<T> acc[RV];
-                const int64_t c0 = ow0 * S - p.pad;  // source column of window slot 0
-                const T* src = row + c0 * C + bi * V;
-                if (kh1 <= kh0) {  // every tap in the padding
-                  for (int r = 0; r < RV; ++r) acc[r] = Vec<T>{};
-                } else if (lanes == V && c0 >= 0 && c0 + NI <= W) {
-                  window_positions<RV, K, S, false>(src, C, W * C, kh0, kh1, tb, nullptr, acc);
-                } else {
-                  int64_t slot_lanes[NI];
-                  for (int i = 0; i < NI; ++i)
-                    slot_lanes[i] = c0 + i >= 0 && c0 + i < W ? lanes : 0;
-                  window_positions<RV, K, S, true>(src, C, W * C, kh0, kh1, tb, slot_lanes,
-                                                   acc);
-                }
-                out(n, bi, oh, ow0, RV, acc);
-            };
-            if (runs_outer) {
-              for_blocks(p.Wo, [&](int64_t ow0, auto R) {
-                for (int64_t bi = 0; bi < nb; ++bi) run(bi, ow0, R);
-              });
-            } else {
-              for (int64_t bi = 0; bi < nb; ++bi)
-                for_blocks(p.Wo, [&](int64_t ow0, auto R) { run(bi, ow0, R); });
-            }
+  if (p.spread != 1) return false;
+  return with_window(p.K, p.S, p.d, [&](auto KT, auto ST) {
+    constexpr int K = decltype(KT)::value, S = decltype(ST)::value;
+    constexpr int64_t V = kLanes<T>, kk = K * K;
+    const int64_t W = p.Ws, H = p.Hs, nb = num_blocks<T>(C), image = H * W * C;
+    const int64_t tail = C - (nb - 1) * V;  // lanes of the last block
+    std::vector<T> taps(static_cast<size_t>(nb * kk * V));
+    pack_taps(taps.data(), w, C, kk, flip);
+    // Runs outermost (each run through every block) while a run's window over all
+    // channels fits in L1, blocks outermost otherwise (measured both ways, dev box).
+    const bool runs_outer = K * (S * 7 + K) * C * int64_t(sizeof(T)) <= kWindowBytes;
+    at::parallel_for(0, N * p.Ho, grain(p.Wo * C * kk), [&](int64_t b, int64_t e) {
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t n = task / p.Ho, oh = task % p.Ho;
+        const int64_t ih0 = oh * S - p.pad;
+        const auto [kh0, kh1] = taps_inside(ih0, H, K, 1);
+        const T* row = x + n * image + (ih0 + kh0) * W * C;  // kernel row kh0
+        const auto run = [&](int64_t bi, int64_t ow0, auto R) {
+          constexpr int RV = decltype(R)::value, NI = S * (RV - 1) + K;
+          const int64_t lanes = bi + 1 < nb ? V : tail;
+          const T* tb = taps.data() + bi * kk * V;
+          Vec<T> acc[RV];
+          const int64_t c0 = ow0 * S - p.pad;  // source column of window slot 0
+          const T* src = row + c0 * C + bi * V;
+          if (kh1 <= kh0) {  // every tap in the padding
+            for (int r = 0; r < RV; ++r) acc[r] = Vec<T>{};
+          } else if (lanes == V && c0 >= 0 && c0 + NI <= W) {
+            window_positions<RV, K, S, false>(src, C, W * C, kh0, kh1, tb, nullptr, acc);
+          } else {
+            int64_t slot_lanes[NI];
+            for (int i = 0; i < NI; ++i)
+              slot_lanes[i] = c0 + i >= 0 && c0 + i < W ? lanes : 0;
+            window_positions<RV, K, S, true>(src, C, W * C, kh0, kh1, tb, slot_lanes,
+                                             acc);
           }
-        });
-      });
-    }
+          out(n, bi, oh, ow0, RV, acc);
+        };
+        if (runs_outer) {
+          for_blocks(p.Wo, [&](int64_t ow0, auto R) {
+            for (int64_t bi = 0; bi < nb; ++bi) run(bi, ow0, R);
+          });
+        } else {
+          for (int64_t bi = 0; bi < nb; ++bi)
+            for_blocks(p.Wo, [&](int64_t ow0, auto R) { run(bi, ow0, R); });
+        }
+      }
+    });
   });
-  return done;
 }
 
 // Stores an output vector of a channel block at pixel `pix` of an NHWC tensor.

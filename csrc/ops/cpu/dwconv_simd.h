@@ -717,13 +717,21 @@ __attribute__((noinline)) void window_positions(const T* src, int64_t ps, int64_
   for (int r = 0; r < R; ++r) acc[r] = a[r];
 }
 
-// Calls f(integral_constant<S>) for stride 1 or 2 and returns true; false otherwise.
+// Calls f(integral_constant<K>, integral_constant<S>) and returns true where
+// window_positions serves the pass (kernel 3, 5 or 7, stride 1 or 2, dilation 1);
+// returns false otherwise.
 template <typename F>
-inline bool with_window_stride(int64_t S, const F& f) {
-  if (S == 1) f(std::integral_constant<int, 1>{});
-  else if (S == 2) f(std::integral_constant<int, 2>{});
-  else return false;
-  return true;
+inline bool with_window(int64_t K, int64_t S, int64_t d, const F& f) {
+  if (d != 1 || (S != 1 && S != 2)) return false;
+  bool done = false;
+  with_kernel_size(K, [&](auto KT) {
+    if constexpr (decltype(KT)::value != 0) {
+      if (S == 1) f(KT, std::integral_constant<int, 1>{});
+      else f(KT, std::integral_constant<int, 2>{});
+      done = true;
+    }
+  });
+  return done;
 }
 
 // The pass over a packed strip of channel blocks [b0, b1) (taps of every block, as
@@ -741,33 +749,25 @@ inline void strip_conv(const T* buf, const Pass& p, const PixelStrip& ps, int64_
                        const Between& between) {
   constexpr int64_t V = kLanes<T>;
   const int64_t kk = p.K * p.K, rs = p.S * ps.row_stride(), cs = p.S * ps.Cs;
-  bool done = false;
-  if (p.d == 1) {
-    with_kernel_size(p.K, [&](auto KT) {
-      constexpr int K = decltype(KT)::value;
-      if constexpr (K != 0) {
-        done = with_window_stride(p.S, [&](auto ST) {
-          constexpr int S = decltype(ST)::value;
-          const int64_t steps = (p.Wo + 7) / 8 * p.Ho * (b1 - b0);
-          int64_t step = 0;
-          for (int64_t bi = b0; bi < b1; ++bi) {
-            const T* bb = buf + (bi - b0) * V;
-            const T* tb = taps + bi * kk * V;
-            for (int64_t oh = 0; oh < p.Ho; ++oh) {
-              for_blocks(p.Wo, [&](int64_t ow0, auto R) {
-                constexpr int RV = decltype(R)::value;
-                Vec<T> acc[RV];
-                window_positions<RV, K, S, false>(bb + oh * rs + ow0 * cs, ps.Cs,
-                                                  ps.row_stride(), 0, K, tb, nullptr, acc);
-                out(bi, oh, ow0, RV, acc);
-                between(step++, steps);
-              });
-            }
-          }
+  const bool done = with_window(p.K, p.S, p.d, [&](auto KT, auto ST) {
+    constexpr int K = decltype(KT)::value, S = decltype(ST)::value;
+    const int64_t steps = (p.Wo + 7) / 8 * p.Ho * (b1 - b0);
+    int64_t step = 0;
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const T* bb = buf + (bi - b0) * V;
+      const T* tb = taps + bi * kk * V;
+      for (int64_t oh = 0; oh < p.Ho; ++oh) {
+        for_blocks(p.Wo, [&](int64_t ow0, auto R) {
+          constexpr int RV = decltype(R)::value;
+          Vec<T> acc[RV];
+          window_positions<RV, K, S, false>(bb + oh * rs + ow0 * cs, ps.Cs,
+                                            ps.row_stride(), 0, K, tb, nullptr, acc);
+          out(bi, oh, ow0, RV, acc);
+          between(step++, steps);
         });
       }
-    });
-  }
+    }
+  });
   if (done) return;
   const int64_t runs = (p.Ho * p.Wo + 7) / 8;
   int64_t ph = 0, pw = 0;  // the next position
