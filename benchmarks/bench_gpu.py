@@ -35,6 +35,7 @@ float32 runs with TF32 off (torch.backends.{cuda.matmul,cudnn}.allow_tf32 = Fals
 all three compute in full float32.
 
     python3 benchmarks/bench_gpu.py --out /tmp/bsnas_out [--quick] [--budget SECONDS]
+        [--only dw bnact pw] [--dtypes float32 bfloat16] [--layouts nchw channels_last]
 """
 from __future__ import annotations
 
@@ -446,9 +447,16 @@ def main():
                     "what it has (default 210)")
     ap.add_argument("--only", nargs="+", choices=list(SECTION_SHARES), default=None,
                     help="run only these sections (default: all)")
+    ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None,
+                    help="only these dtypes (default: all)")
+    ap.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=None,
+                    help="only these layouts (default: all)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="let cuDNN autotune the baselines (slower to run)")
     args = ap.parse_args()
+    for table, keep in ((DTYPES, args.dtypes), (LAYOUTS, args.layouts)):
+        for name in [n for n in table if keep is not None and n not in keep]:
+            del table[name]
     if not torch.cuda.is_available():
         sys.exit("bench_gpu.py: no CUDA device")
     if not bsnas.cuda_compiled():

@@ -281,6 +281,52 @@ def test_dw_smoke_split_reduction(fmt):
               fmt=FORMATS[fmt], ref_device="cpu")
 
 
+def _misaligned_channels_last(t):
+    """A channels_last copy of t whose data starts one element past an aligned address,
+    so the vector loads of the channels_last run kernel must not be used."""
+    n, c, h, w = t.shape
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    v = buf[1:].as_strided((n, c, h, w), (h * w * c, 1, w * c, c))
+    v.copy_(t)
+    assert v.is_contiguous(memory_format=torch.channels_last) and v.data_ptr() % 8 != 0
+    return v
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_dw_channels_last_runs(k, dtype):
+    """The channels_last run kernel (forward stride 1/2, stride-1 input gradient): widths
+    that take the vector loads (multiples of 4, 2 for float64) or not, more than one
+    channel tile, rows not a multiple of the 8-output run, padding up to k."""
+    rng = random.Random(f"runs-{k}-{dtype}")
+    for width in (4, 8, 36, 130, 200, 7):
+        s = rng.choice([1, 2])
+        p = rng.randint(0, k)
+        lo = max(1, k - 2 * p)
+        _dw_check(N=rng.randint(1, 3), c_max=width + rng.randint(0, 9), width=width,
+                  H=rng.randint(lo, lo + 19), W=rng.randint(lo, lo + 27), k=k, s=s, p=p, d=1,
+                  dtype=dtype, fmt=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("width", [8, 5])
+def test_dw_runs_smoke_misaligned(width, dtype):
+    """Vector-width channels at an address that is not 16-byte aligned: the scalar loads;
+    compared with CPU float64 (run under compute-sanitizer by gpu_check.sh)."""
+    g = torch.Generator().manual_seed(width)
+    for k, s in ((3, 1), (7, 2), (5, 1)):
+        x = _misaligned_channels_last(torch.randn(2, width, 13, 17, generator=g).to("cuda", dtype))
+        w = torch.randn(width + 2, 1, k, k, generator=g).to("cuda", dtype)
+        y = bsnas.masked_dwconv2d(x, w, width, s, k // 2, 1)
+        gy = _misaligned_channels_last(torch.randn(y.shape, generator=g).to("cuda", dtype))
+        gx, gw = torch.ops.bsnas._masked_dwconv2d_backward(gy, x, w, width, s, k // 2, 1)
+        ry, rgx, rgw = _dw_reference(x.cpu(), w.cpu(), width, s, k // 2, 1, gy.cpu())
+        tol = DW_TOL[dtype]
+        _close(y, ry, tol, f"y k={k} s={s}")
+        _close(gx, rgx, tol, f"grad_x k={k} s={s}")
+        _close(gw, rgw, tol, f"grad_w k={k} s={s}")
+
+
 # ------------------------------------------------------------------------- pointwise
 
 

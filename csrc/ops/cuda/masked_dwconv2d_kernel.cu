@@ -9,10 +9,13 @@
 //   grid-stride loop, so a warp covers consecutive columns of a row and the weight
 //   reads of a warp are (mostly) one broadcast address; except the forward for k = 3,
 //   5, 7 at dilation 1 and stride 1 or 2, which runs in strips (dw_fwd_nchw_strips).
-// - channels_last kernels are channel-tiled: threadIdx.x is the channel inside a tile of
-//   at most 64 channels (consecutive threads read consecutive addresses) and
-//   threadIdx.y/blockIdx.y stride over pixels, so each thread keeps the k*k taps of its
-//   one filter in registers for its whole pixel loop.
+// - channels_last: for k = 3, 5, 7 at dilation 1, the forward (stride 1 or 2) and the
+//   stride-1 input gradient run in runs of outputs along a row, several channels per
+//   vector load (dwconv_nhwc_runs.cu). The other channels_last kernels are
+//   channel-tiled: threadIdx.x is the channel inside a tile of at most 64 channels
+//   (consecutive threads read consecutive addresses) and threadIdx.y/blockIdx.y stride
+//   over pixels, so each thread keeps the k*k taps of its one filter in registers for
+//   its whole pixel loop.
 // grad_x is computed in gather form (one thread per input element, out_index_for_input,
 // no atomics). grad_weight is a per-(channel, tap) reduction over N*Ho*Wo: each thread
 // accumulates all k*k taps in registers, a block reduction combines them, and when the
@@ -42,6 +45,7 @@
 #include <type_traits>
 
 #include "dwconv_cuda.cuh"
+#include "dwconv_nhwc_runs.h"
 
 namespace bsnas {
 namespace {
@@ -298,24 +302,28 @@ void launch_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor
   scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
   const Tile tile = g.channels_last ? channel_tile(g.C) : Tile{0, 0, 0};
   // grad_x
-  dispatch_index_k(g, weight.numel(), [&]<typename index_t, int KS>() {
-    const Dims<index_t> d = make_dims<index_t>(g);
-    dispatch_stride<index_t, KS>(g.stride, [&]<int ST>() {
-      if (g.channels_last) {
-        const dim3 block(tile.ct, tile.py);
-        const dim3 grid(static_cast<unsigned>(tile.tiles),
-                        tile_blocks_y(g.N * g.H * g.W, tile, sms));
-        dw_bwd_in_nhwc<scalar_t, index_t, KS, ST><<<grid, block, 0, stream>>>(gyp, wp, gxp, d);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      } else {
-        const int64_t total = x.numel();
-        dw_bwd_in_nchw<scalar_t, index_t, KS, ST>
-            <<<flat_blocks(total, sms), kThreads, 0, stream>>>(gyp, wp, gxp, d,
-                                                               static_cast<index_t>(total));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+  if (dw_runs::handles_input_grad(g, weight.numel())) {
+    dw_runs::run_input_grad(gy, weight, gx, g);
+  } else {
+    dispatch_index_k(g, weight.numel(), [&]<typename index_t, int KS>() {
+      const Dims<index_t> d = make_dims<index_t>(g);
+      dispatch_stride<index_t, KS>(g.stride, [&]<int ST>() {
+        if (g.channels_last) {
+          const dim3 block(tile.ct, tile.py);
+          const dim3 grid(static_cast<unsigned>(tile.tiles),
+                          tile_blocks_y(g.N * g.H * g.W, tile, sms));
+          dw_bwd_in_nhwc<scalar_t, index_t, KS, ST><<<grid, block, 0, stream>>>(gyp, wp, gxp, d);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        } else {
+          const int64_t total = x.numel();
+          dw_bwd_in_nchw<scalar_t, index_t, KS, ST>
+              <<<flat_blocks(total, sms), kThreads, 0, stream>>>(gyp, wp, gxp, d,
+                                                                 static_cast<index_t>(total));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
     });
-  });
+  }
   // grad_weight, rows [0, width) of the full-width gradient. NCHW in strips where they
   // apply: on the H200 (2026-11-28) the fused op's backward (weight gradient in strips,
   // input gradient in strips at stride 1), doing more work, took 0.48x-0.86x this op's
@@ -338,6 +346,10 @@ at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, int
   at::Tensor y = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options().memory_format(fmt));
   if (y.numel() == 0) return y;
   if (x.numel() == 0) return y.zero_();  // every tap reads padding
+  if (dw_runs::handles_forward(g, weight.numel())) {
+    dw_runs::run_forward(x, weight, y, g);
+    return y;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16,
                                   x.scalar_type(), kFwd,
                                   [&] { launch_forward<scalar_t>(x, weight, y, g); });
