@@ -76,8 +76,12 @@ def test_dwconv_matches_sliced_reference(dtype, fmt):
     (1, 40, 37, 66, 50, 7, 2, 3, 1),   # the same at stride 2 (input gradient spread)
     (2, 40, 37, 16, 16, 3, 1, 1, 1),   # NCHW: the largest plane taken through channel blocks
     (1, 24, 19, 28, 28, 7, 2, 0, 1),   # ... at stride 2 from a larger input, no padding
+    (1, 20, 18, 32, 32, 7, 1, 3, 1),   # ... k7 forward: the largest plane it takes
+    (1, 20, 17, 30, 35, 7, 1, 3, 1),   # ... k7 just past it: plane_pass
     (2, 36, 33, 6, 6, 5, 1, 5, 1),     # output rows whose every tap lies in the padding
     (1, 18, 17, 9, 11, 3, 2, 0, 1),    # stride 2, no padding, odd sizes: right-edge windows
+    (2, 21, 21, 10, 7, 3, 2, 3, 1),    # stride 2, padding past the kernel's reach
+    (1, 35, 33, 1, 12, 5, 2, 2, 1),    # stride 2, one input row, even width
 ])
 def test_dwconv_unusual_geometry(dtype, fmt, n, c_max, width, h, w, k, s, p, d):
     torch.manual_seed(0)

@@ -112,13 +112,22 @@ void plane_weight_grad(const DwGeometry& g, const MakeA& make_a, const MakeG& ma
 // Measured on the dev box (N=8, 2 threads, forward against oneDNN on slices): 14x14 and
 // 7x7 planes 0.98x-1.8x, plane_pass 0.33x-1.1x (separate runs); same-run A/B: 28x28 and
 // 32x32 planes at stride 1 about even (plane_pass ahead at k3, so it keeps them), a
-// 28x28 output at stride 2 0.94x-2.1x here, 0.66x-1.8x through plane_pass.
+// 28x28 output at stride 2 0.94x-2.1x here, 0.66x-1.8x through plane_pass. The 7x7
+// kernel's forward also takes 28x28 and 32x32 planes (ninth session, two same-run A/Bs
+// against oneDNN, widths 25/50/100 %: 5 of 6 cells faster, 1.3x-1.6x at 100 %; the
+// input gradient and k 3/5 were even or slower there, so they keep the 256 limit).
 constexpr int64_t kSmallPlane = 256;
+
+// Output pixels per plane up to which small_plane_pass takes a pass (flip: the input
+// gradient).
+constexpr int64_t small_plane_limit(int64_t K, int64_t S, bool flip) {
+  return (S == 1 ? 1 : 4) * kSmallPlane * (K == 7 && S == 1 && !flip ? 4 : 1);
+}
 
 template <typename T>
 bool small_plane_pass(const Pass& p, int64_t N, int64_t C, const T* src, const T* w, bool flip,
                       T* dst) {
-  if (p.spread != 1 || p.Ho * p.Wo > (p.S == 1 ? 1 : 4) * kSmallPlane) return false;
+  if (p.spread != 1 || p.Ho * p.Wo > small_plane_limit(p.K, p.S, flip)) return false;
   return with_window(p.K, p.S, p.d, [&](auto KT, auto ST) {
     constexpr int K = decltype(KT)::value, S = decltype(ST)::value;
     constexpr int64_t V = kLanes<T>, kk = K * K;
@@ -421,6 +430,88 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
       }
     });
   });
+}
+
+// The channels_last input gradient of a stride-2 convolution (kernel 3, 5 or 7,
+// dilation 1) by phases, straight from the NHWC output gradient `gy` (C channels,
+// p.Hs x p.Ws per image; p = Pass::forward's geometry: Hs x Ws input, Ho x Wo output)
+// into `gx`. Input pixel (ih, iw) receives the taps kh = (ih + pad) mod 2 + 2m and
+// kw = (iw + pad) mod 2 + 2j only, from gy[(ih + pad - kh) / 2, (iw + pad - kw) / 2]: per
+// row parity and column parity, a stride-1 correlation of gy with a (K+1)/2 x (K+1)/2
+// sub-kernel (the flipped taps of that parity, zero-padded), whose outputs are every
+// other input pixel of the row. window_positions runs it on the tensor itself, so each
+// input-gradient pixel costs at most ((K+1)/2)^2 multiply-adds instead of K^2 over a
+// zero-spread copy of gy (block_pass with spread 2). One task per image x input row.
+// Returns false (doing nothing) for any other geometry.
+template <typename T>
+bool phase_input_grad(const DwGeometry& g, const T* gy, const T* w, T* gx) {
+  if (!g.channels_last || g.stride != 2 || g.dil != 1) return false;
+  const auto run_k = [&](auto KSC) {
+    constexpr int KS = decltype(KSC)::value, K = 2 * KS - 1;
+    constexpr int64_t V = kLanes<T>, ks2 = KS * KS;
+    const int64_t C = g.C, nb = num_blocks<T>(C), H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo;
+    const int64_t pad = g.pad, tail = C - (nb - 1) * V, oimage = Ho * Wo * C;
+    // sub[bi][a][b][u][v][lane] = w[c][kh][kw], kh = a + 2 (KS - 1 - u), kw = b + 2 (KS -
+    // 1 - v); 0 where kh or kw >= K or c >= C.
+    std::vector<T> sub(static_cast<size_t>(nb * 4 * ks2 * V), T(0));
+    for (int64_t c = 0; c < C; ++c)
+      for (int a = 0; a < 2; ++a)
+        for (int b = 0; b < 2; ++b)
+          for (int u = 0; u < KS; ++u)
+            for (int v = 0; v < KS; ++v) {
+              const int kh = a + 2 * (KS - 1 - u), kw = b + 2 * (KS - 1 - v);
+              if (kh < K && kw < K)
+                sub[((((c / V) * 4 + a * 2 + b) * KS + u) * KS + v) * V + c % V] =
+                    w[c * K * K + kh * K + kw];
+            }
+    at::parallel_for(0, g.N * H, grain(W * C * ks2), [&](int64_t tb, int64_t te) {
+      for (int64_t task = tb; task < te; ++task) {
+        const int64_t n = task / H, ih = task % H;
+        const int a = int((ih + pad) & 1);
+        const int64_t r0 = (ih + pad - a) / 2 - (KS - 1);  // gy row of sub-kernel row 0
+        auto [u0, u1] = taps_inside(r0, Ho, KS, 1);
+        u0 = std::max<int64_t>(u0, a);  // odd rows: sub-kernel row 0 is all zero
+        T* grow = gx + ((n * H + ih) * W) * C;
+        for (int b = 0; b < 2; ++b) {
+          const int64_t iwb = ((b - pad) % 2 + 2) % 2;  // first column of parity b
+          if (iwb >= W) continue;
+          const int64_t cnt = (W - iwb + 1) / 2, cw0 = (iwb + pad - b) / 2 - (KS - 1);
+          for_blocks(cnt, [&](int64_t t0, auto R) {
+            constexpr int RV = decltype(R)::value, NI = RV - 1 + KS;
+            const int64_t c0 = cw0 + t0;  // gy column of window slot 0
+            for (int64_t bi = 0; bi < nb; ++bi) {
+              const int64_t lanes = bi + 1 < nb ? V : tail;
+              Vec<T> acc[RV];
+              if (u1 <= u0) {
+                for (int r = 0; r < RV; ++r) acc[r] = Vec<T>{};
+              } else {
+                const T* taps = sub.data() + (bi * 4 + a * 2 + b) * ks2 * V;
+                const T* src = gy + n * oimage + ((r0 + u0) * Wo + c0) * C + bi * V;
+                if (lanes == V && c0 >= 0 && c0 + NI <= Wo) {
+                  window_positions<RV, KS, 1, false>(src, C, Wo * C, u0, u1, taps, nullptr,
+                                                     acc);
+                } else {
+                  int64_t slot_lanes[NI];
+                  for (int i = 0; i < NI; ++i)
+                    slot_lanes[i] = c0 + i >= 0 && c0 + i < Wo ? lanes : 0;
+                  window_positions<RV, KS, 1, true>(src, C, Wo * C, u0, u1, taps,
+                                                    slot_lanes, acc);
+                }
+              }
+              T* d = grow + (iwb + 2 * t0) * C + bi * V;
+              for (int r = 0; r < RV; ++r) vstore_part(d + 2 * r * C, acc[r], lanes);
+            }
+          });
+        }
+      }
+    });
+  };
+  switch (g.K) {
+    case 3: run_k(std::integral_constant<int, 2>{}); return true;
+    case 5: run_k(std::integral_constant<int, 3>{}); return true;
+    case 7: run_k(std::integral_constant<int, 4>{}); return true;
+    default: return false;
+  }
 }
 
 // Stores an output vector of a channel block at pixel `pix` of an NHWC tensor.

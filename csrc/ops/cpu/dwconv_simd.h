@@ -22,7 +22,8 @@
 //
 // The input gradient is a stride-1 convolution with the flipped filter over the output
 // gradient spread by the stride (zeros between values) and padded by
-// dil * (k - 1) - pad; the weight gradient correlates the output gradient with the
+// dil * (k - 1) - pad (masked_dwconv2d's channels_last stride-2 gradient avoids the
+// spread: phase_input_grad in dwconv_passes.h); the weight gradient correlates the output gradient with the
 // padded input, K accumulators per kernel row.
 #pragma once
 

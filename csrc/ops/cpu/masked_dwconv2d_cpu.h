@@ -75,7 +75,9 @@ void dw_backward_impl(const T* gy, const T* x, const T* w, T* gx, T* gw, const D
                            const Vec<T>* acc) {
       store_run(gx, block_of<T>(bi, g.C), (n * g.H + ih) * g.W + iw, R, acc);
     };
-    if (!window_pass<T>(p, g.N, g.C, gy, w, true, store)) {  // stride 1 only: spread 1
+    // Stride 1: the window over gy; stride 2: by phases (no zero-spread copy of gy).
+    if (!window_pass<T>(p, g.N, g.C, gy, w, true, store) &&
+        !phase_input_grad<T>(g, gy, w, gx)) {
       block_pass<T>(p, block_plan<T>(p, g.N, g.C), g.N, g.C, g.Ho * g.Wo * g.C, w, true,
                     Plain<T>{gy},
                     [&](int64_t n, int64_t, const ChannelBlock& cb, int64_t ih, int64_t iw,
