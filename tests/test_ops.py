@@ -81,6 +81,10 @@ def test_dwconv_matches_sliced_reference(dtype, fmt):
     (2, 36, 33, 6, 6, 5, 1, 5, 1),     # output rows whose every tap lies in the padding
     (1, 18, 17, 9, 11, 3, 2, 0, 1),    # stride 2, no padding, odd sizes: right-edge windows
     (2, 21, 21, 10, 7, 3, 2, 3, 1),    # stride 2, padding past the kernel's reach
+    (5, 35, 33, 28, 29, 3, 1, 1, 1),   # channels_last weight gradient through the window
+    (2, 20, 19, 31, 28, 3, 2, 0, 1),   # ... at stride 2, no padding
+    (1, 24, 17, 80, 79, 5, 2, 2, 1),   # ... k5 on a large plane
+    (1, 9, 9, 81, 78, 7, 1, 4, 1),     # ... k7, padding past the kernel's reach
     (1, 35, 33, 1, 12, 5, 2, 2, 1),    # stride 2, one input row, even width
 ])
 def test_dwconv_unusual_geometry(dtype, fmt, n, c_max, width, h, w, k, s, p, d):

@@ -23,8 +23,8 @@
 // The input gradient is a stride-1 convolution with the flipped filter over the output
 // gradient spread by the stride (zeros between values) and padded by
 // dil * (k - 1) - pad (masked_dwconv2d's channels_last stride-2 gradient avoids the
-// spread: phase_input_grad in dwconv_passes.h); the weight gradient correlates the output gradient with the
-// padded input, K accumulators per kernel row.
+// spread: phase_input_grad in dwconv_passes.h); the weight gradient correlates the
+// output gradient with the padded input, K accumulators per kernel row.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -716,6 +716,32 @@ __attribute__((noinline)) void window_positions(const T* src, int64_t ps, int64_
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc[r] = a[r];
+}
+
+// One run of R output pixels of a channels_last weight gradient, kernel row fixed: the
+// R output-gradient vectors g[r] (pixel stride ps) and the S * (R - 1) + K inputs of
+// the run's window in row `src` are loaded once, then a[kw] += sum_r g[r] * in[r * S +
+// kw]. Masked: slot i of the window holds its first lanes[i] values (0: padding), the
+// gradient vectors their first `glanes`.
+template <int R, int K, int S, bool Masked, typename T>
+__attribute__((noinline)) void window_wgrad_run(const T* src, const T* g, int64_t ps,
+                                                const int64_t* lanes, int64_t glanes,
+                                                Vec<T>* a) {
+  constexpr int NI = S * (R - 1) + K;
+  Vec<T> gv[R], in[NI];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    gv[r] = Masked ? vload_first(g + r * ps, glanes) : vload(g + r * ps);
+#pragma GCC unroll 32
+  for (int i = 0; i < NI; ++i)
+    in[i] = Masked ? vload_first(src + i * ps, lanes[i]) : vload(src + i * ps);
+#pragma GCC unroll 8
+  for (int kw = 0; kw < K; ++kw) {
+    Vec<T> s = a[kw];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) s += gv[r] * in[r * S + kw];
+    a[kw] = s;
+  }
 }
 
 // Calls f(integral_constant<K>, integral_constant<S>) and returns true where

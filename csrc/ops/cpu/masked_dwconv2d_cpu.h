@@ -85,7 +85,8 @@ void dw_backward_impl(const T* gy, const T* x, const T* w, T* gx, T* gw, const D
                       store_run(gx, cb, (n * g.H + ih) * g.W + iw, R, acc);
                     });
     }
-    block_weight_grad(g, Plain<T>{x}, Plain<T>{gy}, gw);
+    if (!window_weight_grad<T>(g, x, gy, gw))
+      block_weight_grad(g, Plain<T>{x}, Plain<T>{gy}, gw);
   } else {
     if (!small_plane_pass<T>(Pass::input_grad(g, 1), g.N, g.C, gy, w, true, gx)) {
       plane_pass<T>(
