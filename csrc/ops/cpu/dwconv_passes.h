@@ -408,14 +408,11 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
           const T* src = row + c0 * C + bi * V;
           if (kh1 <= kh0) {  // every tap in the padding
             for (int r = 0; r < RV; ++r) acc[r] = Vec<T>{};
-          } else if (lanes == V && c0 >= 0 && c0 + NI <= W) {
-            window_positions<RV, K, S, false>(src, C, W * C, kh0, kh1, tb, nullptr, acc);
           } else {
-            int64_t slot_lanes[NI];
-            for (int i = 0; i < NI; ++i)
-              slot_lanes[i] = c0 + i >= 0 && c0 + i < W ? lanes : 0;
-            window_positions<RV, K, S, true>(src, C, W * C, kh0, kh1, tb, slot_lanes,
-                                             acc);
+            with_window_slots<NI>(c0, W, lanes, V, [&](auto M, const int64_t* sl) {
+              window_positions<RV, K, S, decltype(M)::value>(src, C, W * C, kh0, kh1, tb, sl,
+                                                             acc);
+            });
           }
           out(n, bi, oh, ow0, RV, acc);
         };
@@ -487,16 +484,10 @@ bool phase_input_grad(const DwGeometry& g, const T* gy, const T* w, T* gx) {
               } else {
                 const T* taps = sub.data() + (bi * 4 + a * 2 + b) * ks2 * V;
                 const T* src = gy + n * oimage + ((r0 + u0) * Wo + c0) * C + bi * V;
-                if (lanes == V && c0 >= 0 && c0 + NI <= Wo) {
-                  window_positions<RV, KS, 1, false>(src, C, Wo * C, u0, u1, taps, nullptr,
-                                                     acc);
-                } else {
-                  int64_t slot_lanes[NI];
-                  for (int i = 0; i < NI; ++i)
-                    slot_lanes[i] = c0 + i >= 0 && c0 + i < Wo ? lanes : 0;
-                  window_positions<RV, KS, 1, true>(src, C, Wo * C, u0, u1, taps,
-                                                    slot_lanes, acc);
-                }
+                with_window_slots<NI>(c0, Wo, lanes, V, [&](auto M, const int64_t* sl) {
+                  window_positions<RV, KS, 1, decltype(M)::value>(src, C, Wo * C, u0, u1,
+                                                                  taps, sl, acc);
+                });
               }
               T* d = grow + (iwb + 2 * t0) * C + bi * V;
               for (int r = 0; r < RV; ++r) vstore_part(d + 2 * r * C, acc[r], lanes);
@@ -629,14 +620,9 @@ bool window_weight_grad(const DwGeometry& g, const T* x, const T* gy, T* gw) {
                 const int64_t c0 = ow0 * S - g.pad;  // input column of window slot 0
                 const T* src = xr + c0 * C;
                 const T* gr = grow + ow0 * C;
-                if (lanes == V && c0 >= 0 && c0 + NI <= W) {
-                  window_wgrad_run<RV, K, S, false>(src, gr, C, nullptr, V, a);
-                } else {
-                  int64_t slot_lanes[NI];
-                  for (int i = 0; i < NI; ++i)
-                    slot_lanes[i] = c0 + i >= 0 && c0 + i < W ? lanes : 0;
-                  window_wgrad_run<RV, K, S, true>(src, gr, C, slot_lanes, lanes, a);
-                }
+                with_window_slots<NI>(c0, W, lanes, V, [&](auto M, const int64_t* sl) {
+                  window_wgrad_run<RV, K, S, decltype(M)::value>(src, gr, C, sl, lanes, a);
+                });
               });
               for (int kw = 0; kw < K; ++kw) {
                 double* d = acc + (kh * K + kw) * V;

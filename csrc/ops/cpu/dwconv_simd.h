@@ -718,6 +718,22 @@ __attribute__((noinline)) void window_positions(const T* src, int64_t ps, int64_
   for (int r = 0; r < R; ++r) acc[r] = a[r];
 }
 
+// Calls f(std::bool_constant<Masked>, slot_lanes) for a register window of NI slots
+// whose slot 0 is source column c0 of a row of W pixels, in a channel block of `lanes`
+// of V lanes: unmasked (slot_lanes = nullptr) when every slot lies inside the row and
+// the block is full, otherwise with slot_lanes[i] = lanes inside the row, 0 in the
+// padding (the masked loads then read nothing outside the tensor).
+template <int NI, typename F>
+inline void with_window_slots(int64_t c0, int64_t W, int64_t lanes, int64_t V, const F& f) {
+  if (lanes == V && c0 >= 0 && c0 + NI <= W) {
+    f(std::false_type{}, static_cast<const int64_t*>(nullptr));
+  } else {
+    int64_t slot_lanes[NI];
+    for (int i = 0; i < NI; ++i) slot_lanes[i] = c0 + i >= 0 && c0 + i < W ? lanes : 0;
+    f(std::true_type{}, static_cast<const int64_t*>(slot_lanes));
+  }
+}
+
 // One run of R output pixels of a channels_last weight gradient, kernel row fixed: the
 // R output-gradient vectors g[r] (pixel stride ps) and the S * (R - 1) + K inputs of
 // the run's window in row `src` are loaded once, then a[kw] += sum_r g[r] * in[r * S +

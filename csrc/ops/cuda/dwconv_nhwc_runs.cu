@@ -25,15 +25,14 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 
-#include "cuda_util.cuh"
+#include "dwconv_cuda.cuh"
 
 namespace bsnas::dw_runs {
 namespace {
 
 constexpr int kRun = 8;          // outputs per thread along a row
-constexpr int kThreads = 256;    // per block
+constexpr int kRunThreads = 256;  // per block
 constexpr int kGroupsX = 32;     // channel groups (of V channels) per block, at most
 
 struct RunDims {
@@ -45,12 +44,8 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
-__device__ __forceinline__ bool in_range(int32_t v, int32_t n) {
-  return static_cast<uint32_t>(v) < static_cast<uint32_t>(n);
-}
-
 template <typename scalar_t, int KS, int ST, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRunThreads)
     dw_nhwc_runs(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                  scalar_t* __restrict__ y, const RunDims d, const bool flip) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -131,16 +126,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-bool fits(const DwGeometry& g, int64_t weight_numel) {
-  constexpr int64_t lim = std::numeric_limits<int32_t>::max() - (int64_t{1} << 26);
-  const int64_t span = std::max(g.H, g.W) + 2 * g.pad + g.K + kRun * g.stride;
-  return g.N * g.C * g.H * g.W <= lim && g.N * g.C * g.Ho * g.Wo <= lim &&
-         weight_numel <= lim && span <= (int64_t{1} << 29);
-}
-
+// int32 indices: fits_int32's span bound (2^29) leaves ample room for a run's window
+// reaching kRun * stride columns past the row.
 bool common(const DwGeometry& g, int64_t weight_numel) {
   return g.channels_last && g.dil == 1 && (g.K == 3 || g.K == 5 || g.K == 7) &&
-         fits(g, weight_numel);
+         fits_int32(g, weight_numel);
 }
 
 // V channels per thread: 16 bytes of scalar_t (at most 4) when V divides the width and
@@ -161,7 +151,7 @@ void launch(const scalar_t* in, const scalar_t* w, scalar_t* out, const RunDims&
   const int64_t groups = d.C / V;
   const int64_t tiles = ceil_div(groups, kGroupsX);
   const int bx = static_cast<int>(ceil_div(groups, tiles));
-  const int by = std::max(1, kThreads / bx);
+  const int by = std::max(1, kRunThreads / bx);
   const int64_t runs = int64_t{d.N} * d.Ho * ceil_div(d.Wo, kRun);
   const int64_t want = std::max<int64_t>(1, int64_t{sm_count(device)} * 16 / tiles);
   const auto blocks_y = static_cast<unsigned>(
