@@ -74,10 +74,11 @@ def test_dwconv_matches_sliced_reference(dtype, fmt):
     (9, 17, 17, 5, 6, 3, 1, 1, 1),     # more images than one weight-gradient partial
     (2, 50, 45, 60, 70, 5, 1, 2, 1),   # channels_last: several row strips per image
     (1, 40, 37, 66, 50, 7, 2, 3, 1),   # the same at stride 2 (input gradient spread)
-    (2, 40, 37, 16, 16, 3, 1, 1, 1),   # NCHW: the largest plane taken through channel blocks
-    (1, 24, 19, 28, 28, 7, 2, 0, 1),   # ... at stride 2 from a larger input, no padding
-    (1, 20, 18, 32, 32, 7, 1, 3, 1),   # ... k7 forward: the largest plane it takes
-    (1, 20, 17, 30, 35, 7, 1, 3, 1),   # ... k7 just past it: plane_pass
+    (2, 40, 37, 16, 16, 3, 1, 1, 1),   # NCHW through channel blocks: ragged block, whole pixel chunks
+    (1, 24, 19, 28, 28, 7, 2, 0, 1),   # ... at stride 2, no padding
+    (1, 20, 18, 32, 32, 7, 1, 3, 1),   # ... k7
+    (1, 6, 5, 128, 128, 3, 1, 1, 1),   # ... the largest plane it takes
+    (1, 6, 5, 129, 128, 5, 1, 2, 1),   # ... just past it: plane_pass
     (2, 36, 33, 6, 6, 5, 1, 5, 1),     # output rows whose every tap lies in the padding
     (1, 18, 17, 9, 11, 3, 2, 0, 1),    # stride 2, no padding, odd sizes: right-edge windows
     (2, 21, 21, 10, 7, 3, 2, 3, 1),    # stride 2, padding past the kernel's reach

@@ -101,33 +101,27 @@ void plane_weight_grad(const DwGeometry& g, const MakeA& make_a, const MakeG& ma
   });
 }
 
-// Small NCHW planes (output at most kSmallPlane pixels, 4x that at stride 2) through
-// the channels_last register window: per image x block of kLanes channels, the block's
-// planes are transposed into a zero-padded [rows][cols][lanes] scratch, convolved by
-// window_positions, and the [Ho][Wo][lanes] result transposed back into the planes.
-// On planes this small a vector along an output row is mostly empty or spans rows; a
-// vector across channels is always full. Kernel 3, 5 or 7, dilation 1, stride 1 or 2,
-// spread 1 (returns false for anything else, doing nothing). src / dst: NCHW tensors
-// of C channels with p.Hs x p.Ws / p.Ho x p.Wo planes; flip as in pack_taps.
-// Measured on the dev box (N=8, 2 threads, forward against oneDNN on slices): 14x14 and
-// 7x7 planes 0.98x-1.8x, plane_pass 0.33x-1.1x (separate runs); same-run A/B: 28x28 and
-// 32x32 planes at stride 1 about even (plane_pass ahead at k3, so it keeps them), a
-// 28x28 output at stride 2 0.94x-2.1x here, 0.66x-1.8x through plane_pass. The 7x7
-// kernel's forward also takes 28x28 and 32x32 planes (ninth session, two same-run A/Bs
-// against oneDNN, widths 25/50/100 %: 5 of 6 cells faster, 1.3x-1.6x at 100 %; the
-// input gradient and k 3/5 were even or slower there, so they keep the 256 limit).
-constexpr int64_t kSmallPlane = 256;
-
-// Output pixels per plane up to which small_plane_pass takes a pass (flip: the input
-// gradient).
-constexpr int64_t small_plane_limit(int64_t K, int64_t S, bool flip) {
-  return (S == 1 ? 1 : 4) * kSmallPlane * (K == 7 && S == 1 && !flip ? 4 : 1);
-}
+// NCHW planes of up to kBlockedPlanePixels source pixels through the channels_last
+// register window: per image x block of kLanes channels, the block's planes are
+// transposed (kLanes x kLanes in registers, transpose_square) into a zero-padded
+// [rows][cols][lanes] scratch, convolved by window_positions, and the [Ho][Wo][lanes]
+// result transposed back into the planes. A vector across channels is always full,
+// where one along an output row is mostly empty on small planes or spans rows. Kernel
+// 3, 5 or 7, dilation 1, stride 1 or 2, spread 1 (returns false for anything else,
+// doing nothing). src / dst: NCHW tensors of C channels with p.Hs x p.Ws / p.Ho x p.Wo
+// planes; flip as in pack_taps.
+// Measured on the dev box (tenth session, AMD EPYC, N=8, 2 threads, same-run A/B
+// against plane_pass, oneDNN on slices alongside): with the transposes in registers
+// (element by element before) this pass is ahead from 7x7 to 112x112 planes: forward
+// 28x28 c240 k3/k5 at 100 % 0.43/0.67 -> 0.28/0.35 ms, 56x56 c144 k5/k7 1.44/2.37 ->
+// 0.92/1.23 ms, 112x112 c48 k3/k7 1.14/2.75 -> 0.95/1.79 ms; forward+backward 56x56
+// c144 k3 3.86 -> 3.26 ms. Larger planes keep plane_pass (scratch past a core's L2).
+constexpr int64_t kBlockedPlanePixels = 128 * 128;
 
 template <typename T>
-bool small_plane_pass(const Pass& p, int64_t N, int64_t C, const T* src, const T* w, bool flip,
+bool blocked_plane_pass(const Pass& p, int64_t N, int64_t C, const T* src, const T* w, bool flip,
                       T* dst) {
-  if (p.spread != 1 || p.Ho * p.Wo > small_plane_limit(p.K, p.S, flip)) return false;
+  if (p.spread != 1 || p.Hs * p.Ws > kBlockedPlanePixels) return false;
   return with_window(p.K, p.S, p.d, [&](auto KT, auto ST) {
     constexpr int K = decltype(KT)::value, S = decltype(ST)::value;
     constexpr int64_t V = kLanes<T>, kk = K * K;
@@ -144,22 +138,25 @@ bool small_plane_pass(const Pass& p, int64_t N, int64_t C, const T* src, const T
       std::vector<T> obuf(static_cast<size_t>(ohw * V + V));
       T* sb = align_to_vector(buf.data());
       T* ob = align_to_vector(obuf.data());
-      bool dirty = false;  // lanes past a partial block's may hold older values
       for (int64_t task = b; task < e; ++task) {
         const int64_t n = task / nb, bi = task % nb, c0 = bi * V;
         const int64_t lanes = std::min(V, C - c0);
-        if (lanes < V && dirty) std::fill(sb, sb + rows * cols * V, T(0));
-        dirty = true;
+        // In: the block's planes, V pixels at a time, transposed into pixel vectors
+        // (lanes past a partial block's are zero); the padding stays zero.
         const T* xs = src + (n * C + c0) * hw;
-        for (int64_t h = h0; h < h1; ++h) {
-          for (int64_t x = w0; x < w1; ++x) {
-            T* d = sb + ((h + p.pad) * cols + x + p.pad) * V;
-            const T* s = xs + h * W + x;
-            if (lanes == V) {
-#pragma omp simd
-              for (int64_t l = 0; l < V; ++l) d[l] = s[l * hw];
-            } else {
-              for (int64_t l = 0; l < lanes; ++l) d[l] = s[l * hw];
+        for (int64_t i0 = 0; i0 < hw; i0 += V) {
+          const int64_t np = std::min(V, hw - i0);
+          Vec<T> m[V];
+          for (int64_t l = 0; l < V; ++l)
+            m[l] = l < lanes ? vload_part(xs + l * hw + i0, np) : Vec<T>{};
+          transpose_square<T>(m);
+          int64_t h = i0 / W, x = i0 % W;
+          for (int64_t j = 0; j < np; ++j) {
+            if (h >= h0 && h < h1 && x >= w0 && x < w1)
+              vstore(sb + ((h + p.pad) * cols + x + p.pad) * V, m[j]);
+            if (++x == W) {
+              x = 0;
+              ++h;
             }
           }
         }
@@ -167,18 +164,19 @@ bool small_plane_pass(const Pass& p, int64_t N, int64_t C, const T* src, const T
         for (int64_t oh = 0; oh < Ho; ++oh) {
           for_blocks(Wo, [&](int64_t ow0, auto R) {
             constexpr int RV = decltype(R)::value;
-            Vec<T> acc[RV];
-            window_positions<RV, K, S, false>(sb + (oh * S * cols + ow0 * S) * V, V,
-                                              cols * V, 0, K, tb, nullptr, acc);
-            for (int r = 0; r < RV; ++r) vstore(ob + (oh * Wo + ow0 + r) * V, acc[r]);
+            window_positions<RV, K, S, kNoMask>(sb + (oh * S * cols + ow0 * S) * V, V,
+                                                cols * V, 0, K, tb, nullptr,
+                                                RunStore<T>{ob + (oh * Wo + ow0) * V, V, V});
           });
         }
+        // Out: V pixel vectors at a time, transposed back into the planes.
         T* ys = dst + (n * C + c0) * ohw;
-        for (int64_t l = 0; l < lanes; ++l) {
-          T* yp = ys + l * ohw;
-          const T* o = ob + l;
-#pragma omp simd
-          for (int64_t i = 0; i < ohw; ++i) yp[i] = o[i * V];
+        for (int64_t i0 = 0; i0 < ohw; i0 += V) {
+          const int64_t np = std::min(V, ohw - i0);
+          Vec<T> m[V];
+          for (int64_t j = 0; j < V; ++j) m[j] = j < np ? vload(ob + (i0 + j) * V) : Vec<T>{};
+          transpose_square<T>(m);
+          for (int64_t l = 0; l < lanes; ++l) vstore_part(ys + l * ohw + i0, m[l], np);
         }
       }
     });
@@ -372,16 +370,16 @@ void direct_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
 }
 
 // The plain channels_last pass through the register window, straight from the NHWC
-// source `x` (`C` channels, p.Hs x p.Ws per image), no scratch: kernel 3, 5 or 7,
-// dilation 1, stride 1 or 2, spread 1 (returns false for anything else, doing
-// nothing). One task per image x output row; per channel block, the row in runs of up
-// to 8 pixels. Kernel rows outside the source are skipped; runs whose window reaches
-// into the left or right padding, and the last block when C is not a whole number of
-// vectors, use masked loads (nothing outside the source is read). out(n, block, oh,
-// ow, R, acc) receives the R output vectors of pixels (oh, ow), (oh, ow + 1), ...
-template <typename T, typename Out>
+// source `x` (`C` channels, p.Hs x p.Ws per image) into the NHWC result `y` (p.Ho x
+// p.Wo per image), no scratch: kernel 3, 5 or 7, dilation 1, stride 1 or 2, spread 1
+// (returns false for anything else, doing nothing). One task per image x output row;
+// per channel block, the row in runs of up to 8 pixels. Kernel rows outside the source
+// are skipped (a row whose taps all lie in the padding gets zeros); runs whose window
+// reaches into the left or right padding, and the last block when C is not a whole
+// number of vectors, use masked loads (nothing outside the source is read).
+template <typename T>
 bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bool flip,
-                 const Out& out) {
+                 T* y) {
   if (p.spread != 1) return false;
   return with_window(p.K, p.S, p.d, [&](auto KT, auto ST) {
     constexpr int K = decltype(KT)::value, S = decltype(ST)::value;
@@ -399,30 +397,25 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
         const int64_t ih0 = oh * S - p.pad;
         const auto [kh0, kh1] = taps_inside(ih0, H, K, 1);
         const T* row = x + n * image + (ih0 + kh0) * W * C;  // kernel row kh0
+        T* yrow = y + (n * p.Ho + oh) * p.Wo * C;
         const auto run = [&](int64_t bi, int64_t ow0, auto R) {
           constexpr int RV = decltype(R)::value, NI = S * (RV - 1) + K;
           const int64_t lanes = bi + 1 < nb ? V : tail;
-          const T* tb = taps.data() + bi * kk * V;
-          Vec<T> acc[RV];
           const int64_t c0 = ow0 * S - p.pad;  // source column of window slot 0
-          const T* src = row + c0 * C + bi * V;
-          if (kh1 <= kh0) {  // every tap in the padding
-            for (int r = 0; r < RV; ++r) acc[r] = Vec<T>{};
-          } else {
-            with_window_slots<NI>(c0, W, lanes, V, [&](auto M, const int64_t* sl) {
-              window_positions<RV, K, S, decltype(M)::value>(src, C, W * C, kh0, kh1, tb, sl,
-                                                             acc);
-            });
-          }
-          out(n, bi, oh, ow0, RV, acc);
+          const RunStore<T> dst{yrow + ow0 * C + bi * V, C, lanes};
+          with_window_slots<NI>(c0, W, lanes, V, [&](auto M, const int64_t* sl) {
+            window_positions<RV, K, S, decltype(M)::value>(row + c0 * C + bi * V, C, W * C,
+                                                           kh0, kh1,
+                                                           taps.data() + bi * kk * V, sl, dst);
+          });
         };
         if (runs_outer) {
-          for_blocks(p.Wo, [&](int64_t ow0, auto R) {
+          for_wide_blocks<kWideRun<K>>(p.Wo, [&](int64_t ow0, auto R) {
             for (int64_t bi = 0; bi < nb; ++bi) run(bi, ow0, R);
           });
         } else {
           for (int64_t bi = 0; bi < nb; ++bi)
-            for_blocks(p.Wo, [&](int64_t ow0, auto R) { run(bi, ow0, R); });
+            for_wide_blocks<kWideRun<K>>(p.Wo, [&](int64_t ow0, auto R) { run(bi, ow0, R); });
         }
       }
     });
@@ -478,19 +471,13 @@ bool phase_input_grad(const DwGeometry& g, const T* gy, const T* w, T* gx) {
             const int64_t c0 = cw0 + t0;  // gy column of window slot 0
             for (int64_t bi = 0; bi < nb; ++bi) {
               const int64_t lanes = bi + 1 < nb ? V : tail;
-              Vec<T> acc[RV];
-              if (u1 <= u0) {
-                for (int r = 0; r < RV; ++r) acc[r] = Vec<T>{};
-              } else {
-                const T* taps = sub.data() + (bi * 4 + a * 2 + b) * ks2 * V;
-                const T* src = gy + n * oimage + ((r0 + u0) * Wo + c0) * C + bi * V;
-                with_window_slots<NI>(c0, Wo, lanes, V, [&](auto M, const int64_t* sl) {
-                  window_positions<RV, KS, 1, decltype(M)::value>(src, C, Wo * C, u0, u1,
-                                                                  taps, sl, acc);
-                });
-              }
-              T* d = grow + (iwb + 2 * t0) * C + bi * V;
-              for (int r = 0; r < RV; ++r) vstore_part(d + 2 * r * C, acc[r], lanes);
+              const T* taps = sub.data() + (bi * 4 + a * 2 + b) * ks2 * V;
+              const T* src = gy + n * oimage + ((r0 + u0) * Wo + c0) * C + bi * V;
+              const RunStore<T> dst{grow + (iwb + 2 * t0) * C + bi * V, 2 * C, lanes};
+              with_window_slots<NI>(c0, Wo, lanes, V, [&](auto M, const int64_t* sl) {
+                window_positions<RV, KS, 1, decltype(M)::value>(src, C, Wo * C, u0, u1, taps,
+                                                                sl, dst);
+              });
             }
           });
         }

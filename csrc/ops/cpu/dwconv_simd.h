@@ -73,6 +73,11 @@ template <typename T>
 inline Vec<T> vload(const T* p) { return *reinterpret_cast<const Vec<T>*>(p); }
 template <typename T>
 inline void vstore(T* p, const Vec<T>& v) { *reinterpret_cast<Vec<T>*>(p) = v; }
+// Keeps v in a register from here on. Where a loaded vector feeds several multiply-adds,
+// GCC folds the load into each one's memory operand (one load per multiply-add, the
+// load ports then the limit) unless the value is pinned like this.
+template <typename T>
+inline void pin(Vec<T>& v) { asm("" : "+v"(v)); }
 template <typename T>
 inline Vec<T> vsplat(T s) { return s - Vec<T>{}; }  // x - 0 == x: a plain broadcast
 // The first n lanes (0 <= n <= lanes) of p, zero above, reading nothing at or past
@@ -117,6 +122,31 @@ template <typename T>
 inline Vec<T> even_lanes(const Vec<T>& a, const Vec<T>& b) { return alternate_lanes<T, 0>(a, b); }
 template <typename T>
 inline Vec<T> odd_lanes(const Vec<T>& a, const Vec<T>& b) { return alternate_lanes<T, 1>(a, b); }
+// Transposes the V x V matrix held in m[0, V) (V = kLanes<T>): lane j of m[i] becomes
+// lane i of m[j]. log2(V) rounds of the perfect shuffle, each interleaving row j with
+// row j + V/2 (two-source permutes: 64 for a 16 x 16 float matrix).
+template <typename T>
+inline void transpose_square(Vec<T>* m) {
+  constexpr int V = static_cast<int>(kLanes<T>);
+  using Mask = decltype(m[0] < m[0]);
+  Mask lo{}, hi{};
+  for (int l = 0; l < V; ++l) {
+    lo[l] = static_cast<decltype(lo[0] + 0)>(l / 2 + (l % 2) * V);
+    hi[l] = static_cast<decltype(hi[0] + 0)>(V / 2 + l / 2 + (l % 2) * V);
+  }
+#pragma GCC unroll 8
+  for (int round = 1; round < V; round *= 2) {
+    Vec<T> t[V];
+#pragma GCC unroll 16
+    for (int j = 0; j < V / 2; ++j) {
+      t[2 * j] = __builtin_shuffle(m[j], m[j + V / 2], lo);
+      t[2 * j + 1] = __builtin_shuffle(m[j], m[j + V / 2], hi);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < V; ++j) m[j] = t[j];
+  }
+}
+
 // Calls f with the compile-time kernel size (3, 5, 7, or 0 for any other).
 template <typename F>
 inline void with_kernel_size(int64_t K, const F& f) {
@@ -145,6 +175,20 @@ inline void for_blocks(int64_t n, const F& f) {
     case 1: f(i, std::integral_constant<int, 1>{}); break;
     default: break;
   }
+}
+
+// Longest run of window_pass for kernel size K: R accumulators, the S * (R - 1) + K
+// window slots and a tap in the 32 vector registers of AVX-512 (16 registers hold 8
+// accumulators).
+template <int K>
+constexpr int kWideRun = BSNAS_VEC_BYTES == 64 && K == 3 ? 12 : 8;
+
+// As for_blocks, in runs of Run first.
+template <int Run, typename F>
+inline void for_wide_blocks(int64_t n, const F& f) {
+  int64_t i = 0;
+  for (; i + Run <= n; i += Run) f(i, std::integral_constant<int, Run>{});
+  for_blocks(n - i, [&](int64_t j, auto R) { f(i + j, R); });
 }
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
@@ -682,22 +726,63 @@ __attribute__((noinline)) void block_positions(const T* src, int64_t ntaps, cons
   for (int r = 0; r < R; ++r) acc[r] = a[r];
 }
 
+// How a register window's loads are masked: kNoMask (every slot inside the row, a full
+// channel block), kTailMask (every slot inside the row, a partial block: one mask of
+// lanes[0] lanes for all of them), kSlotMask (slot i reads its first lanes[i] values,
+// 0 where it lies in the padding).
+enum WindowMask : int { kNoMask = 0, kTailMask = 1, kSlotMask = 2 };
+
+// Register-window slot i of a row at `p` (slot stride ps) under mask mode M.
+template <int M, typename T>
+inline Vec<T> window_load(const T* p, int64_t i, int64_t ps, const int64_t* lanes) {
+  Vec<T> v = M == kNoMask ? vload(p + i * ps)
+                          : vload_first(p + i * ps, M == kTailMask ? lanes[0] : lanes[i]);
+  pin<T>(v);
+  return v;
+}
+
+// Where a register-window run's R result vectors go: an array (the caller takes them
+// from there), or straight into a tensor: vector r to d + r * stride, its first
+// `lanes` values.
+template <typename T>
+struct RunStore {
+  T* d;
+  int64_t stride;
+  int64_t lanes;
+};
+template <int R, typename T>
+inline void put_run(Vec<T>* acc, const Vec<T>* a) {
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = a[r];
+}
+template <int R, typename T>
+inline void put_run(const RunStore<T>& o, const Vec<T>* a) {
+  if (o.lanes == kLanes<T>) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) vstore(o.d + r * o.stride, a[r]);
+  } else {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) vstore_part(o.d + r * o.stride, a[r], o.lanes);
+  }
+}
+
 // R consecutive output pixels of one output row of a channel block, stride S,
 // dilation 1, over kernel rows [kh0, kh1): src is the input pixel under tap (kh0, 0)
 // of the first output, ps / rs the pixel / row strides (values). Each kernel row's
 // NI = S * (R - 1) + K inputs are loaded once and reused by its K taps (a register
 // window), so a multiply-add costs well under one load; with a load per multiply-add
-// (block_positions) the loads were the limit. Masked: window slot i reads only its
-// first lanes[i] values (0: none, the slot lies in the padding; fewer than a vector:
-// the last channel block), so the kernel runs on the tensor itself at its borders.
-template <int R, int K, int S, bool Masked, typename T>
+// (block_positions) the loads were the limit. Masked (M, lanes: see WindowMask), the
+// kernel runs on the tensor itself at its borders and in a partial channel block. The
+// results go to `out` (put_run): stored from here into a tensor, the R vectors do not
+// make a round trip through the caller's stack.
+template <int R, int K, int S, int M, typename T, typename Out>
 __attribute__((noinline)) void window_positions(const T* src, int64_t ps, int64_t rs,
                                                 int64_t kh0, int64_t kh1, const T* taps,
-                                                const int64_t* lanes, Vec<T>* acc) {
+                                                const int64_t* lanes, Out out) {
   constexpr int64_t V = kLanes<T>;
   constexpr int NI = S * (R - 1) + K;
   Vec<T> a[R];
-#pragma GCC unroll 8
+#pragma GCC unroll 32
   for (int r = 0; r < R; ++r) a[r] = Vec<T>{};
 #pragma GCC unroll 1
   for (int64_t kh = kh0; kh < kh1; ++kh) {
@@ -705,52 +790,54 @@ __attribute__((noinline)) void window_positions(const T* src, int64_t ps, int64_
     const T* tk = taps + kh * K * V;
     Vec<T> in[NI];
 #pragma GCC unroll 32
-    for (int i = 0; i < NI; ++i)
-      in[i] = Masked ? vload_first(row + i * ps, lanes[i]) : vload(row + i * ps);
-#pragma GCC unroll 8
+    for (int i = 0; i < NI; ++i) in[i] = window_load<M>(row, i, ps, lanes);
+#pragma GCC unroll 32
     for (int kw = 0; kw < K; ++kw) {
       const Vec<T> wv = vload(tk + kw * V);
-#pragma GCC unroll 8
+#pragma GCC unroll 32
       for (int r = 0; r < R; ++r) a[r] += wv * in[r * S + kw];
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) acc[r] = a[r];
+  put_run<R, T>(out, a);
 }
 
-// Calls f(std::bool_constant<Masked>, slot_lanes) for a register window of NI slots
-// whose slot 0 is source column c0 of a row of W pixels, in a channel block of `lanes`
-// of V lanes: unmasked (slot_lanes = nullptr) when every slot lies inside the row and
-// the block is full, otherwise with slot_lanes[i] = lanes inside the row, 0 in the
-// padding (the masked loads then read nothing outside the tensor).
+// Calls f(std::integral_constant<int, M>, slot_lanes) for a register window of NI
+// slots whose slot 0 is source column c0 of a row of W pixels, in a channel block of
+// `lanes` of V lanes, M the cheapest WindowMask that reads nothing outside the tensor
+// (slot_lanes: nullptr for kNoMask, {lanes} for kTailMask, per slot for kSlotMask).
 template <int NI, typename F>
 inline void with_window_slots(int64_t c0, int64_t W, int64_t lanes, int64_t V, const F& f) {
-  if (lanes == V && c0 >= 0 && c0 + NI <= W) {
-    f(std::false_type{}, static_cast<const int64_t*>(nullptr));
+  if (c0 >= 0 && c0 + NI <= W) {
+    if (lanes == V) {
+      f(std::integral_constant<int, kNoMask>{}, static_cast<const int64_t*>(nullptr));
+    } else {
+      f(std::integral_constant<int, kTailMask>{}, static_cast<const int64_t*>(&lanes));
+    }
   } else {
     int64_t slot_lanes[NI];
     for (int i = 0; i < NI; ++i) slot_lanes[i] = c0 + i >= 0 && c0 + i < W ? lanes : 0;
-    f(std::true_type{}, static_cast<const int64_t*>(slot_lanes));
+    f(std::integral_constant<int, kSlotMask>{}, static_cast<const int64_t*>(slot_lanes));
   }
 }
 
 // One run of R output pixels of a channels_last weight gradient, kernel row fixed: the
 // R output-gradient vectors g[r] (pixel stride ps) and the S * (R - 1) + K inputs of
 // the run's window in row `src` are loaded once, then a[kw] += sum_r g[r] * in[r * S +
-// kw]. Masked: slot i of the window holds its first lanes[i] values (0: padding), the
-// gradient vectors their first `glanes`.
-template <int R, int K, int S, bool Masked, typename T>
+// kw]. Masked (M, lanes: see WindowMask): the gradient vectors hold their first
+// `glanes` values.
+template <int R, int K, int S, int M, typename T>
 __attribute__((noinline)) void window_wgrad_run(const T* src, const T* g, int64_t ps,
                                                 const int64_t* lanes, int64_t glanes,
                                                 Vec<T>* a) {
   constexpr int NI = S * (R - 1) + K;
   Vec<T> gv[R], in[NI];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-    gv[r] = Masked ? vload_first(g + r * ps, glanes) : vload(g + r * ps);
+  for (int r = 0; r < R; ++r) {
+    gv[r] = M == kNoMask ? vload(g + r * ps) : vload_first(g + r * ps, glanes);
+    pin<T>(gv[r]);
+  }
 #pragma GCC unroll 32
-  for (int i = 0; i < NI; ++i)
-    in[i] = Masked ? vload_first(src + i * ps, lanes[i]) : vload(src + i * ps);
+  for (int i = 0; i < NI; ++i) in[i] = window_load<M>(src, i, ps, lanes);
 #pragma GCC unroll 8
   for (int kw = 0; kw < K; ++kw) {
     Vec<T> s = a[kw];
@@ -803,8 +890,8 @@ inline void strip_conv(const T* buf, const Pass& p, const PixelStrip& ps, int64_
         for_blocks(p.Wo, [&](int64_t ow0, auto R) {
           constexpr int RV = decltype(R)::value;
           Vec<T> acc[RV];
-          window_positions<RV, K, S, false>(bb + oh * rs + ow0 * cs, ps.Cs,
-                                            ps.row_stride(), 0, K, tb, nullptr, acc);
+          window_positions<RV, K, S, kNoMask>(bb + oh * rs + ow0 * cs, ps.Cs,
+                                              ps.row_stride(), 0, K, tb, nullptr, acc);
           out(bi, oh, ow0, RV, acc);
           between(step++, steps);
         });

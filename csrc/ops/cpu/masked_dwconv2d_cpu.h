@@ -32,16 +32,12 @@ void dw_forward_impl(const T* x, const T* w, T* y, const DwGeometry& g) {
   const int64_t kk = g.K * g.K;
   if (g.channels_last) {
     const Pass p = Pass::forward(g, 1);
-    const auto store = [&](int64_t n, int64_t bi, int64_t oh, int64_t ow, int R,
-                           const Vec<T>* acc) {
-      store_run(y, block_of<T>(bi, g.C), (n * g.Ho + oh) * g.Wo + ow, R, acc);
-    };
     // Kernel 3/5/7, stride 1/2, dilation 1: the register window straight from the
     // tensor (dev box, 2 threads, N=8, float32, same-run A/B: 1.2x-2x faster than the
     // packed strip at stride 1 and than direct_pass at stride 2). Otherwise the packed
     // strip at stride 1, direct_pass (no scratch: packing would copy S*S inputs per
     // output) at larger strides.
-    if (window_pass<T>(p, g.N, g.C, x, w, false, store)) return;
+    if (window_pass<T>(p, g.N, g.C, x, w, false, y)) return;
     if (g.stride > 1) {
       direct_pass<T>(p, g.N, g.C, x, w, false,
                      [&](int64_t n, int64_t bi, int64_t oh, int64_t ow, const Vec<T>& v) {
@@ -56,7 +52,7 @@ void dw_forward_impl(const T* x, const T* w, T* y, const DwGeometry& g) {
                     });
     }
   } else {
-    if (small_plane_pass<T>(Pass::forward(g, 1), g.N, g.C, x, w, false, y)) return;
+    if (blocked_plane_pass<T>(Pass::forward(g, 1), g.N, g.C, x, w, false, y)) return;
     const Pass p = Pass::forward(g, kLanes<T>);
     plane_pass<T>(
         p, g.N * g.C, [&](int64_t nc) { return Plain<T>{x + nc * g.H * g.W}; },
@@ -71,12 +67,8 @@ void dw_backward_impl(const T* gy, const T* x, const T* w, T* gx, T* gw, const D
   const int64_t kk = g.K * g.K;
   if (g.channels_last) {
     const Pass p = Pass::input_grad(g, 1);
-    const auto store = [&](int64_t n, int64_t bi, int64_t ih, int64_t iw, int R,
-                           const Vec<T>* acc) {
-      store_run(gx, block_of<T>(bi, g.C), (n * g.H + ih) * g.W + iw, R, acc);
-    };
     // Stride 1: the window over gy; stride 2: by phases (no zero-spread copy of gy).
-    if (!window_pass<T>(p, g.N, g.C, gy, w, true, store) &&
+    if (!window_pass<T>(p, g.N, g.C, gy, w, true, gx) &&
         !phase_input_grad<T>(g, gy, w, gx)) {
       block_pass<T>(p, block_plan<T>(p, g.N, g.C), g.N, g.C, g.Ho * g.Wo * g.C, w, true,
                     Plain<T>{gy},
@@ -88,7 +80,7 @@ void dw_backward_impl(const T* gy, const T* x, const T* w, T* gx, T* gw, const D
     if (!window_weight_grad<T>(g, x, gy, gw))
       block_weight_grad(g, Plain<T>{x}, Plain<T>{gy}, gw);
   } else {
-    if (!small_plane_pass<T>(Pass::input_grad(g, 1), g.N, g.C, gy, w, true, gx)) {
+    if (!blocked_plane_pass<T>(Pass::input_grad(g, 1), g.N, g.C, gy, w, true, gx)) {
       plane_pass<T>(
           Pass::input_grad(g, kLanes<T>), g.N * g.C,
           [&](int64_t nc) { return Plain<T>{gy + nc * g.Ho * g.Wo}; },
