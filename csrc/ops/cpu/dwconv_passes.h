@@ -101,6 +101,48 @@ void plane_weight_grad(const DwGeometry& g, const MakeA& make_a, const MakeG& ma
   });
 }
 
+// Transposes channels [0, lanes) of a block of V = kLanes<T> NCHW planes (xs: the
+// first plane, H x W each, plane stride hw = H * W) into the pixel vectors of a
+// [rows][cols][V] scratch: source pixel (h, x) to row h + pad, column x + pad. V pixels
+// at a time through transpose_square; pixels outside rows [h0, h1) / columns [w0, w1)
+// are skipped, lanes from `lanes` on are written as zeros, nothing else is written (the
+// padding keeps what it holds).
+template <typename T>
+inline void planes_to_block(T* sb, int64_t cols, int64_t pad, const T* xs, int64_t H,
+                            int64_t W, int64_t h0, int64_t h1, int64_t w0, int64_t w1,
+                            int64_t lanes) {
+  constexpr int64_t V = kLanes<T>;
+  const int64_t hw = H * W;
+  for (int64_t i0 = 0; i0 < hw; i0 += V) {
+    const int64_t np = std::min(V, hw - i0);
+    Vec<T> m[V];
+    for (int64_t l = 0; l < V; ++l) m[l] = l < lanes ? vload_part(xs + l * hw + i0, np) : Vec<T>{};
+    transpose_square<T>(m);
+    int64_t h = i0 / W, x = i0 % W;
+    for (int64_t j = 0; j < np; ++j) {
+      if (h >= h0 && h < h1 && x >= w0 && x < w1) vstore(sb + ((h + pad) * cols + x + pad) * V, m[j]);
+      if (++x == W) {
+        x = 0;
+        ++h;
+      }
+    }
+  }
+}
+
+// The way back: the first `lanes` channels of the n pixel vectors [n][V] at ob into
+// `lanes` planes of n values at ys (plane stride n).
+template <typename T>
+inline void block_to_planes(T* ys, const T* ob, int64_t n, int64_t lanes) {
+  constexpr int64_t V = kLanes<T>;
+  for (int64_t i0 = 0; i0 < n; i0 += V) {
+    const int64_t np = std::min(V, n - i0);
+    Vec<T> m[V];
+    for (int64_t j = 0; j < V; ++j) m[j] = j < np ? vload(ob + (i0 + j) * V) : Vec<T>{};
+    transpose_square<T>(m);
+    for (int64_t l = 0; l < lanes; ++l) vstore_part(ys + l * n + i0, m[l], np);
+  }
+}
+
 // NCHW planes of up to kBlockedPlanePixels source pixels through the channels_last
 // register window: per image x block of kLanes channels, the block's planes are
 // transposed (kLanes x kLanes in registers, transpose_square) into a zero-padded
@@ -125,7 +167,7 @@ bool blocked_plane_pass(const Pass& p, int64_t N, int64_t C, const T* src, const
   return with_window(p.K, p.S, p.d, [&](auto KT, auto ST) {
     constexpr int K = decltype(KT)::value, S = decltype(ST)::value;
     constexpr int64_t V = kLanes<T>, kk = K * K;
-    const int64_t H = p.Hs, W = p.Ws, Ho = p.Ho, Wo = p.Wo, hw = H * W, ohw = Ho * Wo;
+    const int64_t H = p.Hs, W = p.Ws, Ho = p.Ho, Wo = p.Wo, ohw = Ho * Wo;
     const int64_t rows = (Ho - 1) * S + K, cols = (Wo - 1) * S + K;
     const int64_t nb = num_blocks<T>(C);
     std::vector<T> taps(static_cast<size_t>(nb * kk * V));
@@ -141,25 +183,8 @@ bool blocked_plane_pass(const Pass& p, int64_t N, int64_t C, const T* src, const
       for (int64_t task = b; task < e; ++task) {
         const int64_t n = task / nb, bi = task % nb, c0 = bi * V;
         const int64_t lanes = std::min(V, C - c0);
-        // In: the block's planes, V pixels at a time, transposed into pixel vectors
-        // (lanes past a partial block's are zero); the padding stays zero.
-        const T* xs = src + (n * C + c0) * hw;
-        for (int64_t i0 = 0; i0 < hw; i0 += V) {
-          const int64_t np = std::min(V, hw - i0);
-          Vec<T> m[V];
-          for (int64_t l = 0; l < V; ++l)
-            m[l] = l < lanes ? vload_part(xs + l * hw + i0, np) : Vec<T>{};
-          transpose_square<T>(m);
-          int64_t h = i0 / W, x = i0 % W;
-          for (int64_t j = 0; j < np; ++j) {
-            if (h >= h0 && h < h1 && x >= w0 && x < w1)
-              vstore(sb + ((h + p.pad) * cols + x + p.pad) * V, m[j]);
-            if (++x == W) {
-              x = 0;
-              ++h;
-            }
-          }
-        }
+        // The block's planes into pixel vectors (the padding stays zero).
+        planes_to_block(sb, cols, p.pad, src + (n * C + c0) * H * W, H, W, h0, h1, w0, w1, lanes);
         const T* tb = taps.data() + bi * kk * V;
         for (int64_t oh = 0; oh < Ho; ++oh) {
           for_blocks(Wo, [&](int64_t ow0, auto R) {
@@ -169,15 +194,7 @@ bool blocked_plane_pass(const Pass& p, int64_t N, int64_t C, const T* src, const
                                                 RunStore<T>{ob + (oh * Wo + ow0) * V, V, V});
           });
         }
-        // Out: V pixel vectors at a time, transposed back into the planes.
-        T* ys = dst + (n * C + c0) * ohw;
-        for (int64_t i0 = 0; i0 < ohw; i0 += V) {
-          const int64_t np = std::min(V, ohw - i0);
-          Vec<T> m[V];
-          for (int64_t j = 0; j < V; ++j) m[j] = j < np ? vload(ob + (i0 + j) * V) : Vec<T>{};
-          transpose_square<T>(m);
-          for (int64_t l = 0; l < lanes; ++l) vstore_part(ys + l * ohw + i0, m[l], np);
-        }
+        block_to_planes(dst + (n * C + c0) * ohw, ob, ohw, lanes);
       }
     });
   });
@@ -525,6 +542,67 @@ void sum_block_partials(const std::vector<double>& part, int64_t groups, int64_t
         gw[(cb.c0 + l) * kk + t] = static_cast<T>(s);
       }
   }
+}
+
+// grad_w of NCHW for kernel 3, 5 or 7, dilation 1, stride 1 or 2, input planes of up
+// to kBlockedPlanePixels: tasks over (group of kImagesPerPartial images, block of
+// kLanes channels); per image the block's input planes and output-gradient planes are
+// transposed into pixel-vector scratch (planes_to_block; the input zero-padded), and
+// each output row's runs go through window_wgrad_run per kernel row, as
+// window_weight_grad does on channels_last tensors (float sums per (row, kernel row)
+// added into the task's double partial [k*k][V]; partials summed in group order).
+// Returns false (doing nothing) otherwise. Measured on the dev box (tenth session, AMD
+// EPYC, N=8, 2 threads, forward + backward of masked_dwconv2d, k3, two same-run A/Bs
+// against plane_weight_grad, which vectorises along a plane row): 7x7 c960 0.69-0.73 ->
+// 0.36-0.38 ms, 14x14 c480 0.79-0.80 -> 0.55-0.62 ms, 28x28 c240 1.12 -> 0.91 ms,
+// stride 2 from 56x56 c72 1.04-1.11 -> 0.88 ms; 112x112 c48 even.
+template <typename T>
+bool blocked_weight_grad(const DwGeometry& g, const T* x, const T* gy, T* gw) {
+  if (g.channels_last || g.H * g.W > kBlockedPlanePixels) return false;
+  return with_window(g.K, g.stride, g.dil, [&](auto KT, auto ST) {
+    constexpr int K = decltype(KT)::value, S = decltype(ST)::value;
+    constexpr int64_t V = kLanes<T>, kk = K * K;
+    const int64_t C = g.C, nb = num_blocks<T>(C), H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo;
+    const int64_t hw = H * W, ohw = Ho * Wo, pad = g.pad;
+    const int64_t rows = (Ho - 1) * S + K, cols = (Wo - 1) * S + K;
+    const int64_t h0 = std::max<int64_t>(0, -pad), h1 = std::min(H, rows - pad);
+    const int64_t w0 = std::max<int64_t>(0, -pad), w1 = std::min(W, cols - pad);
+    const int64_t groups = (g.N + kImagesPerPartial - 1) / kImagesPerPartial;
+    std::vector<double> part(static_cast<size_t>(groups * nb * kk * V), 0.0);
+    at::parallel_for(0, groups * nb, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> buf(static_cast<size_t>(rows * cols * V + V), T(0));
+      std::vector<T> gbuf(static_cast<size_t>(ohw * V + V));
+      T* sb = align_to_vector(buf.data());
+      T* gb = align_to_vector(gbuf.data());
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t grp = task / nb, bi = task % nb, c0 = bi * V;
+        const int64_t lanes = std::min(V, C - c0);
+        double* acc = part.data() + task * kk * V;
+        const int64_t n_end = std::min(g.N, (grp + 1) * kImagesPerPartial);
+        for (int64_t n = grp * kImagesPerPartial; n < n_end; ++n) {
+          planes_to_block(sb, cols, pad, x + (n * C + c0) * hw, H, W, h0, h1, w0, w1, lanes);
+          planes_to_block(gb, Wo, 0, gy + (n * C + c0) * ohw, Ho, Wo, 0, Ho, 0, Wo, lanes);
+          for (int64_t oh = 0; oh < Ho; ++oh) {
+            for (int64_t kh = 0; kh < K; ++kh) {
+              Vec<T> a[K];
+              for (int kw = 0; kw < K; ++kw) a[kw] = Vec<T>{};
+              const T* srow = sb + (oh * S + kh) * cols * V;
+              const T* grow = gb + oh * Wo * V;
+              for_blocks(Wo, [&](int64_t ow0, auto R) {
+                window_wgrad_run<decltype(R)::value, K, S, kNoMask>(
+                    srow + ow0 * S * V, grow + ow0 * V, V, nullptr, V, a);
+              });
+              for (int kw = 0; kw < K; ++kw) {
+                double* d = acc + (kh * K + kw) * V;
+                for (int64_t l = 0; l < V; ++l) d[l] += a[kw][l];
+              }
+            }
+          }
+        }
+      }
+    });
+    sum_block_partials(part, groups, C, kk, gw);
+  });
 }
 
 // grad_w of channels_last: tasks over (group of kImagesPerPartial images, channel

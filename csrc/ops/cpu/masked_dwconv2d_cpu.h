@@ -90,9 +90,11 @@ void dw_backward_impl(const T* gy, const T* x, const T* w, T* gx, T* gw, const D
           },
           [&](int64_t nc) { return gx + nc * g.H * g.W; }, [](int64_t, const T*) {});
     }
-    plane_weight_grad(
-        g, [&](int64_t nc) { return Plain<T>{x + nc * g.H * g.W}; },
-        [&](int64_t nc) { return Plain<T>{gy + nc * g.Ho * g.Wo}; }, gw);
+    if (!blocked_weight_grad<T>(g, x, gy, gw)) {
+      plane_weight_grad(
+          g, [&](int64_t nc) { return Plain<T>{x + nc * g.H * g.W}; },
+          [&](int64_t nc) { return Plain<T>{gy + nc * g.Ho * g.Wo}; }, gw);
+    }
   }
 }
 
