@@ -408,6 +408,8 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
     // Runs outermost (each run through every block) while a run's window over all
     // channels fits in L1, blocks outermost otherwise (measured both ways, dev box).
     const bool runs_outer = K * (S * 7 + K) * C * int64_t(sizeof(T)) <= kWindowBytes;
+    const bool stream = stream_output(N * image * int64_t(sizeof(T)),
+                                      N * p.Ho * p.Wo * C * int64_t(sizeof(T)));
     at::parallel_for(0, N * p.Ho, grain(p.Wo * C * kk), [&](int64_t b, int64_t e) {
       for (int64_t task = b; task < e; ++task) {
         const int64_t n = task / p.Ho, oh = task % p.Ho;
@@ -419,7 +421,7 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
           constexpr int RV = decltype(R)::value, NI = S * (RV - 1) + K;
           const int64_t lanes = bi + 1 < nb ? V : tail;
           const int64_t c0 = ow0 * S - p.pad;  // source column of window slot 0
-          const RunStore<T> dst{yrow + ow0 * C + bi * V, C, lanes};
+          const RunStore<T> dst{yrow + ow0 * C + bi * V, C, lanes, stream};
           with_window_slots<NI>(c0, W, lanes, V, [&](auto M, const int64_t* sl) {
             window_positions<RV, K, S, decltype(M)::value>(row + c0 * C + bi * V, C, W * C,
                                                            kh0, kh1,
@@ -435,6 +437,7 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
             for_wide_blocks<kWideRun<K>>(p.Wo, [&](int64_t ow0, auto R) { run(bi, ow0, R); });
         }
       }
+      if (stream) stream_fence();
     });
   });
 }

@@ -36,6 +36,8 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <fstream>
+#include <string>
 #include <vector>
 
 #include "../masked_conv_common.h"
@@ -434,6 +436,73 @@ inline void vstore_part(T* p, const Vec<T>& v, int64_t n) {
 #endif
 }
 
+// A vector store that bypasses the caches (non-temporal) where the instruction set has
+// one; p must be vector-aligned. A plain store otherwise.
+template <typename T>
+inline void vstream(T* p, const Vec<T>& v) {
+#if defined(__x86_64__) && defined(__GNUC__) && BSNAS_VEC_BYTES == 64
+  if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(p, (__m512)v);
+  else _mm512_stream_pd(p, (__m512d)v);
+#elif defined(__x86_64__) && defined(__GNUC__) && BSNAS_VEC_BYTES == 32
+  if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(p, (__m256)v);
+  else _mm256_stream_pd(p, (__m256d)v);
+#else
+  vstore(p, v);
+#endif
+}
+// Orders a thread's non-temporal stores before what follows (the end of its tasks).
+inline void stream_fence() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  _mm_sfence();
+#endif
+}
+template <typename T>
+inline bool vector_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % BSNAS_VEC_BYTES == 0;
+}
+
+// Whether a pass reading `in_bytes` and writing `out_bytes` should write its result
+// with non-temporal stores: when both together exceed three quarters of the last-level
+// cache, the result would leave the cache before it is read again, and a cached store
+// first reads every line it writes. Measured on the dev box (tenth session, AMD EPYC,
+// 32 MiB L3, channels_last forward, N=8, 2 threads, same-run A/B): 112x112 c48 (38.5 MB
+// in + out) 1.25-1.27 -> 0.46-0.47 ms and 56x56 c144 k5 (29 MB) 0.53-1.0 -> 0.48-0.50
+// ms streamed; 112x112 c24 (19 MB) 0.26-0.40 -> 0.42-0.61 ms and 56x56 c72 (14 MB)
+// 0.19-0.21 -> 0.20-0.24 ms, slower streamed.
+// The size of the last-level cache that cpu0 shares, as Linux lists it under
+// /sys/devices/system/cpu/cpu0/cache (glibc's sysconf can report every slice of the
+// package instead: 384 MiB on the dev box, whose VM shares one 32 MiB L3); 32 MiB where
+// that cannot be read.
+inline int64_t last_level_cache_bytes() {
+  int best_level = 0;
+  int64_t bytes = 0;
+  for (int i = 0; i < 8; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i);
+    std::ifstream lf(dir + "/level"), sf(dir + "/size");
+    int level = 0;
+    std::string size;
+    if (!(lf >> level) || !(sf >> size) || size.empty() || level < best_level) continue;
+    int64_t v = 0;
+    try {
+      v = std::stoll(size);
+    } catch (...) {
+      continue;
+    }
+    const char unit = size.back();
+    v *= unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : 1;
+    if (v > 0) {
+      best_level = level;
+      bytes = v;
+    }
+  }
+  return bytes > 0 ? bytes : int64_t(32) << 20;
+}
+
+inline bool stream_output(int64_t in_bytes, int64_t out_bytes) {
+  static const int64_t llc = last_level_cache_bytes();
+  return (in_bytes + out_bytes) * 4 > llc * 3;
+}
+
 // R output vectors of one plane at scratch offsets base[r] (values): acc[r] over all
 // taps of the filter w [k*k]; positions may span rows, so small planes still fill R
 // independent accumulators.
@@ -743,12 +812,14 @@ inline Vec<T> window_load(const T* p, int64_t i, int64_t ps, const int64_t* lane
 
 // Where a register-window run's R result vectors go: an array (the caller takes them
 // from there), or straight into a tensor: vector r to d + r * stride, its first
-// `lanes` values.
+// `lanes` values; with `stream`, full vectors at vector-aligned addresses bypass the
+// caches (vstream; the pass then ends its tasks with stream_fence).
 template <typename T>
 struct RunStore {
   T* d;
   int64_t stride;
   int64_t lanes;
+  bool stream = false;
 };
 template <int R, typename T>
 inline void put_run(Vec<T>* acc, const Vec<T>* a) {
@@ -757,7 +828,11 @@ inline void put_run(Vec<T>* acc, const Vec<T>* a) {
 }
 template <int R, typename T>
 inline void put_run(const RunStore<T>& o, const Vec<T>* a) {
-  if (o.lanes == kLanes<T>) {
+  if (o.stream && o.lanes == kLanes<T> && vector_aligned(o.d) &&
+      (o.stride * int64_t(sizeof(T))) % BSNAS_VEC_BYTES == 0) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) vstream(o.d + r * o.stride, a[r]);
+  } else if (o.lanes == kLanes<T>) {
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) vstore(o.d + r * o.stride, a[r]);
   } else {
