@@ -429,12 +429,12 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
           });
         };
         if (runs_outer) {
-          for_wide_blocks<kWideRun<K>>(p.Wo, [&](int64_t ow0, auto R) {
+          for_wide_blocks<kWideRun<K, S>>(p.Wo, [&](int64_t ow0, auto R) {
             for (int64_t bi = 0; bi < nb; ++bi) run(bi, ow0, R);
           });
         } else {
           for (int64_t bi = 0; bi < nb; ++bi)
-            for_wide_blocks<kWideRun<K>>(p.Wo, [&](int64_t ow0, auto R) { run(bi, ow0, R); });
+            for_wide_blocks<kWideRun<K, S>>(p.Wo, [&](int64_t ow0, auto R) { run(bi, ow0, R); });
         }
       }
       if (stream) stream_fence();

@@ -179,11 +179,11 @@ inline void for_blocks(int64_t n, const F& f) {
   }
 }
 
-// Longest run of window_pass for kernel size K: R accumulators, the S * (R - 1) + K
-// window slots and a tap in the 32 vector registers of AVX-512 (16 registers hold 8
-// accumulators).
-template <int K>
-constexpr int kWideRun = BSNAS_VEC_BYTES == 64 && K == 3 ? 12 : 8;
+// Longest run of window_pass for kernel size K and stride S: R accumulators, the
+// S * (R - 1) + K window slots and a tap fit in the 32 vector registers of AVX-512 at
+// R = 12 for K = 3, S = 1 (26 + 1); everything else, and 16 registers, take 8.
+template <int K, int S>
+constexpr int kWideRun = BSNAS_VEC_BYTES == 64 && K == 3 && S == 1 ? 12 : 8;
 
 // As for_blocks, in runs of Run first.
 template <int Run, typename F>
