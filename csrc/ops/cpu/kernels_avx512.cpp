@@ -9,6 +9,7 @@
 #include "bn_act_cpu.h"
 #include "bn_act_dwconv2d_cpu.h"
 #include "channel_stats_cpu.h"
+#include "gemm_cpu.h"
 #include "masked_dwconv2d_cpu.h"
 #include "mbconv_folded_cpu.h"
 #pragma GCC pop_options

@@ -6,5 +6,6 @@
 #include "bn_act_cpu.h"
 #include "bn_act_dwconv2d_cpu.h"
 #include "channel_stats_cpu.h"
+#include "gemm_cpu.h"
 #include "masked_dwconv2d_cpu.h"
 #include "mbconv_folded_cpu.h"

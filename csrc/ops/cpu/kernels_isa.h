@@ -46,6 +46,9 @@
   std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(                         \
       const at::Tensor& grad_h, const at::Tensor& y, const at::Tensor& scale,             \
       const at::Tensor& shift, int64_t act);                                              \
+  void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m,            \
+                int64_t as_k, const float* b, int64_t bs_k, int64_t bs_n, float* c,       \
+                int64_t ldc);                                                             \
   }
 
 BSNAS_DECLARE_CPU_KERNELS(generic)
@@ -54,3 +57,11 @@ BSNAS_DECLARE_CPU_KERNELS(generic)
 BSNAS_DECLARE_CPU_KERNELS(avx2)
 BSNAS_DECLARE_CPU_KERNELS(avx512)
 #endif
+
+namespace bsnas::cpu {
+// The float32 GEMM of masked_pwconv2d (gemm_cpu.h) in the widest instruction-set copy
+// the CPU supports: C[m][n] (row stride ldc) = sum_k a[m * as_m + k * as_k] *
+// b[k * bs_k + n * bs_n], M, N, K >= 1.
+void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m, int64_t as_k,
+              const float* b, int64_t bs_k, int64_t bs_n, float* c, int64_t ldc);
+}  // namespace bsnas::cpu
