@@ -50,20 +50,6 @@ at::Tensor rows_view(const at::Tensor& t) {
   return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
 }
 
-// out = a @ b (2-D, out with unit column stride, written in full). float32 on CPU runs
-// bsnas's own GEMM (cpu/gemm_cpu.h: MKL's sgemm behind at::mm ran at half the speed of
-// oneDNN's 1x1 convolutions on the dev box's AMD EPYC), reading a and b through their
-// strides; everything else at::mm.
-void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  if (out.is_cpu() && out.scalar_type() == at::kFloat && out.stride(1) == 1 &&
-      out.numel() > 0 && a.size(1) > 0) {
-    cpu::gemm_f32(out.size(0), out.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0),
-                  a.stride(1), b.const_data_ptr<float>(), b.stride(0), b.stride(1),
-                  out.mutable_data_ptr<float>(), out.stride(0));
-    return;
-  }
-  at::mm_out(out, a, b);
-}
 
 at::Tensor forward(const at::Tensor& x_in, const at::Tensor& weight, int64_t in_width,
                    int64_t out_width) {
@@ -75,13 +61,13 @@ at::Tensor forward(const at::Tensor& x_in, const at::Tensor& weight, int64_t in_
   if (y.numel() == 0) return y;
   if (g.channels_last) {
     at::Tensor y2 = rows_view(y);
-    matmul_into(y2, rows_view(x), w.t());
+    cpu::matmul_into(y2, rows_view(x), w.t());
   } else if (x.is_cpu() && x.scalar_type() == at::kFloat) {
     const at::Tensor x3 = x.view({g.N, g.in_w, g.H * g.W});
     at::Tensor y3 = y.view({g.N, g.out_w, g.H * g.W});
     for (int64_t n = 0; n < g.N; ++n) {
       at::Tensor yn = y3[n];
-      matmul_into(yn, w, x3[n]);
+      cpu::matmul_into(yn, w, x3[n]);
     }
   } else {
     // One batched GEMM; the weight's batch stride is 0, so nothing is copied.
@@ -109,8 +95,8 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out,
   if (g.channels_last) {
     const at::Tensor gy2 = rows_view(gy), x2 = rows_view(x);
     at::Tensor gx2 = rows_view(gx);
-    matmul_into(gx2, gy2, w);
-    matmul_into(gw, gy2.t(), x2);  // writes through the strided view
+    cpu::matmul_into(gx2, gy2, w);
+    cpu::matmul_into(gw, gy2.t(), x2);  // writes through the strided view
   } else {
     const int64_t hw = g.H * g.W;
     const at::Tensor gy3 = gy.view({g.N, g.out_w, hw}), x3 = x.view({g.N, g.in_w, hw});
@@ -118,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out,
     if (x.is_cpu() && x.scalar_type() == at::kFloat) {
       for (int64_t n = 0; n < g.N; ++n) {
         at::Tensor gxn = gx3[n];
-        matmul_into(gxn, w.t(), gy3[n]);
+        cpu::matmul_into(gxn, w.t(), gy3[n]);
       }
     } else {
       at::bmm_out(gx3, w.t().unsqueeze(0).expand({g.N, -1, -1}), gy3);

@@ -19,6 +19,7 @@
 
 #include <tuple>
 
+#include "cpu/kernels_isa.h"
 #include "masked_conv_common.h"
 
 namespace bsnas {
@@ -54,13 +55,21 @@ at::Tensor rows_view(const at::Tensor& t) {
   return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
 }
 
-// y = w @ x per image into `y` (beta = 0), or y += w @ x (beta = 1): one GEMM launch.
+// y = w @ x per image into `y` (beta = 0), or y += w @ x (beta = 1): one GEMM launch
+// (float32 on CPU: cpu::matmul_into, image by image for NCHW).
 void pointwise(const at::Tensor& x, const at::Tensor& w2, at::Tensor& y, bool accumulate,
                bool channels_last) {
   if (channels_last) {
     at::Tensor y2 = rows_view(y);
-    if (accumulate) y2.addmm_(rows_view(x), w2.t());
-    else at::mm_out(y2, rows_view(x), w2.t());
+    cpu::matmul_into(y2, rows_view(x), w2.t(), accumulate);
+  } else if (x.is_cpu() && x.scalar_type() == at::kFloat) {  // per image: cpu/gemm_cpu.h
+    const int64_t N = x.size(0), hw = x.size(2) * x.size(3);
+    at::Tensor y3 = y.view({N, y.size(1), hw});
+    const at::Tensor x3 = x.view({N, x.size(1), hw});
+    for (int64_t n = 0; n < N; ++n) {
+      at::Tensor yn = y3[n];
+      cpu::matmul_into(yn, w2, x3[n], accumulate);
+    }
   } else {
     const int64_t N = x.size(0), hw = x.size(2) * x.size(3);
     at::Tensor y3 = y.view({N, y.size(1), hw});

@@ -88,13 +88,13 @@ inline void with_gemm_rows(int64_t r, const F& f) {
 // pixel, then errs like a sum of K / kGemmDepth terms, not of K).
 constexpr int64_t kGemmDepth = 512;
 
-// C[m][n] (row stride ldc) = sum_k A(m, k) B(k, n), A(m, k) = a[m * as_m + k * as_k],
-// B(k, n) = b[k * bs_k + n * bs_n]; M, N, K >= 1. Tasks over row tiles; every tile
+// C[m][n] (row stride ldc) (+)= sum_k A(m, k) B(k, n), A(m, k) = a[m * as_m + k * as_k],
+// B(k, n) = b[k * bs_k + n * bs_n] (added to C with `add`); M, N, K >= 1. Tasks over row tiles; every tile
 // runs through all column panels, kGemmDepth of k at a time (its A rows stay in L1,
 // the panels come from L2).
 void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m,
                      int64_t as_k, const float* b, int64_t bs_k, int64_t bs_n, float* c,
-                     int64_t ldc) {
+                     int64_t ldc, bool add) {
   using namespace simd;
   constexpr int64_t V = kLanes<float>, NR = 2 * V, MR = kGemmRows;
   const int64_t panels = (N + NR - 1) / NR;
@@ -127,8 +127,8 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m,
             const int64_t nv = std::min(NR, N - p * NR);
             const float* bp = bsrc + p * pstride + k0 * pk;
             float* cp = c + m0 * ldc + p * NR;
-            if (nv == NR) gemm_tile<R, false>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, k0 > 0);
-            else gemm_tile<R, true>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, k0 > 0);
+            if (nv == NR) gemm_tile<R, false>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, add || k0 > 0);
+            else gemm_tile<R, true>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, add || k0 > 0);
           }
         }
       });

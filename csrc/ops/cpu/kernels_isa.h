@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -48,7 +49,7 @@
       const at::Tensor& shift, int64_t act);                                              \
   void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m,            \
                 int64_t as_k, const float* b, int64_t bs_k, int64_t bs_n, float* c,       \
-                int64_t ldc);                                                             \
+                int64_t ldc, bool add);                                                   \
   }
 
 BSNAS_DECLARE_CPU_KERNELS(generic)
@@ -59,9 +60,29 @@ BSNAS_DECLARE_CPU_KERNELS(avx512)
 #endif
 
 namespace bsnas::cpu {
-// The float32 GEMM of masked_pwconv2d (gemm_cpu.h) in the widest instruction-set copy
-// the CPU supports: C[m][n] (row stride ldc) = sum_k a[m * as_m + k * as_k] *
-// b[k * bs_k + n * bs_n], M, N, K >= 1.
+// The float32 GEMM of the 1x1 convolutions (gemm_cpu.h) in the widest instruction-set
+// copy the CPU supports: C[m][n] (row stride ldc) (+)= sum_k a[m * as_m + k * as_k] *
+// b[k * bs_k + n * bs_n], added to C with `add`; M, N, K >= 1.
 void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m, int64_t as_k,
-              const float* b, int64_t bs_k, int64_t bs_n, float* c, int64_t ldc);
+              const float* b, int64_t bs_k, int64_t bs_n, float* c, int64_t ldc, bool add);
+
+// out (+)= a @ b for 2-D tensors (added with `add`; out written in full otherwise).
+// float32 on CPU with a unit-stride out row runs gemm_f32, reading a and b through
+// their strides (MKL's sgemm behind at::mm ran at half the speed of oneDNN's 1x1
+// convolutions on the dev box's AMD EPYC, and oneDNN's matmul is reachable only
+// through a wrapper that copies a non-contiguous weight block); everything else
+// at::mm / addmm.
+inline void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                        bool add = false) {
+  if (out.is_cpu() && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+      b.scalar_type() == at::kFloat && out.stride(1) == 1 && out.numel() > 0 &&
+      a.size(1) > 0) {
+    gemm_f32(out.size(0), out.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0),
+             a.stride(1), b.const_data_ptr<float>(), b.stride(0), b.stride(1),
+             out.mutable_data_ptr<float>(), out.stride(0), add);
+    return;
+  }
+  if (add) out.addmm_(a, b);
+  else at::mm_out(out, a, b);
+}
 }  // namespace bsnas::cpu
