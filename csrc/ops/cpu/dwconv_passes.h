@@ -102,17 +102,18 @@ void plane_weight_grad(const DwGeometry& g, const MakeA& make_a, const MakeG& ma
 }
 
 // Transposes channels [0, lanes) of a block of V = kLanes<T> NCHW planes (xs: the
-// first plane, H x W each, plane stride hw = H * W) into the pixel vectors of a
+// first plane, H x W each, plane stride H * W) into the pixel vectors of a
 // [rows][cols][V] scratch: source pixel (h, x) to row h + pad, column x + pad. V pixels
-// at a time through transpose_square; pixels outside rows [h0, h1) / columns [w0, w1)
-// are skipped, lanes from `lanes` on are written as zeros, nothing else is written (the
-// padding keeps what it holds).
+// at a time through transpose_square; pixels that fall outside the scratch are skipped,
+// lanes from `lanes` on are written as zeros, nothing else is written (the padding
+// keeps what it holds).
 template <typename T>
-inline void planes_to_block(T* sb, int64_t cols, int64_t pad, const T* xs, int64_t H,
-                            int64_t W, int64_t h0, int64_t h1, int64_t w0, int64_t w1,
-                            int64_t lanes) {
+inline void planes_to_block(T* sb, int64_t rows, int64_t cols, int64_t pad, const T* xs,
+                            int64_t H, int64_t W, int64_t lanes) {
   constexpr int64_t V = kLanes<T>;
   const int64_t hw = H * W;
+  const int64_t h0 = std::max<int64_t>(0, -pad), h1 = std::min(H, rows - pad);
+  const int64_t w0 = std::max<int64_t>(0, -pad), w1 = std::min(W, cols - pad);
   for (int64_t i0 = 0; i0 < hw; i0 += V) {
     const int64_t np = std::min(V, hw - i0);
     Vec<T> m[V];
@@ -172,9 +173,6 @@ bool blocked_plane_pass(const Pass& p, int64_t N, int64_t C, const T* src, const
     const int64_t nb = num_blocks<T>(C);
     std::vector<T> taps(static_cast<size_t>(nb * kk * V));
     pack_taps(taps.data(), w, C, kk, flip);
-    // Source rows / columns held: h + pad in [0, rows), w + pad in [0, cols).
-    const int64_t h0 = std::max<int64_t>(0, -p.pad), h1 = std::min(H, rows - p.pad);
-    const int64_t w0 = std::max<int64_t>(0, -p.pad), w1 = std::min(W, cols - p.pad);
     at::parallel_for(0, N * nb, grain(ohw * V * kk), [&](int64_t b, int64_t e) {
       std::vector<T> buf(static_cast<size_t>(rows * cols * V + V), T(0));
       std::vector<T> obuf(static_cast<size_t>(ohw * V + V));
@@ -184,7 +182,7 @@ bool blocked_plane_pass(const Pass& p, int64_t N, int64_t C, const T* src, const
         const int64_t n = task / nb, bi = task % nb, c0 = bi * V;
         const int64_t lanes = std::min(V, C - c0);
         // The block's planes into pixel vectors (the padding stays zero).
-        planes_to_block(sb, cols, p.pad, src + (n * C + c0) * H * W, H, W, h0, h1, w0, w1, lanes);
+        planes_to_block(sb, rows, cols, p.pad, src + (n * C + c0) * H * W, H, W, lanes);
         const T* tb = taps.data() + bi * kk * V;
         for (int64_t oh = 0; oh < Ho; ++oh) {
           for_blocks(Wo, [&](int64_t ow0, auto R) {
@@ -568,8 +566,6 @@ bool blocked_weight_grad(const DwGeometry& g, const T* x, const T* gy, T* gw) {
     const int64_t C = g.C, nb = num_blocks<T>(C), H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo;
     const int64_t hw = H * W, ohw = Ho * Wo, pad = g.pad;
     const int64_t rows = (Ho - 1) * S + K, cols = (Wo - 1) * S + K;
-    const int64_t h0 = std::max<int64_t>(0, -pad), h1 = std::min(H, rows - pad);
-    const int64_t w0 = std::max<int64_t>(0, -pad), w1 = std::min(W, cols - pad);
     const int64_t groups = (g.N + kImagesPerPartial - 1) / kImagesPerPartial;
     std::vector<double> part(static_cast<size_t>(groups * nb * kk * V), 0.0);
     at::parallel_for(0, groups * nb, 1, [&](int64_t b, int64_t e) {
@@ -583,8 +579,8 @@ bool blocked_weight_grad(const DwGeometry& g, const T* x, const T* gy, T* gw) {
         double* acc = part.data() + task * kk * V;
         const int64_t n_end = std::min(g.N, (grp + 1) * kImagesPerPartial);
         for (int64_t n = grp * kImagesPerPartial; n < n_end; ++n) {
-          planes_to_block(sb, cols, pad, x + (n * C + c0) * hw, H, W, h0, h1, w0, w1, lanes);
-          planes_to_block(gb, Wo, 0, gy + (n * C + c0) * ohw, Ho, Wo, 0, Ho, 0, Wo, lanes);
+          planes_to_block(sb, rows, cols, pad, x + (n * C + c0) * hw, H, W, lanes);
+          planes_to_block(gb, Ho, Wo, 0, gy + (n * C + c0) * ohw, Ho, Wo, lanes);
           for (int64_t oh = 0; oh < Ho; ++oh) {
             for (int64_t kh = 0; kh < K; ++kh) {
               Vec<T> a[K];
