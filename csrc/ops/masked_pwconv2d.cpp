@@ -50,7 +50,6 @@ at::Tensor rows_view(const at::Tensor& t) {
   return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
 }
 
-
 at::Tensor forward(const at::Tensor& x_in, const at::Tensor& weight, int64_t in_width,
                    int64_t out_width) {
   const PwGeometry g = check_pw_args(kFwd, x_in, weight, in_width, out_width);
@@ -62,17 +61,9 @@ at::Tensor forward(const at::Tensor& x_in, const at::Tensor& weight, int64_t in_
   if (g.channels_last) {
     at::Tensor y2 = rows_view(y);
     cpu::matmul_into(y2, rows_view(x), w.t());
-  } else if (x.is_cpu() && x.scalar_type() == at::kFloat) {
-    const at::Tensor x3 = x.view({g.N, g.in_w, g.H * g.W});
-    at::Tensor y3 = y.view({g.N, g.out_w, g.H * g.W});
-    for (int64_t n = 0; n < g.N; ++n) {
-      at::Tensor yn = y3[n];
-      cpu::matmul_into(yn, w, x3[n]);
-    }
   } else {
-    // One batched GEMM; the weight's batch stride is 0, so nothing is copied.
     at::Tensor y3 = y.view({g.N, g.out_w, g.H * g.W});
-    at::bmm_out(y3, w.unsqueeze(0).expand({g.N, -1, -1}), x.view({g.N, g.in_w, g.H * g.W}));
+    cpu::shared_left_bmm_into(y3, w, x.view({g.N, g.in_w, g.H * g.W}));
   }
   return y;
 }
@@ -101,14 +92,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out,
     const int64_t hw = g.H * g.W;
     const at::Tensor gy3 = gy.view({g.N, g.out_w, hw}), x3 = x.view({g.N, g.in_w, hw});
     at::Tensor gx3 = gx.view({g.N, g.in_w, hw});
-    if (x.is_cpu() && x.scalar_type() == at::kFloat) {
-      for (int64_t n = 0; n < g.N; ++n) {
-        at::Tensor gxn = gx3[n];
-        cpu::matmul_into(gxn, w.t(), gy3[n]);
-      }
-    } else {
-      at::bmm_out(gx3, w.t().unsqueeze(0).expand({g.N, -1, -1}), gy3);
-    }
+    cpu::shared_left_bmm_into(gx3, w.t(), gy3);
     // sum_n gy[n] @ x[n]^T. Small planes (N*H*W*(out + in) < N*out*in values): one GEMM
     // over [C, N*H*W] copies of gy and x. Large planes: batched products summed over n,
     // in chunks of the batch that bound the [chunk, out, in] temporary.

@@ -12,9 +12,7 @@
 // runs the GEMMs batched over images with a zero batch stride on the weight,
 // channels_last as one GEMM over all pixels (as masked_pwconv2d.cpp does).
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -55,28 +53,18 @@ at::Tensor rows_view(const at::Tensor& t) {
   return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
 }
 
-// y = w @ x per image into `y` (beta = 0), or y += w @ x (beta = 1): one GEMM launch
-// (float32 on CPU: cpu::matmul_into, image by image for NCHW).
+// y = w @ x per image into `y` (beta = 0), or y += w @ x (beta = 1): one GEMM over all
+// pixels for channels_last, one per image or one batched GEMM for NCHW
+// (cpu::shared_left_bmm_into).
 void pointwise(const at::Tensor& x, const at::Tensor& w2, at::Tensor& y, bool accumulate,
                bool channels_last) {
   if (channels_last) {
     at::Tensor y2 = rows_view(y);
     cpu::matmul_into(y2, rows_view(x), w2.t(), accumulate);
-  } else if (x.is_cpu() && x.scalar_type() == at::kFloat) {  // per image: cpu/gemm_cpu.h
-    const int64_t N = x.size(0), hw = x.size(2) * x.size(3);
-    at::Tensor y3 = y.view({N, y.size(1), hw});
-    const at::Tensor x3 = x.view({N, x.size(1), hw});
-    for (int64_t n = 0; n < N; ++n) {
-      at::Tensor yn = y3[n];
-      cpu::matmul_into(yn, w2, x3[n], accumulate);
-    }
   } else {
     const int64_t N = x.size(0), hw = x.size(2) * x.size(3);
     at::Tensor y3 = y.view({N, y.size(1), hw});
-    const at::Tensor wb = w2.unsqueeze(0).expand({N, -1, -1});  // batch stride 0
-    const at::Tensor x3 = x.view({N, x.size(1), hw});
-    if (accumulate) y3.baddbmm_(wb, x3);
-    else at::bmm_out(y3, wb, x3);
+    cpu::shared_left_bmm_into(y3, w2, x.view({N, x.size(1), hw}), accumulate);
   }
 }
 

@@ -527,13 +527,27 @@ inline void store_run(T* dst, const ChannelBlock& cb, int64_t pix, int R, const 
   }
 }
 
-// gw[c][t] for c < C = the sum over groups, in order, of the [groups][nb][kk][V]
-// double partials of the channels_last weight gradients.
-template <typename T>
-void sum_block_partials(const std::vector<double>& part, int64_t groups, int64_t C,
-                        int64_t kk, T* gw) {
+// The task skeleton of the block weight gradients: tasks over (group of
+// kImagesPerPartial images, block of kLanes channels), each with its own double
+// partial [k*k][V], zeroed; make_worker() is called once per thread's range of tasks
+// (its scratch lives there) and returns worker(bi, n0, n1, acc), which adds the
+// gradient of block bi over images [n0, n1) into acc. gw[c][t] for c < C is then the
+// sum of the partials over the groups, in group order, so the result does not depend
+// on the number of threads.
+template <typename T, typename MakeWorker>
+void grouped_weight_grad(int64_t N, int64_t C, int64_t kk, T* gw, const MakeWorker& make_worker) {
   constexpr int64_t V = kLanes<T>;
   const int64_t nb = num_blocks<T>(C);
+  const int64_t groups = (N + kImagesPerPartial - 1) / kImagesPerPartial;
+  std::vector<double> part(static_cast<size_t>(groups * nb * kk * V), 0.0);
+  at::parallel_for(0, groups * nb, 1, [&](int64_t b, int64_t e) {
+    auto worker = make_worker();
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t grp = task / nb;
+      worker(task % nb, grp * kImagesPerPartial, std::min(N, (grp + 1) * kImagesPerPartial),
+             part.data() + task * kk * V);
+    }
+  });
   for (int64_t bi = 0; bi < nb; ++bi) {
     const ChannelBlock cb = block_of<T>(bi, C);
     for (int64_t l = 0; l < cb.cb; ++l)
@@ -543,6 +557,15 @@ void sum_block_partials(const std::vector<double>& part, int64_t groups, int64_t
         gw[(cb.c0 + l) * kk + t] = static_cast<T>(s);
       }
   }
+}
+
+// acc[kw][l] += a[kw][l] for the K float sums of one (output row, kernel row) of a
+// register-window weight gradient (acc: the kernel row's K x V doubles).
+template <int K, typename T>
+inline void add_row_sums(double* acc, const Vec<T>* a) {
+  constexpr int64_t V = kLanes<T>;
+  for (int kw = 0; kw < K; ++kw)
+    for (int64_t l = 0; l < V; ++l) acc[kw * V + l] += a[kw][l];
 }
 
 // grad_w of NCHW for kernel 3, 5 or 7, dilation 1, stride 1 or 2, input planes of up
@@ -563,22 +586,17 @@ bool blocked_weight_grad(const DwGeometry& g, const T* x, const T* gy, T* gw) {
   return with_window(g.K, g.stride, g.dil, [&](auto KT, auto ST) {
     constexpr int K = decltype(KT)::value, S = decltype(ST)::value;
     constexpr int64_t V = kLanes<T>, kk = K * K;
-    const int64_t C = g.C, nb = num_blocks<T>(C), H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo;
+    const int64_t C = g.C, H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo;
     const int64_t hw = H * W, ohw = Ho * Wo, pad = g.pad;
     const int64_t rows = (Ho - 1) * S + K, cols = (Wo - 1) * S + K;
-    const int64_t groups = (g.N + kImagesPerPartial - 1) / kImagesPerPartial;
-    std::vector<double> part(static_cast<size_t>(groups * nb * kk * V), 0.0);
-    at::parallel_for(0, groups * nb, 1, [&](int64_t b, int64_t e) {
-      std::vector<T> buf(static_cast<size_t>(rows * cols * V + V), T(0));
-      std::vector<T> gbuf(static_cast<size_t>(ohw * V + V));
-      T* sb = align_to_vector(buf.data());
-      T* gb = align_to_vector(gbuf.data());
-      for (int64_t task = b; task < e; ++task) {
-        const int64_t grp = task / nb, bi = task % nb, c0 = bi * V;
-        const int64_t lanes = std::min(V, C - c0);
-        double* acc = part.data() + task * kk * V;
-        const int64_t n_end = std::min(g.N, (grp + 1) * kImagesPerPartial);
-        for (int64_t n = grp * kImagesPerPartial; n < n_end; ++n) {
+    grouped_weight_grad(g.N, C, kk, gw, [&] {
+      return [&, buf = std::vector<T>(static_cast<size_t>(rows * cols * V + V), T(0)),
+              gbuf = std::vector<T>(static_cast<size_t>(ohw * V + V))](
+                 int64_t bi, int64_t n0, int64_t n1, double* acc) mutable {
+        T* sb = align_to_vector(buf.data());
+        T* gb = align_to_vector(gbuf.data());
+        const int64_t c0 = bi * V, lanes = std::min(V, C - c0);
+        for (int64_t n = n0; n < n1; ++n) {
           planes_to_block(sb, rows, cols, pad, x + (n * C + c0) * hw, H, W, lanes);
           planes_to_block(gb, Ho, Wo, 0, gy + (n * C + c0) * ohw, Ho, Wo, lanes);
           for (int64_t oh = 0; oh < Ho; ++oh) {
@@ -591,16 +609,12 @@ bool blocked_weight_grad(const DwGeometry& g, const T* x, const T* gy, T* gw) {
                 window_wgrad_run<decltype(R)::value, K, S, kNoMask>(
                     srow + ow0 * S * V, grow + ow0 * V, V, nullptr, V, a);
               });
-              for (int kw = 0; kw < K; ++kw) {
-                double* d = acc + (kh * K + kw) * V;
-                for (int64_t l = 0; l < V; ++l) d[l] += a[kw][l];
-              }
+              add_row_sums<K, T>(acc + kh * K * V, a);
             }
           }
         }
-      }
+      };
     });
-    sum_block_partials(part, groups, C, kk, gw);
   });
 }
 
@@ -612,26 +626,20 @@ template <typename T, typename ASrc, typename GSrc>
 void block_weight_grad(const DwGeometry& g, const ASrc& a, const GSrc& gsrc, T* gw) {
   constexpr int64_t V = kLanes<T>;
   const Pass p = Pass::forward(g, 1);
-  const int64_t kk = g.K * g.K, C = g.C, nb = num_blocks<T>(C);
-  const int64_t groups = (g.N + kImagesPerPartial - 1) / kImagesPerPartial;
+  const int64_t C = g.C;
   const std::vector<int64_t> toff = p.tap_offsets();
-  std::vector<double> part(static_cast<size_t>(groups * nb * kk * V), 0.0);
-  at::parallel_for(0, groups * nb, 1, [&](int64_t b, int64_t e) {
-    std::vector<T> buf(static_cast<size_t>(p.rows * p.row_len() * V));
-    std::vector<T> gr(static_cast<size_t>(g.Ho * g.Wo * V));
-    for (int64_t task = b; task < e; ++task) {
-      const int64_t grp = task / nb, bi = task % nb;
+  grouped_weight_grad(g.N, C, g.K * g.K, gw, [&] {
+    return [&, buf = std::vector<T>(static_cast<size_t>(p.rows * p.row_len() * V)),
+            gr = std::vector<T>(static_cast<size_t>(g.Ho * g.Wo * V))](
+               int64_t bi, int64_t n0, int64_t n1, double* acc) mutable {
       const ChannelBlock cb = block_of<T>(bi, C);
-      double* acc = part.data() + task * kk * V;
-      const int64_t n_end = std::min(g.N, (grp + 1) * kImagesPerPartial);
-      for (int64_t n = grp * kImagesPerPartial; n < n_end; ++n) {
+      for (int64_t n = n0; n < n1; ++n) {
         pack_block(buf.data(), p, cb, n * g.H * g.W * C, a);
         pack_block_rows(gr.data(), g.Ho, g.Wo, cb, n * g.Ho * g.Wo * C, gsrc);
         block_wgrad(buf.data(), p, gr.data(), toff.data(), acc);
       }
-    }
+    };
   });
-  sum_block_partials(part, groups, C, kk, gw);
 }
 
 // grad_w of channels_last for kernel 3, 5 or 7, dilation 1, stride 1 or 2, straight
@@ -657,18 +665,13 @@ bool window_weight_grad(const DwGeometry& g, const T* x, const T* gy, T* gw) {
     return false;
   return with_window(g.K, g.stride, g.dil, [&](auto KT, auto ST) {
     constexpr int K = decltype(KT)::value, S = decltype(ST)::value;
-    constexpr int64_t V = kLanes<T>, kk = K * K;
+    constexpr int64_t V = kLanes<T>;
     const int64_t C = g.C, nb = num_blocks<T>(C), tail = C - (nb - 1) * V;
     const int64_t H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo;
-    const int64_t groups = (g.N + kImagesPerPartial - 1) / kImagesPerPartial;
-    std::vector<double> part(static_cast<size_t>(groups * nb * kk * V), 0.0);
-    at::parallel_for(0, groups * nb, 1, [&](int64_t b, int64_t e) {
-      for (int64_t task = b; task < e; ++task) {
-        const int64_t grp = task / nb, bi = task % nb;
+    grouped_weight_grad(g.N, C, K * K, gw, [&] {
+      return [&](int64_t bi, int64_t n0, int64_t n1, double* acc) {
         const int64_t lanes = bi + 1 < nb ? V : tail;
-        double* acc = part.data() + task * kk * V;
-        const int64_t n_end = std::min(g.N, (grp + 1) * kImagesPerPartial);
-        for (int64_t n = grp * kImagesPerPartial; n < n_end; ++n) {
+        for (int64_t n = n0; n < n1; ++n) {
           const T* xn = x + n * H * W * C + bi * V;
           const T* gn = gy + n * Ho * Wo * C + bi * V;
           for (int64_t oh = 0; oh < Ho; ++oh) {
@@ -688,16 +691,12 @@ bool window_weight_grad(const DwGeometry& g, const T* x, const T* gy, T* gw) {
                   window_wgrad_run<RV, K, S, decltype(M)::value>(src, gr, C, sl, lanes, a);
                 });
               });
-              for (int kw = 0; kw < K; ++kw) {
-                double* d = acc + (kh * K + kw) * V;
-                for (int64_t l = 0; l < V; ++l) d[l] += a[kw][l];
-              }
+              add_row_sums<K, T>(acc + kh * K * V, a);
             }
           }
         }
-      }
+      };
     });
-    sum_block_partials(part, groups, C, kk, gw);
   });
 }
 

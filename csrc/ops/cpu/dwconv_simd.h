@@ -35,9 +35,9 @@
 
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 #include <fstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../masked_conv_common.h"
@@ -461,14 +461,6 @@ inline bool vector_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % BSNAS_VEC_BYTES == 0;
 }
 
-// Whether a pass reading `in_bytes` and writing `out_bytes` should write its result
-// with non-temporal stores: when both together exceed three quarters of the last-level
-// cache, the result would leave the cache before it is read again, and a cached store
-// first reads every line it writes. Measured on the dev box (tenth session, AMD EPYC,
-// 32 MiB L3, channels_last forward, N=8, 2 threads, same-run A/B): 112x112 c48 (38.5 MB
-// in + out) 1.25-1.27 -> 0.46-0.47 ms and 56x56 c144 k5 (29 MB) 0.53-1.0 -> 0.48-0.50
-// ms streamed; 112x112 c24 (19 MB) 0.26-0.40 -> 0.42-0.61 ms and 56x56 c72 (14 MB)
-// 0.19-0.21 -> 0.20-0.24 ms, slower streamed.
 // The size of the last-level cache that cpu0 shares, as Linux lists it under
 // /sys/devices/system/cpu/cpu0/cache (glibc's sysconf can report every slice of the
 // package instead: 384 MiB on the dev box, whose VM shares one 32 MiB L3); 32 MiB where
@@ -498,6 +490,14 @@ inline int64_t last_level_cache_bytes() {
   return bytes > 0 ? bytes : int64_t(32) << 20;
 }
 
+// Whether a pass reading `in_bytes` and writing `out_bytes` should write its result
+// with non-temporal stores: when both together exceed three quarters of the last-level
+// cache, the result would leave the cache before it is read again, and a cached store
+// first reads every line it writes. Measured on the dev box (tenth session, AMD EPYC,
+// 32 MiB L3, channels_last forward, N=8, 2 threads, same-run A/B): 112x112 c48 (38.5 MB
+// in + out) 1.25-1.27 -> 0.46-0.47 ms and 56x56 c144 k5 (29 MB) 0.53-1.0 -> 0.48-0.50
+// ms streamed; 112x112 c24 (19 MB) 0.26-0.40 -> 0.42-0.61 ms and 56x56 c72 (14 MB)
+// 0.19-0.21 -> 0.20-0.24 ms, slower streamed.
 inline bool stream_output(int64_t in_bytes, int64_t out_bytes) {
   static const int64_t llc = last_level_cache_bytes();
   return (in_bytes + out_bytes) * 4 > llc * 3;

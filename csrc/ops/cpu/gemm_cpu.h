@@ -67,20 +67,6 @@ __attribute__((noinline)) void gemm_tile(int64_t K, const float* a, int64_t as_m
   }
 }
 
-template <typename F>
-inline void with_gemm_rows(int64_t r, const F& f) {
-  switch (r) {
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    default: f(std::integral_constant<int, 1>{}); break;
-  }
-}
-
 }  // namespace simd
 
 // Depth of one pass of a register tile: partial sums of at most this many products
@@ -89,12 +75,11 @@ inline void with_gemm_rows(int64_t r, const F& f) {
 constexpr int64_t kGemmDepth = 512;
 
 // C[m][n] (row stride ldc) (+)= sum_k A(m, k) B(k, n), A(m, k) = a[m * as_m + k * as_k],
-// B(k, n) = b[k * bs_k + n * bs_n] (added to C with `add`); M, N, K >= 1. Tasks over row tiles; every tile
-// runs through all column panels, kGemmDepth of k at a time (its A rows stay in L1,
-// the panels come from L2).
-void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m,
-                     int64_t as_k, const float* b, int64_t bs_k, int64_t bs_n, float* c,
-                     int64_t ldc, bool add) {
+// B(k, n) = b[k * bs_k + n * bs_n] (added to C with `add`); M, N, K >= 1. Tasks over
+// row tiles; every tile runs through all column panels, kGemmDepth of k at a time (its
+// A rows stay in L1, the panels come from L2).
+void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m, int64_t as_k,
+              const float* b, int64_t bs_k, int64_t bs_n, float* c, int64_t ldc, bool add) {
   using namespace simd;
   constexpr int64_t V = kLanes<float>, NR = 2 * V, MR = kGemmRows;
   const int64_t panels = (N + NR - 1) / NR;
@@ -118,7 +103,8 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m,
                    [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * MR;
-      with_gemm_rows(std::min(MR, M - m0), [&](auto RT) {
+      // One call: for_blocks hands a run of at most 8 <= MR rows its compile-time size.
+      for_blocks(std::min(MR, M - m0), [&](int64_t, auto RT) {
         constexpr int R = decltype(RT)::value;
         for (int64_t k0 = 0; k0 < K; k0 += kGemmDepth) {
           const int64_t kd = std::min(kGemmDepth, K - k0);
@@ -127,8 +113,9 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m,
             const int64_t nv = std::min(NR, N - p * NR);
             const float* bp = bsrc + p * pstride + k0 * pk;
             float* cp = c + m0 * ldc + p * NR;
-            if (nv == NR) gemm_tile<R, false>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, add || k0 > 0);
-            else gemm_tile<R, true>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, add || k0 > 0);
+            const bool acc = add || k0 > 0;
+            if (nv == NR) gemm_tile<R, false>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
+            else gemm_tile<R, true>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
           }
         }
       });

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -84,5 +85,22 @@ inline void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& 
   }
   if (add) out.addmm_(a, b);
   else at::mm_out(out, a, b);
+}
+
+// out[n] (+)= a @ b[n] for every n of the 3-D out [N, M, P] and b [N, K, P], one 2-D a
+// [M, K] shared by all: image by image through matmul_into for float32 on CPU, else
+// one batched GEMM whose a has batch stride 0 (nothing is copied).
+inline void shared_left_bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                                 bool add = false) {
+  if (out.is_cpu() && out.scalar_type() == at::kFloat) {
+    for (int64_t n = 0; n < out.size(0); ++n) {
+      at::Tensor on = out[n];
+      matmul_into(on, a, b[n], add);
+    }
+    return;
+  }
+  const at::Tensor ab = a.unsqueeze(0).expand({out.size(0), -1, -1});
+  if (add) out.baddbmm_(ab, b);
+  else at::bmm_out(out, ab, b);
 }
 }  // namespace bsnas::cpu
