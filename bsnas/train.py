@@ -9,6 +9,7 @@ this module does not know about it.
 """
 from __future__ import annotations
 
+import atexit
 import csv
 import json
 import logging
@@ -60,7 +61,17 @@ def init_distributed(device_kind: str) -> Dist:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+        atexit.register(_leave_process_group)
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _leave_process_group() -> None:
+    """Destroys the process group this module created, at interpreter exit if nobody did
+    before. Without it a gloo worker thread can still be releasing the last collective's
+    tensors while Python finalizes: it then needs the GIL, is made to exit, and the
+    process aborts ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def pick_device(name: str, d: Dist) -> torch.device:
