@@ -45,11 +45,18 @@ class DynamicBatchNorm2d(nn.BatchNorm2d):
         One kernel each for the update and the affine map (`bsnas.ops.bn_from_sums`)."""
         if self.weight is None or self.bias is None:
             raise ValueError("batch_affine needs an affine BatchNorm (affine=True)")
+        self.update_running_stats(total, total_sq, count)
+        return bn_affine_from_sums(total, total_sq, count, self.weight, self.bias, self.eps)
+
+    def update_running_stats(self, total: torch.Tensor, total_sq: torch.Tensor,
+                             count: int) -> None:
+        """The running-statistics update of training mode for the first `len(total)`
+        channels from float64 batch sums over `count` values per channel (as `forward`
+        would do it); nothing without running statistics."""
         if self.track_running_stats and self.running_mean is not None:
             bn_update_running_stats_(self.running_mean, self.running_var,
                                      self.num_batches_tracked, total, total_sq, count,
                                      self.momentum)
-        return bn_affine_from_sums(total, total_sq, count, self.weight, self.bias, self.eps)
 
     def folded(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode affine map of the first `c` channels as (scale, shift), [c] each:

@@ -18,7 +18,7 @@ from torch import nn
 
 from bsnas.nn.batchnorm import DynamicBatchNorm2d
 from bsnas.nn.masked_conv import MaskedDepthwiseConv2d, MaskedPointwiseConv2d
-from bsnas.ops import ACTIVATION_CODES, bn_act, bn_act_dwconv2d, channel_stats, mbconv_folded
+from bsnas.ops import ACTIVATION_CODES, bn_act, bn_train_act_dwconv2d, mbconv_folded
 from bsnas.ops.masked_conv import _format
 
 ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU, "hswish": nn.Hardswish}
@@ -139,13 +139,14 @@ class SpringBlock(nn.Module):
         if self._train_in_channels_last(x):
             y = self._forward_train_fused(x.contiguous(memory_format=torch.channels_last))
             return y.contiguous()
-        c, k = self._width, self.kernel_size
+        c, k, bn = self._width, self.kernel_size, self.expand_bn
         z = self.expand(x, c)
-        # Batch statistics as float64 sums (E[z^2] - E[z]^2 does not cancel there): one
-        # pass over z, then one kernel each for the running update and (scale, shift).
-        scale, shift = self.expand_bn.batch_affine(*channel_stats(z), z.numel() // c)
-        y, ysum, ysq = bn_act_dwconv2d(z, scale, shift, self.depthwise.weight, c, self.stride,
-                                       k // 2, 1, self.activation)
+        # The expand BN's batch statistics as float64 sums (E[z^2] - E[z]^2 does not
+        # cancel there), in one pass over z inside the op, which also applies that BN.
+        y, ysum, ysq, zsum, zsq = bn_train_act_dwconv2d(
+            z, bn.weight, bn.bias, self.depthwise.weight, c, self.stride, k // 2, 1,
+            self.activation, bn.eps)
+        bn.update_running_stats(zsum, zsq, z.numel() // c)
         # The depthwise BN's sums come out of the same pass.
         scale2, shift2 = self.depthwise_bn.batch_affine(ysum, ysq, y.numel() // c)
         h = bn_act(y, scale2, shift2, self.activation)  # one pass each way

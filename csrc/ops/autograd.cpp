@@ -3,7 +3,7 @@
 // calls the op's backward op (or, for channel_stats, one ATen addcmul). Registered here
 // rather than with torch.library.register_autograd from Python because a Python autograd
 // kernel costs about 60-90 us of host time per call, forward and backward, and a spring
-// block's training step makes seven such calls: on a GPU at batch 64 that host time, not
+// block's training step made seven such calls: on a GPU at batch 64 that host time, not
 // the kernels, set the step time (benchmarks/RESULTS.md). Being ordinary Autograd
 // kernels, they trace under torch.compile / AOTAutograd (the fake kernels are in Python).
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -12,6 +12,8 @@
 #include <torch/library.h>
 
 #include <tuple>
+
+#include "bn_train_act_dwconv2d.h"
 
 namespace bsnas {
 namespace {
@@ -27,6 +29,12 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
 // The gradient of the i-th *tensor* input, if autograd wants it.
 at::Tensor grad_if(const AutogradContext* ctx, size_t i, const at::Tensor& g) {
   return ctx->needs_input_grad(i) ? g : at::Tensor();
+}
+
+// t in dtype dt: t itself when it already is (opcheck rejects a kernel that returns an
+// alias of its input, as t.to(dt) then is).
+at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dt) {
+  return t.scalar_type() == dt ? t : t.to(dt);
 }
 
 // ---------------------------------------------------------------- masked_dwconv2d
@@ -134,6 +142,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_dwconv2d(
   return {out[0], out[1], out[2]};
 }
 
+// ---------------------------------------------------------------- bn_train_act_dwconv2d
+using AffineBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
+    const at::Tensor&, double);
+
+struct BnTrainActDw : torch::autograd::Function<BnTrainActDw> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& z,
+                               const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                               double eps, const at::Tensor& w, c10::SymInt width,
+                               int64_t stride, int64_t padding, int64_t dilation, int64_t act) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto f = bn_train_act_dwconv2d_forward(z, bn_weight, bn_bias, eps, w, width, stride,
+                                           padding, dilation, act);
+    ctx->save_for_backward({z, f.scale, f.shift, w, f.y, f.zsum, f.zsumsq, bn_weight});
+    ctx->saved_data["width"] = width;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["args"] = std::vector<int64_t>{stride, padding, dilation, act};
+    ctx->mark_non_differentiable({f.zsum, f.zsumsq});
+    return {f.y, f.ysum, f.ysumsq, f.zsum, f.zsumsq};
+  }
+  // The depthwise backward gives grad_z, grad_scale, grad_shift and the weight's
+  // gradient; BN's backward turns grad_scale / grad_shift into the gradients of its
+  // weight, bias and z's sums; z's share through the sums is added into grad_z in place.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto dw_bwd = handle<BnActBwdSig>("bsnas::_bn_act_dwconv2d_backward");
+    static const auto bn_bwd = handle<AffineBwdSig>("bsnas::_bn_affine_from_sums_backward");
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor &z = s[0], &bn_weight = s[7];
+    const auto a = ctx->saved_data["args"].toIntVector();
+    const c10::SymInt width = ctx->saved_data["width"].toSymInt();
+    auto [gz, gscale, gshift, gw] = dw_bwd.call(grads[0], grads[1], grads[2], z, s[1], s[2],
+                                                s[3], s[4], width, a[0], a[1], a[2], a[3]);
+    at::Tensor g_bn_weight, g_bn_bias;
+    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
+      const auto bt = bn_weight.scalar_type();
+      auto [gsum, gsumsq, gbw, gbb] =
+          bn_bwd.call(as_dtype(gscale, bt), as_dtype(gshift, bt), s[5], s[6],
+                      z.sym_numel() / width,
+                      bn_weight, ctx->saved_data["eps"].toDouble());
+      g_bn_weight = gbw;
+      g_bn_bias = gbb;
+      if (ctx->needs_input_grad(0)) {  // grad_z += grad_zsum[c] + 2 z grad_zsumsq[c]
+        const auto dt = z.scalar_type();
+        gz.addcmul_(z, as_dtype(gsumsq.mul(2), dt).view({1, -1, 1, 1}));
+        gz.add_(as_dtype(gsum, dt).view({1, -1, 1, 1}));
+      }
+    }
+    // needs_input_grad counts tensor inputs only: z, bn_weight, bn_bias, weight.
+    return {grad_if(ctx, 0, gz), grad_if(ctx, 1, g_bn_weight), grad_if(ctx, 2, g_bn_bias), {},
+            grad_if(ctx, 3, gw), {}, {}, {}, {}, {}};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_act_dwconv2d(
+    const at::Tensor& z, const at::Tensor& bn_weight, const at::Tensor& bn_bias, double eps,
+    const at::Tensor& w, c10::SymInt width, int64_t stride, int64_t padding, int64_t dilation,
+    int64_t act) {
+  auto out = BnTrainActDw::apply(z, bn_weight, bn_bias, eps, w, std::move(width), stride,
+                                 padding, dilation, act);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
 // ---------------------------------------------------------------- channel_stats
 using StatsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&);
 
@@ -164,10 +234,6 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& z) {
 using AffineSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                      c10::SymInt, const at::Tensor&,
                                                      const at::Tensor&, double);
-using AffineBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
-    const at::Tensor&, double);
-
 struct BnAffine : torch::autograd::Function<BnAffine> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& sum,
                                const at::Tensor& sumsq, c10::SymInt count,
@@ -235,6 +301,7 @@ TORCH_LIBRARY_IMPL(bsnas, Autograd, m) {
   m.impl("masked_dwconv2d", &masked_dwconv2d);
   m.impl("masked_pwconv2d", &masked_pwconv2d);
   m.impl("bn_act_dwconv2d", &bn_act_dwconv2d);
+  m.impl("bn_train_act_dwconv2d", &bn_train_act_dwconv2d);
   m.impl("channel_stats", &channel_stats);
   m.impl("bn_affine_from_sums", &bn_affine_from_sums);
 }
