@@ -319,12 +319,14 @@ def test_dwconv_streamed_large_output(k):
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
 def test_pwconv_float32_gemm_shapes(fmt):
     """float32 on CPU runs bsnas's own GEMM: several column panels and a masked last
-    one, row tiles with a remainder, and a weight gradient reduced over more pixels than
-    one pass of a register tile takes (partial sums added into the result)."""
+    one, a last panel of one vector (full: 16 columns; masked), row tiles with a
+    remainder, and a weight gradient reduced over more pixels than one pass of a
+    register tile takes (partial sums added into the result)."""
     torch.manual_seed(3)
-    x = _rand(4, 40, 30, 31, dtype=torch.float32, fmt=fmt)
     weight = _rand(70, 48, 1, 1, dtype=torch.float32)
-    y = masked_pwconv2d(x, weight, 40, 67)
-    ref = F.conv2d(x, weight[:67, :40])
-    _, gw = _check_against(y, ref, (x, weight), torch.float32)
-    assert gw[67:].abs().max() == 0 and gw[:, 40:].abs().max() == 0
+    for in_w, out_w in ((40, 67), (40, 16), (24, 48), (48, 5)):
+        x = _rand(4, in_w, 29, 31, dtype=torch.float32, fmt=fmt)
+        y = masked_pwconv2d(x, weight, in_w, out_w)
+        ref = F.conv2d(x, weight[:out_w, :in_w])
+        _, gw = _check_against(y, ref, (x, weight), torch.float32)
+        assert not gw[out_w:].any() and not gw[:, in_w:].any()

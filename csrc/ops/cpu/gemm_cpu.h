@@ -67,22 +67,58 @@ __attribute__((noinline)) void gemm_tile(int64_t K, const float* a, int64_t as_m
   }
 }
 
+// The same for a panel of one vector of columns (nvalid <= V), R <= 2 * kGemmRows rows:
+// B's last panel when N leaves at most one vector there (a 16-column project layer
+// would leave half of a two-vector tile idle), where taller tiles keep the B load
+// shared by more multiply-adds.
+template <int R, bool Masked>
+__attribute__((noinline)) void gemm_tile_narrow(int64_t K, const float* a, int64_t as_m,
+                                                int64_t as_k, const float* b, int64_t bs_k,
+                                                int64_t nvalid, float* c, int64_t ldc,
+                                                bool add) {
+  Vec<float> acc[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = Vec<float>{};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = b + k * bs_k;
+    Vec<float> b0 = Masked ? vload_first(bk, nvalid) : vload(bk);
+    pin<float>(b0);
+    const float* ak = a + k * as_k;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r] += vsplat(ak[r * as_m]) * b0;
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    float* cr = c + r * ldc;
+    if (add) acc[r] += vload_first(cr, nvalid);
+    if (!Masked) vstore(cr, acc[r]);
+    else vstore_part(cr, acc[r], nvalid);
+  }
+}
+
 }  // namespace simd
 
 // Depth of one pass of a register tile: partial sums of at most this many products
 // are added to C in float (a long reduction, as the weight gradient's over every
-// pixel, then errs like a sum of K / kGemmDepth terms, not of K).
-constexpr int64_t kGemmDepth = 512;
+// pixel, then errs like a sum of K / kGemmDepth terms, not of K). A B panel this deep,
+// kGemmDepth x 2 vectors (32 KB at AVX-512), stays in a 48 KB L1 while the row tiles of
+// a block run through it.
+constexpr int64_t kGemmDepth = 256;
+// Row tiles per block: the block's A rows, kGemmDepth deep, stay in L2 (256 KB at 8 x 32
+// tiles) while the B panels run past them.
+constexpr int64_t kGemmBlockTiles = 32;
 
 // C[m][n] (row stride ldc) (+)= sum_k A(m, k) B(k, n), A(m, k) = a[m * as_m + k * as_k],
-// B(k, n) = b[k * bs_k + n * bs_n] (added to C with `add`); M, N, K >= 1. Tasks over
-// row tiles; every tile runs through all column panels, kGemmDepth of k at a time (its
-// A rows stay in L1, the panels come from L2).
+// B(k, n) = b[k * bs_k + n * bs_n] (added to C with `add`); M, N, K >= 1.
+// Loops, outer to inner: blocks of row tiles; depth passes of kGemmDepth; B panels (in
+// L1 for the whole block); the block's row tiles; the register tile over the depth.
+// Threads split either the row tiles or the panels, whichever leaves each thread the
+// smaller operand to read in full (B: K x N when splitting rows, A: M x K otherwise).
 void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m, int64_t as_k,
               const float* b, int64_t bs_k, int64_t bs_n, float* c, int64_t ldc, bool add) {
   using namespace simd;
   constexpr int64_t V = kLanes<float>, NR = 2 * V, MR = kGemmRows;
-  const int64_t panels = (N + NR - 1) / NR;
+  const int64_t panels = (N + NR - 1) / NR, tiles = (M + MR - 1) / MR;
   std::vector<float> packed;
   const float* bsrc = b;
   int64_t pk = bs_k, pstride = NR;  // B panel p at bsrc + p * pstride, k stride pk
@@ -98,29 +134,53 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m, int
     pk = NR;
     pstride = K * NR;
   }
-  const int64_t tiles = (M + MR - 1) / MR;
-  at::parallel_for(0, tiles, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, N * K)),
-                   [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t m0 = t * MR;
-      // One call: for_blocks hands a run of at most 8 <= MR rows its compile-time size.
-      for_blocks(std::min(MR, M - m0), [&](int64_t, auto RT) {
-        constexpr int R = decltype(RT)::value;
-        for (int64_t k0 = 0; k0 < K; k0 += kGemmDepth) {
-          const int64_t kd = std::min(kGemmDepth, K - k0);
-          const float* ak = a + m0 * as_m + k0 * as_k;
-          for (int64_t p = 0; p < panels; ++p) {
-            const int64_t nv = std::min(NR, N - p * NR);
-            const float* bp = bsrc + p * pstride + k0 * pk;
+  // Row tiles [t0, t1) x panels [p0, p1).
+  auto run = [&](int64_t t0, int64_t t1, int64_t p0, int64_t p1) {
+    for (int64_t tb = t0; tb < t1; tb += kGemmBlockTiles) {
+      const int64_t tb1 = std::min(t1, tb + kGemmBlockTiles);
+      for (int64_t k0 = 0; k0 < K; k0 += kGemmDepth) {
+        const int64_t kd = std::min(kGemmDepth, K - k0);
+        const bool acc = add || k0 > 0;
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t nv = std::min(NR, N - p * NR);
+          const float* bp = bsrc + p * pstride + k0 * pk;
+          if (nv <= V) {  // one vector of columns: tiles of up to 2 * MR rows
+            const int64_t m0 = tb * MR, rows = std::min(M, tb1 * MR) - m0;
+            for_wide_blocks<2 * MR>(rows, [&](int64_t i, auto RT) {
+              constexpr int R = decltype(RT)::value;
+              const float* ak = a + (m0 + i) * as_m + k0 * as_k;
+              float* cp = c + (m0 + i) * ldc + p * NR;
+              if (nv == V) gemm_tile_narrow<R, false>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
+              else gemm_tile_narrow<R, true>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
+            });
+            continue;
+          }
+          for (int64_t t = tb; t < tb1; ++t) {
+            const int64_t m0 = t * MR;
+            const float* ak = a + m0 * as_m + k0 * as_k;
             float* cp = c + m0 * ldc + p * NR;
-            const bool acc = add || k0 > 0;
-            if (nv == NR) gemm_tile<R, false>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
-            else gemm_tile<R, true>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
+            // for_blocks hands a run of at most 8 <= MR rows its compile-time size.
+            for_blocks(std::min(MR, M - m0), [&](int64_t, auto RT) {
+              constexpr int R = decltype(RT)::value;
+              if (nv == NR) gemm_tile<R, false>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
+              else gemm_tile<R, true>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
+            });
           }
         }
-      });
+      }
     }
-  });
+  };
+  const int64_t threads = at::get_num_threads();
+  bool by_rows = M >= N;
+  if (by_rows && tiles < threads && panels > tiles) by_rows = false;
+  if (!by_rows && panels < threads && tiles > panels) by_rows = true;
+  const int64_t unit = (by_rows ? MR * N : M * NR) * K;  // multiply-adds per unit
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 19) / unit);
+  if (by_rows) {
+    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { run(t0, t1, 0, panels); });
+  } else {
+    at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) { run(0, tiles, p0, p1); });
+  }
 }
 
 }  // namespace BSNAS_CPU_ISA
