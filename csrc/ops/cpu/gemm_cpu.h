@@ -13,6 +13,9 @@
 // broadcasts of A feed 2 * MR multiply-adds. B is read in place where its columns are
 // unit-stride (activations, or weight rows), else packed once into [k][2 vectors]
 // panels (the weight's transposed block, a few hundred KB at most).
+#include <algorithm>
+#include <memory>
+
 #include "dwconv_simd.h"
 
 namespace bsnas {
@@ -96,6 +99,37 @@ __attribute__((noinline)) void gemm_tile_narrow(int64_t K, const float* a, int64
   }
 }
 
+// Packs B's column panel starting at column j0 (NR = 2 vectors wide) into dst[k * NR +
+// j], zero past column N, for B(k, j) = b[k + j * bs_n] (unit stride along k: the
+// transposed weight block): V x V blocks, one vector per column read, transposed in
+// registers. A scalar loop over the transposed weight took a fifth of the 7x7 960->160
+// channels_last forward.
+inline void pack_panel_transposed(int64_t K, int64_t N, const float* b, int64_t bs_n,
+                                  int64_t j0, float* dst) {
+  constexpr int64_t V = kLanes<float>, NR = 2 * V;
+  for (int64_t h = 0; h < 2; ++h) {
+    const int64_t jh = j0 + h * V, nj = std::clamp<int64_t>(N - jh, 0, V);
+    for (int64_t k0 = 0; k0 < K; k0 += V) {
+      const int64_t nk = std::min(V, K - k0);
+      Vec<float> m[V];
+#pragma GCC unroll 16
+      for (int64_t j = 0; j < V; ++j)
+        m[j] = j < nj ? vload_first(b + (jh + j) * bs_n + k0, nk) : Vec<float>{};
+      transpose_square<float>(m);
+      for (int64_t k = 0; k < nk; ++k) vstore(dst + (k0 + k) * NR + h * V, m[k]);
+    }
+  }
+}
+
+// Packs the same panel of any B(k, j) = b[k * bs_k + j * bs_n], element by element.
+inline void pack_panel(int64_t K, int64_t N, const float* b, int64_t bs_k, int64_t bs_n,
+                       int64_t j0, float* dst) {
+  constexpr int64_t NR = 2 * kLanes<float>;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < NR; ++j)
+      dst[k * NR + j] = j0 + j < N ? b[k * bs_k + (j0 + j) * bs_n] : 0.f;
+}
+
 }  // namespace simd
 
 // Depth of one pass of a register tile: partial sums of at most this many products
@@ -119,18 +153,19 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m, int
   using namespace simd;
   constexpr int64_t V = kLanes<float>, NR = 2 * V, MR = kGemmRows;
   const int64_t panels = (N + NR - 1) / NR, tiles = (M + MR - 1) / MR;
-  std::vector<float> packed;
+  std::unique_ptr<float[]> packed;
   const float* bsrc = b;
   int64_t pk = bs_k, pstride = NR;  // B panel p at bsrc + p * pstride, k stride pk
   if (bs_n != 1) {
-    packed.assign(static_cast<size_t>(panels * K * NR), 0.f);
+    packed.reset(new float[panels * K * NR]);  // every element written below
+    float* dst = packed.get();
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p)
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t j = 0; j < NR && p * NR + j < N; ++j)
-            packed[(p * K + k) * NR + j] = b[k * bs_k + (p * NR + j) * bs_n];
+      for (int64_t p = p0; p < p1; ++p) {
+        if (bs_k == 1) pack_panel_transposed(K, N, b, bs_n, p * NR, dst + p * K * NR);
+        else pack_panel(K, N, b, bs_k, bs_n, p * NR, dst + p * K * NR);
+      }
     });
-    bsrc = packed.data();
+    bsrc = dst;
     pk = NR;
     pstride = K * NR;
   }
