@@ -142,51 +142,63 @@ constexpr int64_t kGemmDepth = 256;
 // tiles) while the B panels run past them.
 constexpr int64_t kGemmBlockTiles = 32;
 
-// C[m][n] (row stride ldc) (+)= sum_k A(m, k) B(k, n), A(m, k) = a[m * as_m + k * as_k],
-// B(k, n) = b[k * bs_k + n * bs_n] (added to C with `add`); M, N, K >= 1.
-// Loops, outer to inner: blocks of row tiles; depth passes of kGemmDepth; B panels (in
-// L1 for the whole block); the block's row tiles; the register tile over the depth.
-// Threads split either the row tiles or the panels, whichever leaves each thread the
-// smaller operand to read in full (B: K x N when splitting rows, A: M x K otherwise).
-void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m, int64_t as_k,
-              const float* b, int64_t bs_k, int64_t bs_n, float* c, int64_t ldc, bool add) {
+// The batched GEMM of GemmArgs (kernels_isa.h). Loops, outer to inner: blocks of row
+// tiles; depth passes of kGemmDepth; B panels (in L1 for the whole block); the block's
+// row tiles; the register tile over the depth. One parallel region for the batch:
+// threads split the row tiles or the panels of every matrix, whichever leaves each
+// thread the smaller operand to read in full (B: K x N when splitting rows, A: M x K
+// otherwise).
+void gemm_f32(const GemmArgs& g) {
   using namespace simd;
   constexpr int64_t V = kLanes<float>, NR = 2 * V, MR = kGemmRows;
+  const int64_t M = g.M, N = g.N, K = g.K;
   const int64_t panels = (N + NR - 1) / NR, tiles = (M + MR - 1) / MR;
   std::unique_ptr<float[]> packed;
-  const float* bsrc = b;
-  int64_t pk = bs_k, pstride = NR;  // B panel p at bsrc + p * pstride, k stride pk
-  if (bs_n != 1) {
-    packed.reset(new float[panels * K * NR]);  // every element written below
+  const float* bsrc = g.b;
+  // B panel p of matrix i at bsrc + i * bbatch + p * pstride, k stride pk.
+  int64_t pk = g.bs_k, pstride = NR, bbatch = g.b_batch;
+  if (g.bs_n != 1) {
+    bbatch = panels * K * NR;
+    packed.reset(new float[g.batch * bbatch]);  // every element written below
     float* dst = packed.get();
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        if (bs_k == 1) pack_panel_transposed(K, N, b, bs_n, p * NR, dst + p * K * NR);
-        else pack_panel(K, N, b, bs_k, bs_n, p * NR, dst + p * K * NR);
+    at::parallel_for(0, g.batch * panels, 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t i = u / panels, p = u % panels;
+        const float* bi = g.b + i * g.b_batch;
+        float* di = dst + i * bbatch + p * K * NR;
+        if (g.bs_k == 1) pack_panel_transposed(K, N, bi, g.bs_n, p * NR, di);
+        else pack_panel(K, N, bi, g.bs_k, g.bs_n, p * NR, di);
       }
     });
     bsrc = dst;
     pk = NR;
     pstride = K * NR;
   }
-  // Row tiles [t0, t1) x panels [p0, p1).
-  auto run = [&](int64_t t0, int64_t t1, int64_t p0, int64_t p1) {
+  const int64_t as_m = g.as_m, as_k = g.as_k, ldc = g.ldc;
+  // Matrix i: row tiles [t0, t1) x panels [p0, p1).
+  auto run = [&](int64_t i, int64_t t0, int64_t t1, int64_t p0, int64_t p1) {
+    const float* a = g.a + i * g.a_batch;
+    const float* b = bsrc + i * bbatch;
+    float* c = g.c + i * g.c_batch;
     for (int64_t tb = t0; tb < t1; tb += kGemmBlockTiles) {
       const int64_t tb1 = std::min(t1, tb + kGemmBlockTiles);
       for (int64_t k0 = 0; k0 < K; k0 += kGemmDepth) {
         const int64_t kd = std::min(kGemmDepth, K - k0);
-        const bool acc = add || k0 > 0;
+        const bool acc = g.add || k0 > 0;
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t nv = std::min(NR, N - p * NR);
-          const float* bp = bsrc + p * pstride + k0 * pk;
+          const float* bp = b + p * pstride + k0 * pk;
           if (nv <= V) {  // one vector of columns: tiles of up to 2 * MR rows
             const int64_t m0 = tb * MR, rows = std::min(M, tb1 * MR) - m0;
-            for_wide_blocks<2 * MR>(rows, [&](int64_t i, auto RT) {
+            for_wide_blocks<2 * MR>(rows, [&](int64_t r, auto RT) {
               constexpr int R = decltype(RT)::value;
-              const float* ak = a + (m0 + i) * as_m + k0 * as_k;
-              float* cp = c + (m0 + i) * ldc + p * NR;
-              if (nv == V) gemm_tile_narrow<R, false>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
-              else gemm_tile_narrow<R, true>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
+              const float* ak = a + (m0 + r) * as_m + k0 * as_k;
+              float* cp = c + (m0 + r) * ldc + p * NR;
+              if (nv == V) {
+                gemm_tile_narrow<R, false>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
+              } else {
+                gemm_tile_narrow<R, true>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
+              }
             });
             continue;
           }
@@ -207,15 +219,19 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m, int
   };
   const int64_t threads = at::get_num_threads();
   bool by_rows = M >= N;
-  if (by_rows && tiles < threads && panels > tiles) by_rows = false;
-  if (!by_rows && panels < threads && tiles > panels) by_rows = true;
-  const int64_t unit = (by_rows ? MR * N : M * NR) * K;  // multiply-adds per unit
+  if (by_rows && g.batch * tiles < threads && panels > tiles) by_rows = false;
+  if (!by_rows && g.batch * panels < threads && tiles > panels) by_rows = true;
+  const int64_t per = by_rows ? tiles : panels;             // units per matrix
+  const int64_t unit = (by_rows ? MR * N : M * NR) * K;   // multiply-adds per unit
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 19) / unit);
-  if (by_rows) {
-    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { run(t0, t1, 0, panels); });
-  } else {
-    at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) { run(0, tiles, p0, p1); });
-  }
+  at::parallel_for(0, g.batch * per, grain, [&](int64_t u0, int64_t u1) {
+    for (int64_t i = u0 / per; i * per < u1; ++i) {
+      const int64_t lo = std::max(u0, i * per) - i * per;
+      const int64_t hi = std::min(u1, (i + 1) * per) - i * per;
+      if (by_rows) run(i, lo, hi, 0, panels);
+      else run(i, 0, tiles, lo, hi);
+    }
+  });
 }
 
 }  // namespace BSNAS_CPU_ISA

@@ -22,6 +22,25 @@
 
 #include "../masked_conv_common.h"
 
+namespace bsnas::cpu {
+// A float32 GEMM over a batch (gemm_cpu.h): for every b < batch,
+//   C_b[m][n] (row stride ldc) (+)= sum_k A_b(m, k) B_b(k, n),
+//   A_b(m, k) = a[b * a_batch + m * as_m + k * as_k], B_b(k, n) = b[b * b_batch + k * bs_k
+//   + n * bs_n], C_b at c + b * c_batch,
+// added to C with `add`, written in full otherwise; M, N, K, batch >= 1.
+struct GemmArgs {
+  int64_t M, N, K;
+  const float* a;
+  int64_t as_m, as_k;
+  const float* b;
+  int64_t bs_k, bs_n;
+  float* c;
+  int64_t ldc;
+  bool add = false;
+  int64_t batch = 1, a_batch = 0, b_batch = 0, c_batch = 0;
+};
+}  // namespace bsnas::cpu
+
 #define BSNAS_DECLARE_CPU_KERNELS(ISA)                                                    \
   namespace bsnas::cpu::ISA {                                                             \
   at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& weight, int64_t width,     \
@@ -48,9 +67,7 @@
   std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(                         \
       const at::Tensor& grad_h, const at::Tensor& y, const at::Tensor& scale,             \
       const at::Tensor& shift, int64_t act);                                              \
-  void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m,            \
-                int64_t as_k, const float* b, int64_t bs_k, int64_t bs_n, float* c,       \
-                int64_t ldc, bool add);                                                   \
+  void gemm_f32(const GemmArgs& g);                                                       \
   }
 
 BSNAS_DECLARE_CPU_KERNELS(generic)
@@ -61,11 +78,10 @@ BSNAS_DECLARE_CPU_KERNELS(avx512)
 #endif
 
 namespace bsnas::cpu {
-// The float32 GEMM of the 1x1 convolutions (gemm_cpu.h) in the widest instruction-set
-// copy the CPU supports: C[m][n] (row stride ldc) (+)= sum_k a[m * as_m + k * as_k] *
-// b[k * bs_k + n * bs_n], added to C with `add`; M, N, K >= 1.
-void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m, int64_t as_k,
-              const float* b, int64_t bs_k, int64_t bs_n, float* c, int64_t ldc, bool add);
+// The float32 GEMM of the 1x1 convolutions (gemm_cpu.h, GemmArgs above) in the widest
+// instruction-set copy the CPU supports. The batch's C blocks must not overlap (they
+// are computed in parallel).
+void gemm_f32(const GemmArgs& g);
 
 // out (+)= a @ b for 2-D tensors (added with `add`; out written in full otherwise).
 // float32 on CPU with a unit-stride out row runs gemm_f32, reading a and b through
@@ -78,9 +94,9 @@ inline void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& 
   if (out.is_cpu() && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
       b.scalar_type() == at::kFloat && out.stride(1) == 1 && out.numel() > 0 &&
       a.size(1) > 0) {
-    gemm_f32(out.size(0), out.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0),
-             a.stride(1), b.const_data_ptr<float>(), b.stride(0), b.stride(1),
-             out.mutable_data_ptr<float>(), out.stride(0), add);
+    gemm_f32({out.size(0), out.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0),
+              a.stride(1), b.const_data_ptr<float>(), b.stride(0), b.stride(1),
+              out.mutable_data_ptr<float>(), out.stride(0), add});
     return;
   }
   if (add) out.addmm_(a, b);
@@ -88,15 +104,21 @@ inline void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& 
 }
 
 // out[n] (+)= a @ b[n] for every n of the 3-D out [N, M, P] and b [N, K, P], one 2-D a
-// [M, K] shared by all: image by image through matmul_into for float32 on CPU, else
-// one batched GEMM whose a has batch stride 0 (nothing is copied).
+// [M, K] shared by all: one batched gemm_f32 for float32 on CPU (one parallel region
+// for the whole batch: per-image calls spent 5-10 us each starting threads), else one
+// batched GEMM whose a has batch stride 0 (nothing is copied).
 inline void shared_left_bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                                  bool add = false) {
-  if (out.is_cpu() && out.scalar_type() == at::kFloat) {
-    for (int64_t n = 0; n < out.size(0); ++n) {
-      at::Tensor on = out[n];
-      matmul_into(on, a, b[n], add);
-    }
+  if (out.is_cpu() && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+      b.scalar_type() == at::kFloat && out.stride(2) == 1 && out.numel() > 0 &&
+      a.size(1) > 0) {
+    GemmArgs g{out.size(1), out.size(2), a.size(1), a.const_data_ptr<float>(), a.stride(0),
+               a.stride(1), b.const_data_ptr<float>(), b.stride(1), b.stride(2),
+               out.mutable_data_ptr<float>(), out.stride(1), add};
+    g.batch = out.size(0);
+    g.b_batch = b.stride(0);
+    g.c_batch = out.stride(0);
+    gemm_f32(g);
     return;
   }
   const at::Tensor ab = a.unsqueeze(0).expand({out.size(0), -1, -1});

@@ -37,18 +37,14 @@ const char* selected_isa() {
   return names[static_cast<int>(detect())];
 }
 
-void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t as_m, int64_t as_k,
-              const float* b, int64_t bs_k, int64_t bs_n, float* c, int64_t ldc, bool add) {
+void gemm_f32(const GemmArgs& g) {
   static const Isa isa = detect();
   switch (isa) {
 #ifdef BSNAS_CPU_X86_VARIANTS
-    case Isa::kAvx512:
-      return avx512::gemm_f32(M, N, K, a, as_m, as_k, b, bs_k, bs_n, c, ldc, add);
-    case Isa::kAvx2:
-      return avx2::gemm_f32(M, N, K, a, as_m, as_k, b, bs_k, bs_n, c, ldc, add);
+    case Isa::kAvx512: return avx512::gemm_f32(g);
+    case Isa::kAvx2: return avx2::gemm_f32(g);
 #endif
-    default:
-      return generic::gemm_f32(M, N, K, a, as_m, as_k, b, bs_k, bs_n, c, ldc, add);
+    default: return generic::gemm_f32(g);
   }
 }
 
