@@ -6,15 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from bsnas.ops import bn_act_dwconv2d
+from reference import assert_matches_float64, random_depthwise_shape
 
 ACTS = {"relu6": F.relu6, "relu": F.relu, "identity": lambda t: t}
 
 
 def _inputs(rng, dtype, fmt, grad=True):
-    k, stride = rng.choice([3, 5, 7]), rng.choice([1, 2])
-    c_max = rng.randint(1, 24)
-    width = rng.randint(1, c_max)
-    n, h, w = rng.randint(1, 3), rng.randint(k // 2 + 1, 12), rng.randint(k // 2 + 1, 12)
+    k, stride, c_max, width, n, h, w = random_depthwise_shape(rng, 24, 12)
     z = (3 * torch.randn(n, width, h, w, dtype=dtype)).to(memory_format=fmt)
     scale = torch.rand(width, dtype=dtype) + 0.5
     shift = torch.randn(width, dtype=dtype)
@@ -43,17 +41,7 @@ def test_matches_reference(dtype, fmt, act):
         ref_in = [t.detach().double().requires_grad_(True) for t in (z, scale, shift, weight)]
         want = _reference(*ref_in, width, stride, pad, act)
         # Upstream gradients on all three outputs, as the spring block's BN produces.
-        grads = [torch.randn_like(t) for t in want]
-        loss_got = sum((g.to(t.dtype) * t).sum() for g, t in zip(grads, got))
-        loss_want = sum((g * t).sum() for g, t in zip(grads, want))
-        d_got = torch.autograd.grad(loss_got, (z, scale, shift, weight))
-        d_want = torch.autograd.grad(loss_want, ref_in)
-        for a, b in zip([*got, *d_got], [*want, *d_want]):
-            if dtype == torch.float64:
-                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
-            else:
-                err = ((a.double() - b).norm() / b.norm().clamp_min(1e-12)).item()
-                assert err < 1e-5, err
+        d_got = assert_matches_float64(got, want, (z, scale, shift, weight), ref_in, dtype)
         assert got[0].is_contiguous(memory_format=fmt)
         assert got[1].dtype == got[2].dtype == torch.float64
         assert not d_got[3][width:].any()

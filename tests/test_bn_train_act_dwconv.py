@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import bsnas
 from bsnas.ops import bn_train_act_dwconv2d
+from reference import assert_matches_float64, random_depthwise_shape
 
 ACTS = {"relu6": F.relu6, "relu": F.relu, "identity": lambda t: t}
 FORMATS = pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
@@ -15,10 +16,7 @@ FORMATS = pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channel
 
 
 def _inputs(rng, dtype, fmt):
-    k, stride = rng.choice([3, 5, 7]), rng.choice([1, 2])
-    c_max = rng.randint(1, 20)
-    width = rng.randint(1, c_max)
-    n, h, w = rng.randint(1, 3), rng.randint(k // 2 + 1, 11), rng.randint(k // 2 + 1, 11)
+    k, stride, c_max, width, n, h, w = random_depthwise_shape(rng, 20, 11)
     z = (2 * torch.randn(n, width, h, w, dtype=dtype) + 0.5).to(memory_format=fmt)
     gamma = torch.rand(c_max, dtype=dtype) + 0.5
     beta = torch.randn(c_max, dtype=dtype)
@@ -47,17 +45,8 @@ def test_matches_reference(dtype, fmt, act):
         ref_in = [t.detach().double().requires_grad_(True) for t in (z, gamma, beta, weight)]
         want = _reference(*ref_in, width, stride, pad, act, eps)
         # Upstream gradients on y and its two sums (the next BN's), none on z's sums.
-        grads = [torch.randn_like(t) for t in want[:3]]
-        loss_got = sum((g.to(t.dtype) * t).sum() for g, t in zip(grads, got))
-        loss_want = sum((g * t).sum() for g, t in zip(grads, want))
-        d_got = torch.autograd.grad(loss_got, (z, gamma, beta, weight))
-        d_want = torch.autograd.grad(loss_want, ref_in)
-        for a, b in zip([*got, *d_got], [*want, *d_want]):
-            if dtype == torch.float64:
-                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
-            else:
-                err = ((a.double() - b).norm() / b.norm().clamp_min(1e-12)).item()
-                assert err < 1e-5, err
+        d_got = assert_matches_float64(got, want, (z, gamma, beta, weight), ref_in, dtype,
+                                       upstream=3)
         assert got[0].is_contiguous(memory_format=fmt)
         assert all(t.dtype == torch.float64 for t in got[1:])
         assert not got[3].requires_grad and not got[4].requires_grad
