@@ -1,8 +1,8 @@
 #pragma once
-// A float32 GEMM for the 1x1 convolutions of masked_pwconv2d on CPU: C = A B with A, B
-// read through arbitrary element strides (the active block of a full weight is a
-// strided view; nothing is sliced into a tensor) and C written with unit column
-// stride. Compiled once per instruction set (kernels_isa.h).
+// A float32 GEMM for the 1x1 convolutions of masked_pwconv2d on CPU: C = A B (over a
+// batch of matrices) with A, B read through arbitrary element strides (the active
+// block of a full weight is a strided view; nothing is sliced into a tensor) and C
+// written with unit column stride. Compiled once per instruction set (kernels_isa.h).
 //
 // Why not at::mm: on the dev box (tenth session, AMD EPYC, 2 threads) MKL's sgemm behind
 // at::mm ran at about half the speed of oneDNN's 1x1 convolutions (the slicing
@@ -12,7 +12,8 @@
 // Register tiles of MR rows x 2 vectors of columns: per k, two B vectors and MR
 // broadcasts of A feed 2 * MR multiply-adds. B is read in place where its columns are
 // unit-stride (activations, or weight rows), else packed once into [k][2 vectors]
-// panels (the weight's transposed block, a few hundred KB at most).
+// panels (the weight's transposed block; x[n]^T for the NCHW weight gradient). A last
+// panel of at most one vector runs through taller one-vector tiles.
 #include <algorithm>
 #include <memory>
 
