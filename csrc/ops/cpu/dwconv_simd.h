@@ -490,17 +490,21 @@ inline int64_t last_level_cache_bytes() {
   return bytes > 0 ? bytes : int64_t(32) << 20;
 }
 
-// Whether a pass reading `in_bytes` and writing `out_bytes` should write its result
-// with non-temporal stores: when both together exceed three quarters of the last-level
-// cache, the result would leave the cache before it is read again, and a cached store
-// first reads every line it writes. Measured on the dev box (tenth session, AMD EPYC,
-// 32 MiB L3, channels_last forward, N=8, 2 threads, same-run A/B): 112x112 c48 (38.5 MB
-// in + out) 1.25-1.27 -> 0.46-0.47 ms and 56x56 c144 k5 (29 MB) 0.53-1.0 -> 0.48-0.50
-// ms streamed; 112x112 c24 (19 MB) 0.26-0.40 -> 0.42-0.61 ms and 56x56 c72 (14 MB)
-// 0.19-0.21 -> 0.20-0.24 ms, slower streamed.
-inline bool stream_output(int64_t in_bytes, int64_t out_bytes) {
+// Whether a pass reading `in_bytes` and writing `out_bytes`, whose output pixels are
+// runs of `pixel_bytes` (channels_last: C values), should write its result with
+// non-temporal stores: when both together exceed 30 % of the last-level cache (the
+// result would leave the cache before it is read again, and a cached store first reads
+// every line it writes), and only when every pixel starts on a 64-byte line (C a
+// multiple of 16 floats): a non-temporal store of part of a line is slow. Measured on
+// the dev box (AMD EPYC, 32 MiB L3, channels_last k3 forward, 56x56, N=8, 2 threads):
+// tenth session, streaming above 3/4 of the cache, 112x112 c48 (38.5 MB in + out)
+// 1.25 -> 0.46 ms and 56x56 c144 k5 (29 MB) 0.53-1.0 -> 0.48 ms, while 112x112 c24 and
+// 56x56 c72 (pixels not line-aligned) were slower streamed; eleventh session, c64-c112
+// (12.8-22.5 MB) 3.1-5.9 -> 2.5-2.6 us per channel streamed above 30 %, c72-c136 with
+// partial lines 5-9 us per channel either way (four runs, same build, env switch).
+inline bool stream_output(int64_t in_bytes, int64_t out_bytes, int64_t pixel_bytes) {
   static const int64_t llc = last_level_cache_bytes();
-  return (in_bytes + out_bytes) * 4 > llc * 3;
+  return (in_bytes + out_bytes) * 10 > llc * 3 && pixel_bytes % 64 == 0;
 }
 
 // R output vectors of one plane at scratch offsets base[r] (values): acc[r] over all
