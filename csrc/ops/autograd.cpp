@@ -12,8 +12,10 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 
 #include "bn_train_act_dwconv2d.h"
+#include "op_handles.h"
 
 namespace bsnas {
 namespace {
@@ -21,20 +23,17 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
 // The gradient of the i-th *tensor* input, if autograd wants it.
 at::Tensor grad_if(const AutogradContext* ctx, size_t i, const at::Tensor& g) {
   return ctx->needs_input_grad(i) ? g : at::Tensor();
 }
 
-// t in dtype dt: t itself when it already is (opcheck rejects a kernel that returns an
-// alias of its input, as t.to(dt) then is).
-at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dt) {
-  return t.scalar_type() == dt ? t : t.to(dt);
+// z's gradient through its per-channel sum and sum of squares is gs + z * gq: returns
+// (gs, gq) = (grad_sum[c], 2 grad_sumsq[c]) in z's dtype, shaped [1, C, 1, 1].
+std::pair<at::Tensor, at::Tensor> stats_grad_terms(const at::Tensor& z, const at::Tensor& gsum,
+                                                   const at::Tensor& gsumsq) {
+  const auto dt = z.scalar_type();
+  return {as_dtype(gsum, dt).view({1, -1, 1, 1}), as_dtype(gsumsq.mul(2), dt).view({1, -1, 1, 1})};
 }
 
 // ---------------------------------------------------------------- masked_dwconv2d
@@ -101,9 +100,6 @@ at::Tensor masked_pwconv2d(const at::Tensor& x, const at::Tensor& w, c10::SymInt
 }
 
 // ---------------------------------------------------------------- bn_act_dwconv2d
-using BnActSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
-    int64_t, int64_t, int64_t, int64_t);
 using BnActBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
@@ -179,14 +175,12 @@ struct BnTrainActDw : torch::autograd::Function<BnTrainActDw> {
       const auto bt = bn_weight.scalar_type();
       auto [gsum, gsumsq, gbw, gbb] =
           bn_bwd.call(as_dtype(gscale, bt), as_dtype(gshift, bt), s[5], s[6],
-                      z.sym_numel() / width,
-                      bn_weight, ctx->saved_data["eps"].toDouble());
+                      z.sym_numel() / width, bn_weight, ctx->saved_data["eps"].toDouble());
       g_bn_weight = gbw;
       g_bn_bias = gbb;
       if (ctx->needs_input_grad(0)) {  // grad_z += grad_zsum[c] + 2 z grad_zsumsq[c]
-        const auto dt = z.scalar_type();
-        gz.addcmul_(z, as_dtype(gsumsq.mul(2), dt).view({1, -1, 1, 1}));
-        gz.add_(as_dtype(gsum, dt).view({1, -1, 1, 1}));
+        const auto [gs, gq] = stats_grad_terms(z, gsum, gsumsq);
+        gz.addcmul_(z, gq).add_(gs);
       }
     }
     // needs_input_grad counts tensor inputs only: z, bn_weight, bn_bias, weight.
@@ -205,8 +199,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_
 }
 
 // ---------------------------------------------------------------- channel_stats
-using StatsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&);
-
 struct ChannelStats : torch::autograd::Function<ChannelStats> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& z) {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -218,9 +210,7 @@ struct ChannelStats : torch::autograd::Function<ChannelStats> {
   // grad_z = grad_sum[c] + 2 z grad_sumsq[c]: one pass over z.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor z = ctx->get_saved_variables()[0];
-    const auto dt = z.scalar_type();
-    const at::Tensor gs = grads[0].to(dt).view({1, -1, 1, 1});
-    const at::Tensor gq = grads[1].mul(2).to(dt).view({1, -1, 1, 1});
+    const auto [gs, gq] = stats_grad_terms(z, grads[0], grads[1]);
     return {at::addcmul(gs, z, gq)};
   }
 };
@@ -231,9 +221,6 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& z) {
 }
 
 // ---------------------------------------------------------------- bn_affine_from_sums
-using AffineSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                     c10::SymInt, const at::Tensor&,
-                                                     const at::Tensor&, double);
 struct BnAffine : torch::autograd::Function<BnAffine> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& sum,
                                const at::Tensor& sumsq, c10::SymInt count,

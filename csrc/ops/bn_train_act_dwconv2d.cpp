@@ -15,12 +15,12 @@
 //
 // The forward is a composite of the three ops (their CPU and CUDA kernels); the autograd
 // kernel is in autograd.cpp, the fake kernel in bsnas/ops/bn_act_dwconv.py.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <tuple>
 
 #include "bn_train_act_dwconv2d.h"
+#include "op_handles.h"
 
 namespace bsnas {
 
@@ -33,30 +33,14 @@ TORCH_LIBRARY_FRAGMENT(bsnas, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-namespace {
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-}  // namespace
-
 BnTrainForward bn_train_act_dwconv2d_forward(const at::Tensor& z, const at::Tensor& bn_weight,
                                              const at::Tensor& bn_bias, double eps,
                                              const at::Tensor& weight, const c10::SymInt& width,
                                              int64_t stride, int64_t padding, int64_t dilation,
                                              int64_t act) {
-  using StatsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&);
-  using AffineSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                       c10::SymInt, const at::Tensor&,
-                                                       const at::Tensor&, double);
-  using DwSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
-      int64_t, int64_t, int64_t, int64_t);
   static const auto stats = handle<StatsSig>("bsnas::channel_stats");
   static const auto affine = handle<AffineSig>("bsnas::bn_affine_from_sums");
-  static const auto dw = handle<DwSig>("bsnas::bn_act_dwconv2d");
+  static const auto dw = handle<BnActSig>("bsnas::bn_act_dwconv2d");
   TORCH_CHECK(z.dim() == 4, "bn_train_act_dwconv2d: z must be 4-D [N, width, H, W], got ",
               z.dim(), "-D");
   TORCH_CHECK(z.sym_size(1) == width, "bn_train_act_dwconv2d: z has ", z.sym_size(1),
@@ -67,9 +51,8 @@ BnTrainForward bn_train_act_dwconv2d_forward(const at::Tensor& z, const at::Tens
   auto [scale, shift] =
       affine.call(f.zsum, f.zsumsq, z.sym_numel() / width, bn_weight, bn_bias, eps);
   // BN's affine map in z's dtype (autocast on CUDA runs z in half precision).
-  const auto dt = z.scalar_type();
-  f.scale = scale.scalar_type() == dt ? scale : scale.to(dt);
-  f.shift = shift.scalar_type() == dt ? shift : shift.to(dt);
+  f.scale = as_dtype(scale, z.scalar_type());
+  f.shift = as_dtype(shift, z.scalar_type());
   std::tie(f.y, f.ysum, f.ysumsq) =
       dw.call(z, f.scale, f.shift, weight, width, stride, padding, dilation, act);
   return f;

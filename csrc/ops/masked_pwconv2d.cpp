@@ -45,11 +45,6 @@ at::Tensor weight_2d(const at::Tensor& weight, const PwGeometry& g) {
   return weight.contiguous().view({g.out_max, g.in_max});  // contiguous(): no-op for params
 }
 
-// [N, C, H, W] in channels_last memory as the dense [N*H*W, C] matrix it already is.
-at::Tensor rows_view(const at::Tensor& t) {
-  return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
-}
-
 at::Tensor forward(const at::Tensor& x_in, const at::Tensor& weight, int64_t in_width,
                    int64_t out_width) {
   const PwGeometry g = check_pw_args(kFwd, x_in, weight, in_width, out_width);
@@ -59,8 +54,8 @@ at::Tensor forward(const at::Tensor& x_in, const at::Tensor& weight, int64_t in_
   at::Tensor y = at::empty({g.N, g.out_w, g.H, g.W}, x.options().memory_format(fmt));
   if (y.numel() == 0) return y;
   if (g.channels_last) {
-    at::Tensor y2 = rows_view(y);
-    cpu::matmul_into(y2, rows_view(x), w.t());
+    at::Tensor y2 = cpu::rows_view(y);
+    cpu::matmul_into(y2, cpu::rows_view(x), w.t());
   } else {
     at::Tensor y3 = y.view({g.N, g.out_w, g.H * g.W});
     cpu::shared_left_bmm_into(y3, w, x.view({g.N, g.in_w, g.H * g.W}));
@@ -84,8 +79,8 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out,
   if (x.numel() == 0) return {gx.zero_(), gw_full.zero_()};
   at::Tensor gw = active_block(gw_full.view({g.out_max, g.in_max}), g);
   if (g.channels_last) {
-    const at::Tensor gy2 = rows_view(gy), x2 = rows_view(x);
-    at::Tensor gx2 = rows_view(gx);
+    const at::Tensor gy2 = cpu::rows_view(gy), x2 = cpu::rows_view(x);
+    at::Tensor gx2 = cpu::rows_view(gx);
     cpu::matmul_into(gx2, gy2, w);
     cpu::matmul_into(gw, gy2.t(), x2);  // writes through the strided view
   } else {

@@ -11,7 +11,6 @@
 // are the initial value the last GEMM accumulates into; nothing else is launched. NCHW
 // runs the GEMMs batched over images with a zero batch stride on the weight,
 // channels_last as one GEMM over all pixels (as masked_pwconv2d.cpp does).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -19,6 +18,7 @@
 
 #include "cpu/kernels_isa.h"
 #include "masked_conv_common.h"
+#include "op_handles.h"
 
 namespace bsnas {
 
@@ -48,19 +48,14 @@ at::Tensor matrix(const at::Tensor& w, const char* name, int64_t cols) {
   return w.contiguous().view({w.size(0), cols});  // a no-op for the cached folded weights
 }
 
-// [N, C, H, W] in channels_last memory as the dense [N*H*W, C] matrix it already is.
-at::Tensor rows_view(const at::Tensor& t) {
-  return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
-}
-
 // y = w @ x per image into `y` (beta = 0), or y += w @ x (beta = 1): one GEMM over all
-// pixels for channels_last, one per image or one batched GEMM for NCHW
+// pixels for channels_last, one batched GEMM over the images for NCHW
 // (cpu::shared_left_bmm_into).
 void pointwise(const at::Tensor& x, const at::Tensor& w2, at::Tensor& y, bool accumulate,
                bool channels_last) {
   if (channels_last) {
-    at::Tensor y2 = rows_view(y);
-    cpu::matmul_into(y2, rows_view(x), w2.t(), accumulate);
+    at::Tensor y2 = cpu::rows_view(y);
+    cpu::matmul_into(y2, cpu::rows_view(x), w2.t(), accumulate);
   } else {
     const int64_t N = x.size(0), hw = x.size(2) * x.size(3);
     at::Tensor y3 = y.view({N, y.size(1), hw});
@@ -93,12 +88,10 @@ at::Tensor mbconv_folded(const at::Tensor& x_in, const at::Tensor& expand_w,
   at::Tensor z = at::empty({x.size(0), c, x.size(2), x.size(3)}, x.options().memory_format(fmt));
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   if (z.numel() > 0) pointwise(x, we, z, /*accumulate=*/false, cl);  // launch 1
-  static const auto dw_op = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("bsnas::_mbconv_folded_depthwise", "")
-                                .typed<std::tuple<at::Tensor, at::Tensor>(
-                                    const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const at::Tensor&, const at::Tensor&,
-                                    const std::optional<at::Tensor>&, int64_t, int64_t)>();
+  using DwSig = std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t);
+  static const auto dw_op = handle<DwSig>("bsnas::_mbconv_folded_depthwise");
   const std::optional<at::Tensor> shortcut =
       residual ? std::optional<at::Tensor>(x) : std::nullopt;
   auto [h, out] = dw_op.call(z, expand_b, dw_w, dw_b, project_b, shortcut, stride, act);  // 2

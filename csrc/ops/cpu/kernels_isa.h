@@ -78,6 +78,11 @@ BSNAS_DECLARE_CPU_KERNELS(avx512)
 #endif
 
 namespace bsnas::cpu {
+// [N, C, H, W] in channels_last memory as the dense [N*H*W, C] matrix it already is.
+inline at::Tensor rows_view(const at::Tensor& t) {
+  return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
+}
+
 // The float32 GEMM of the 1x1 convolutions (gemm_cpu.h, GemmArgs above) in the widest
 // instruction-set copy the CPU supports. The batch's C blocks must not overlap (they
 // are computed in parallel).
@@ -89,11 +94,17 @@ void gemm_f32(const GemmArgs& g);
 // convolutions on the dev box's AMD EPYC, and oneDNN's matmul is reachable only
 // through a wrapper that copies a non-contiguous weight block); everything else
 // at::mm / addmm.
+// Whether out (+)= a @ b(s) runs gemm_f32: float32 CPU tensors, a unit-stride out row,
+// nothing empty (a: [M, K]; out: [M, P] or [N, M, P]).
+inline bool runs_gemm_f32(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  return out.is_cpu() && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+         b.scalar_type() == at::kFloat && out.stride(-1) == 1 && out.numel() > 0 &&
+         a.size(1) > 0;
+}
+
 inline void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                         bool add = false) {
-  if (out.is_cpu() && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
-      b.scalar_type() == at::kFloat && out.stride(1) == 1 && out.numel() > 0 &&
-      a.size(1) > 0) {
+  if (runs_gemm_f32(out, a, b)) {
     gemm_f32({out.size(0), out.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0),
               a.stride(1), b.const_data_ptr<float>(), b.stride(0), b.stride(1),
               out.mutable_data_ptr<float>(), out.stride(0), add});
@@ -109,9 +120,7 @@ inline void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& 
 // batched GEMM whose a has batch stride 0 (nothing is copied).
 inline void shared_left_bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                                  bool add = false) {
-  if (out.is_cpu() && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
-      b.scalar_type() == at::kFloat && out.stride(2) == 1 && out.numel() > 0 &&
-      a.size(1) > 0) {
+  if (runs_gemm_f32(out, a, b)) {
     GemmArgs g{out.size(1), out.size(2), a.size(1), a.const_data_ptr<float>(), a.stride(0),
                a.stride(1), b.const_data_ptr<float>(), b.stride(1), b.stride(2),
                out.mutable_data_ptr<float>(), out.stride(1), add};

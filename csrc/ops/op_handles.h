@@ -1,0 +1,36 @@
+// Calling bsnas ops through the dispatcher from C++ (the autograd kernels in
+// autograd.cpp, the composite bn_train_act_dwconv2d.cpp): typed handles, the signatures
+// of the ops called from more than one file, and a dtype cast that never aliases.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/SymInt.h>
+
+#include <tuple>
+
+namespace bsnas {
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// bsnas::channel_stats
+using StatsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&);
+// bsnas::bn_affine_from_sums
+using AffineSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                     c10::SymInt, const at::Tensor&,
+                                                     const at::Tensor&, double);
+// bsnas::bn_act_dwconv2d
+using BnActSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
+    int64_t, int64_t, int64_t, int64_t);
+
+// t in dtype dt: t itself when it already is (opcheck rejects a kernel that returns an
+// alias of its input, as t.to(dt) then is).
+inline at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dt) {
+  return t.scalar_type() == dt ? t : t.to(dt);
+}
+
+}  // namespace bsnas
