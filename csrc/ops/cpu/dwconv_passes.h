@@ -407,8 +407,7 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
     // channels fits in L1, blocks outermost otherwise (measured both ways, dev box).
     const bool runs_outer = K * (S * 7 + K) * C * int64_t(sizeof(T)) <= kWindowBytes;
     const bool stream = stream_output(N * image * int64_t(sizeof(T)),
-                                      N * p.Ho * p.Wo * C * int64_t(sizeof(T)),
-                                      C * int64_t(sizeof(T)));
+                                      N * p.Ho * p.Wo * C * int64_t(sizeof(T)));
     at::parallel_for(0, N * p.Ho, grain(p.Wo * C * kk), [&](int64_t b, int64_t e) {
       for (int64_t task = b; task < e; ++task) {
         const int64_t n = task / p.Ho, oh = task % p.Ho;

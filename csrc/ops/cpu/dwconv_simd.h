@@ -203,13 +203,16 @@ inline T* align_to_vector(T* p) {
   return p + (V - static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) / sizeof(T)) % V) % V;
 }
 
+// Bytes of a cache line.
+constexpr int64_t kCacheLineBytes = 64;
+
 // Asks for the cache lines of p[0, n) to be brought into L2 (a hint: no faults, no
 // effect on results).
 // GCC drops __builtin_prefetch inside the OpenMP regions of at::parallel_for, hence the
 // instruction itself on x86.
 template <typename T>
 inline void prefetch_l2(const T* p, int64_t n) {
-  constexpr int64_t kLine = 64 / sizeof(T);
+  constexpr int64_t kLine = kCacheLineBytes / sizeof(T);
   for (int64_t i = 0; i < n; i += kLine) {
 #if defined(__x86_64__) && defined(__GNUC__)
     asm volatile("prefetcht1 %0" : : "m"(*reinterpret_cast<const char*>(p + i)));
@@ -490,21 +493,20 @@ inline int64_t last_level_cache_bytes() {
   return bytes > 0 ? bytes : int64_t(32) << 20;
 }
 
-// Whether a pass reading `in_bytes` and writing `out_bytes`, whose output pixels are
-// runs of `pixel_bytes` (channels_last: C values), should write its result with
-// non-temporal stores: when both together exceed 30 % of the last-level cache (the
+// Whether a pass reading `in_bytes` and writing `out_bytes` should write its result
+// with non-temporal stores: when both together exceed 30 % of the last-level cache (the
 // result would leave the cache before it is read again, and a cached store first reads
-// every line it writes), and only when every pixel starts on a 64-byte line (C a
-// multiple of 16 floats): a non-temporal store of part of a line is slow. Measured on
-// the dev box (AMD EPYC, 32 MiB L3, channels_last k3 forward, 56x56, N=8, 2 threads):
-// tenth session, streaming above 3/4 of the cache, 112x112 c48 (38.5 MB in + out)
-// 1.25 -> 0.46 ms and 56x56 c144 k5 (29 MB) 0.53-1.0 -> 0.48 ms, while 112x112 c24 and
-// 56x56 c72 (pixels not line-aligned) were slower streamed; eleventh session, c64-c112
-// (12.8-22.5 MB) 3.1-5.9 -> 2.5-2.6 us per channel streamed above 30 %, c72-c136 with
-// partial lines 5-9 us per channel either way (four runs, same build, env switch).
-inline bool stream_output(int64_t in_bytes, int64_t out_bytes, int64_t pixel_bytes) {
+// every line it writes). Only whole lines are streamed (put_run: a non-temporal store
+// of part of a line is slow). Measured on the dev box (AMD EPYC, 32 MiB L3,
+// channels_last k3 forward, N=8, 2 threads): tenth session, streaming above 3/4 of the
+// cache, 112x112 c48 (38.5 MB in + out) 1.25 -> 0.46 ms and 56x56 c144 k5 (29 MB)
+// 0.53-1.0 -> 0.48 ms, while 112x112 c24 and 56x56 c72 (pixels not line-aligned) were
+// slower streamed; eleventh session, 56x56 c64-c112 (12.8-22.5 MB) 3.1-5.9 -> 2.5-2.6 us
+// per channel streamed above 30 %, c72-c136 with partial lines 5-9 us per channel
+// either way (four runs, same build, env switch).
+inline bool stream_output(int64_t in_bytes, int64_t out_bytes) {
   static const int64_t llc = last_level_cache_bytes();
-  return (in_bytes + out_bytes) * 10 > llc * 3 && pixel_bytes % 64 == 0;
+  return (in_bytes + out_bytes) * 10 > llc * 3;
 }
 
 // R output vectors of one plane at scratch offsets base[r] (values): acc[r] over all
@@ -817,7 +819,9 @@ inline Vec<T> window_load(const T* p, int64_t i, int64_t ps, const int64_t* lane
 // Where a register-window run's R result vectors go: an array (the caller takes them
 // from there), or straight into a tensor: vector r to d + r * stride, its first
 // `lanes` values; with `stream`, full vectors at vector-aligned addresses bypass the
-// caches (vstream; the pass then ends its tasks with stream_fence).
+// caches (vstream; the pass then ends its tasks with stream_fence) when the stride
+// keeps every run's vectors on whole lines (pixels of a multiple of 64 bytes: the
+// vectors of one pixel's channel blocks then fill its lines).
 template <typename T>
 struct RunStore {
   T* d;
@@ -833,7 +837,7 @@ inline void put_run(Vec<T>* acc, const Vec<T>* a) {
 template <int R, typename T>
 inline void put_run(const RunStore<T>& o, const Vec<T>* a) {
   if (o.stream && o.lanes == kLanes<T> && vector_aligned(o.d) &&
-      (o.stride * int64_t(sizeof(T))) % BSNAS_VEC_BYTES == 0) {
+      (o.stride * int64_t(sizeof(T))) % kCacheLineBytes == 0) {
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) vstream(o.d + r * o.stride, a[r]);
   } else if (o.lanes == kLanes<T>) {
