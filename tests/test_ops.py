@@ -304,16 +304,18 @@ def test_build_reports_cuda():
 
 @pytest.mark.parametrize("k", [3, 5])
 def test_dwconv_streamed_large_output(k):
-    """channels_last results of line-aligned pixels (channels a multiple of 16) beyond
-    30 % of the last-level cache are written with non-temporal stores (stream_output,
-    up to a 130 MiB cache here): forward and input gradient against the reference;
-    widths 64 and 48 stream, 40 (pixels not line-aligned) does not."""
+    """channels_last results beyond 30 % of the last-level cache are written with
+    non-temporal stores (stream_output): straight from the registers where pixels start
+    on cache lines (widths 64 and 48), through a row staged in a cached buffer
+    otherwise (widths 40 and 37, stride 1 and 2: stream_copy, partial lines at the row
+    ends shared by the rows of two threads). All of them stream on last-level caches
+    up to about 56 MiB. Forward and input gradient against the reference."""
     torch.manual_seed(k)
-    for c_max, width in ((64, 64), (64, 48), (64, 40)):
-        x = _rand(4, width, 160, 160, dtype=torch.float32, fmt=torch.channels_last)
+    for c_max, width, stride in ((64, 64, 1), (64, 48, 1), (64, 40, 1), (64, 37, 1), (64, 40, 2)):
+        x = _rand(4, width, 150, 150, dtype=torch.float32, fmt=torch.channels_last)
         weight = _rand(c_max, 1, k, k, dtype=torch.float32)
-        y = masked_dwconv2d(x, weight, width, 1, k // 2, 1)
-        ref = F.conv2d(x, weight[:width], None, 1, k // 2, 1, width)
+        y = masked_dwconv2d(x, weight, width, stride, k // 2, 1)
+        ref = F.conv2d(x, weight[:width], None, stride, k // 2, 1, width)
         _check_against(y, ref, (x, weight), torch.float32)
 
 

@@ -406,20 +406,29 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
     // Runs outermost (each run through every block) while a run's window over all
     // channels fits in L1, blocks outermost otherwise (measured both ways, dev box).
     const bool runs_outer = K * (S * 7 + K) * C * int64_t(sizeof(T)) <= kWindowBytes;
+    // A streamed result whose pixels start on cache lines goes straight from the
+    // registers to memory (put_run); any other is staged a row at a time in a cached
+    // buffer and streamed from there (stream_copy), as the runs' vectors straddle lines
+    // and fill each in parts, which non-temporal stores do slowly.
+    const int64_t row_values = p.Wo * C;
     const bool stream = stream_output(N * image * int64_t(sizeof(T)),
-                                      N * p.Ho * p.Wo * C * int64_t(sizeof(T)));
-    at::parallel_for(0, N * p.Ho, grain(p.Wo * C * kk), [&](int64_t b, int64_t e) {
+                                      N * p.Ho * row_values * int64_t(sizeof(T)));
+    const bool staged = stream && (C * int64_t(sizeof(T))) % kCacheLineBytes != 0;
+    at::parallel_for(0, N * p.Ho, grain(row_values * kk), [&](int64_t b, int64_t e) {
+      std::vector<T> staging(staged ? static_cast<size_t>(row_values + V) : 0);
+      T* const stage_row = staged ? align_to_vector(staging.data()) : nullptr;
       for (int64_t task = b; task < e; ++task) {
         const int64_t n = task / p.Ho, oh = task % p.Ho;
         const int64_t ih0 = oh * S - p.pad;
         const auto [kh0, kh1] = taps_inside(ih0, H, K, 1);
         const T* row = x + n * image + (ih0 + kh0) * W * C;  // kernel row kh0
-        T* yrow = y + (n * p.Ho + oh) * p.Wo * C;
+        T* const yrow = y + (n * p.Ho + oh) * row_values;
+        T* const out_row = staged ? stage_row : yrow;
         const auto run = [&](int64_t bi, int64_t ow0, auto R) {
           constexpr int RV = decltype(R)::value, NI = S * (RV - 1) + K;
           const int64_t lanes = bi + 1 < nb ? V : tail;
           const int64_t c0 = ow0 * S - p.pad;  // source column of window slot 0
-          const RunStore<T> dst{yrow + ow0 * C + bi * V, C, lanes, stream};
+          const RunStore<T> dst{out_row + ow0 * C + bi * V, C, lanes, stream && !staged};
           with_window_slots<NI>(c0, W, lanes, V, [&](auto M, const int64_t* sl) {
             window_positions<RV, K, S, decltype(M)::value>(row + c0 * C + bi * V, C, W * C,
                                                            kh0, kh1,
@@ -434,6 +443,7 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
           for (int64_t bi = 0; bi < nb; ++bi)
             for_wide_blocks<kWideRun<K, S>>(p.Wo, [&](int64_t ow0, auto R) { run(bi, ow0, R); });
         }
+        if (staged) stream_copy(yrow, stage_row, row_values);
       }
       if (stream) stream_fence();
     });

@@ -496,17 +496,39 @@ inline int64_t last_level_cache_bytes() {
 // Whether a pass reading `in_bytes` and writing `out_bytes` should write its result
 // with non-temporal stores: when both together exceed 30 % of the last-level cache (the
 // result would leave the cache before it is read again, and a cached store first reads
-// every line it writes). Only whole lines are streamed (put_run: a non-temporal store
-// of part of a line is slow). Measured on the dev box (AMD EPYC, 32 MiB L3,
+// every line it writes). Only whole lines are streamed (put_run straight from the
+// registers where pixels start on lines, stream_copy from a staged row otherwise: a
+// non-temporal store of part of a line is slow). Measured on the dev box (AMD EPYC, 32 MiB L3,
 // channels_last k3 forward, N=8, 2 threads): tenth session, streaming above 3/4 of the
 // cache, 112x112 c48 (38.5 MB in + out) 1.25 -> 0.46 ms and 56x56 c144 k5 (29 MB)
 // 0.53-1.0 -> 0.48 ms, while 112x112 c24 and 56x56 c72 (pixels not line-aligned) were
 // slower streamed; eleventh session, 56x56 c64-c112 (12.8-22.5 MB) 3.1-5.9 -> 2.5-2.6 us
 // per channel streamed above 30 %, c72-c136 with partial lines 5-9 us per channel
-// either way (four runs, same build, env switch).
+// either way (four runs, same build, env switch); twelfth session, rows of those staged
+// and streamed (stream_copy), 2 threads: 112x112 c24 k3 0.45-0.53 -> 0.29-0.40 ms, k5
+// 0.57-0.72 -> 0.46 ms, 56x56 c72 k3 unchanged (0.22-0.32 ms either way).
 inline bool stream_output(int64_t in_bytes, int64_t out_bytes) {
   static const int64_t llc = last_level_cache_bytes();
   return (in_bytes + out_bytes) * 10 > llc * 3;
+}
+
+// Copies src[0, n) to dst[0, n), the whole cache lines of dst with non-temporal stores
+// and the partial lines at either end (a line at most each) with plain ones: a row of a
+// channels_last result whose pixels do not start on lines, staged in a cached buffer,
+// leaves for memory without first reading the lines it fills. The caller ends its task
+// with stream_fence.
+template <typename T>
+inline void stream_copy(T* dst, const T* src, int64_t n) {
+  constexpr int64_t V = kLanes<T>, line = kCacheLineBytes / int64_t(sizeof(T));
+  const int64_t misalign = int64_t(reinterpret_cast<uintptr_t>(dst) % kCacheLineBytes);
+  const int64_t head = std::min(n, misalign ? (kCacheLineBytes - misalign) / int64_t(sizeof(T)) : 0);
+  std::memcpy(dst, src, static_cast<size_t>(head) * sizeof(T));
+  int64_t i = head;
+  for (; i + line <= n; i += line) {
+#pragma GCC unroll 4
+    for (int64_t j = 0; j < line; j += V) vstream(dst + i + j, vload(src + i + j));
+  }
+  std::memcpy(dst + i, src + i, static_cast<size_t>(n - i) * sizeof(T));
 }
 
 // R output vectors of one plane at scratch offsets base[r] (values): acc[r] over all
