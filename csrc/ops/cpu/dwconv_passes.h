@@ -569,21 +569,30 @@ void grouped_weight_grad(int64_t N, int64_t C, int64_t kk, T* gw, const MakeWork
   }
 }
 
-// acc[kw][l] += a[kw][l] for the K float sums of one (output row, kernel row) of a
-// register-window weight gradient (acc: the kernel row's K x V doubles).
-template <int K, typename T>
+// acc[j][l] += a[j][l] for the J float sums of one output row over one or more kernel
+// rows of a register-window weight gradient (acc: those kernel rows' J x V doubles).
+template <int J, typename T>
 inline void add_row_sums(double* acc, const Vec<T>* a) {
   constexpr int64_t V = kLanes<T>;
-  for (int kw = 0; kw < K; ++kw)
-    for (int64_t l = 0; l < V; ++l) acc[kw * V + l] += a[kw][l];
+  for (int j = 0; j < J; ++j)
+    for (int64_t l = 0; l < V; ++l) acc[j * V + l] += a[j][l];
+}
+
+// Calls f(kh0, integral_constant<G>) for the kernel rows [0, K) in groups of KH
+// consecutive rows (G = KH, and the rest in a last group).
+template <int K, int KH, typename F>
+inline void for_row_groups(const F& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    (f(I * KH, std::integral_constant<int, std::min(KH, K - I * KH)>{}), ...);
+  }(std::make_integer_sequence<int, (K + KH - 1) / KH>{});
 }
 
 // grad_w of NCHW for kernel 3, 5 or 7, dilation 1, stride 1 or 2, input planes of up
 // to kBlockedPlanePixels: tasks over (group of kImagesPerPartial images, block of
 // kLanes channels); per image the block's input planes and output-gradient planes are
 // transposed into pixel-vector scratch (planes_to_block; the input zero-padded), and
-// each output row's runs go through window_wgrad_run per kernel row, as
-// window_weight_grad does on channels_last tensors (float sums per (row, kernel row)
+// each output row's runs go through window_wgrad_run, kWgradRows kernel rows at a time,
+// as window_weight_grad does on channels_last tensors (float sums per (row, kernel row)
 // added into the task's double partial [k*k][V]; partials summed in group order).
 // Returns false (doing nothing) otherwise. Measured on the dev box (tenth session, AMD
 // EPYC, N=8, 2 threads, forward + backward of masked_dwconv2d, k3, two same-run A/Bs
@@ -610,17 +619,17 @@ bool blocked_weight_grad(const DwGeometry& g, const T* x, const T* gy, T* gw) {
           planes_to_block(sb, rows, cols, pad, x + (n * C + c0) * hw, H, W, lanes);
           planes_to_block(gb, Ho, Wo, 0, gy + (n * C + c0) * ohw, Ho, Wo, lanes);
           for (int64_t oh = 0; oh < Ho; ++oh) {
-            for (int64_t kh = 0; kh < K; ++kh) {
-              Vec<T> a[K];
-              for (int kw = 0; kw < K; ++kw) a[kw] = Vec<T>{};
-              const T* srow = sb + (oh * S + kh) * cols * V;
-              const T* grow = gb + oh * Wo * V;
+            const T* grow = gb + oh * Wo * V;
+            for_row_groups<K, kWgradRows<K, S>>([&](int kh0, auto GC) {
+              constexpr int G = decltype(GC)::value;
+              Vec<T> a[G * K] = {};
+              const T* srow = sb + (oh * S + kh0) * cols * V;
               for_blocks(Wo, [&](int64_t ow0, auto R) {
-                window_wgrad_run<decltype(R)::value, K, S, kNoMask>(
-                    srow + ow0 * S * V, grow + ow0 * V, V, nullptr, V, a);
+                window_wgrad_run<decltype(R)::value, K, S, G, kNoMask>(
+                    srow + ow0 * S * V, cols * V, grow + ow0 * V, V, nullptr, V, a);
               });
-              add_row_sums<K, T>(acc + kh * K * V, a);
-            }
+              add_row_sums<G * K, T>(acc + kh0 * K * V, a);
+            });
           }
         }
       };
@@ -655,23 +664,24 @@ void block_weight_grad(const DwGeometry& g, const ASrc& a, const GSrc& gsrc, T* 
 // grad_w of channels_last for kernel 3, 5 or 7, dilation 1, stride 1 or 2, straight
 // from the NHWC tensors (no packed copies): tasks over (group of kImagesPerPartial
 // images, channel block) as block_weight_grad, each output row's runs through
-// window_wgrad_run per kernel row (the run's gradient vectors and its input window
-// loaded once for K multiply-adds per gradient vector), float sums per (row, kernel
-// row) added into the task's double partial [k*k][V]; partials summed in group order.
-// Taken for kernel 3 on inputs of at least 28x28 pixels and kernels 5/7 from 112x112
+// window_wgrad_run over kWgradRows kernel rows at a time (the run's gradient vectors
+// loaded once for them all, each kernel row's input window once for its K taps), float
+// sums per (output row, kernel row) added into the task's double partial [k*k][V];
+// partials summed in group order. Taken on inputs of at least 28x28 pixels
 // (kWindowWgradPixels); otherwise it returns false, doing nothing, and
-// block_weight_grad (packed, zero-padded copies) runs. Measured on the dev box (ninth
-// session, N=8, 2 threads, backward of masked_dwconv2d at 50 % width, best of two
-// alternating runs each): 112x112 1.16x-1.79x faster than block_weight_grad, 56x56 and
-// 28x28 k3 1.08x-1.33x; k5/k7 at 56x56 and below 0.75x-1.12x, and every kernel at
-// 14x14 and 7x7 0.65x-1.1x (on small planes most runs reach into the padding and take
-// the masked loads).
-constexpr int64_t kWindowWgradPixels3 = 28 * 28, kWindowWgradPixels = 112 * 112 / 2;
+// block_weight_grad (packed, zero-padded copies) runs. Measured on the dev box (AMD
+// EPYC, N=8, 2 threads, forward + backward of masked_dwconv2d, full width): ninth
+// session, one kernel row per run, 112x112 1.16x-1.79x faster than block_weight_grad,
+// 56x56 and 28x28 k3 1.08x-1.33x, k5/k7 below 112x112 0.75x-1.12x; twelfth session,
+// rows taken together (two same-run A/Bs), 28x28 c120 k3 0.31-0.48 -> 0.25-0.30 ms,
+// 56x56 c72 k3 0.75 -> 0.60-0.64 ms, and ahead of block_weight_grad at 56x56 and 28x28
+// for k5/k7 too (56x56 c72 k5 1.13 -> 0.80-0.84 ms, 28x28 c120 k5 0.46-0.49 -> 0.37
+// ms), even at 14x14, slower at 7x7 (most runs reach into the padding there).
+constexpr int64_t kWindowWgradPixels = 28 * 28;
 
 template <typename T>
 bool window_weight_grad(const DwGeometry& g, const T* x, const T* gy, T* gw) {
-  if (!g.channels_last ||
-      g.H * g.W < (g.K == 3 ? kWindowWgradPixels3 : kWindowWgradPixels))
+  if (!g.channels_last || g.H * g.W < kWindowWgradPixels)
     return false;
   return with_window(g.K, g.stride, g.dil, [&](auto KT, auto ST) {
     constexpr int K = decltype(KT)::value, S = decltype(ST)::value;
@@ -686,23 +696,32 @@ bool window_weight_grad(const DwGeometry& g, const T* x, const T* gy, T* gw) {
           const T* gn = gy + n * Ho * Wo * C + bi * V;
           for (int64_t oh = 0; oh < Ho; ++oh) {
             const T* grow = gn + oh * Wo * C;
-            for (int64_t kh = 0; kh < K; ++kh) {
-              const int64_t ih = oh * S - g.pad + kh;
-              if (ih < 0 || ih >= H) continue;
-              const T* xr = xn + ih * W * C;
-              Vec<T> a[K];
-              for (int kw = 0; kw < K; ++kw) a[kw] = Vec<T>{};
+            const int64_t ih0 = oh * S - g.pad;  // input row of kernel row 0
+            const auto [kh_in0, kh_in1] = taps_inside(ih0, H, K, 1);
+            // Kernel rows [kh0, kh0 + G) of this output row, all inside the input.
+            const auto rows = [&](int64_t kh0, auto GC) {
+              constexpr int G = decltype(GC)::value;
+              Vec<T> a[G * K] = {};
+              const T* xr = xn + (ih0 + kh0) * W * C;
               for_blocks(Wo, [&](int64_t ow0, auto R) {
                 constexpr int RV = decltype(R)::value, NI = S * (RV - 1) + K;
                 const int64_t c0 = ow0 * S - g.pad;  // input column of window slot 0
-                const T* src = xr + c0 * C;
-                const T* gr = grow + ow0 * C;
                 with_window_slots<NI>(c0, W, lanes, V, [&](auto M, const int64_t* sl) {
-                  window_wgrad_run<RV, K, S, decltype(M)::value>(src, gr, C, sl, lanes, a);
+                  window_wgrad_run<RV, K, S, G, decltype(M)::value>(
+                      xr + c0 * C, W * C, grow + ow0 * C, C, sl, lanes, a);
                 });
               });
-              add_row_sums<K, T>(acc + kh * K * V, a);
-            }
+              add_row_sums<G * K, T>(acc + kh0 * K * V, a);
+            };
+            for_row_groups<K, kWgradRows<K, S>>([&](int kh0, auto GC) {
+              if (kh0 >= kh_in0 && kh0 + decltype(GC)::value <= kh_in1) {
+                rows(kh0, GC);
+              } else {
+                const int64_t lo = std::max<int64_t>(kh0, kh_in0);
+                const int64_t hi = std::min<int64_t>(kh0 + decltype(GC)::value, kh_in1);
+                for (int64_t kh = lo; kh < hi; ++kh) rows(kh, std::integral_constant<int, 1>{});
+              }
+            });
           }
         }
       };

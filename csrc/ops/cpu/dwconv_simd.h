@@ -38,6 +38,7 @@
 #include <fstream>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../masked_conv_common.h"
@@ -925,30 +926,45 @@ inline void with_window_slots(int64_t c0, int64_t W, int64_t lanes, int64_t V, c
   }
 }
 
-// One run of R output pixels of a channels_last weight gradient, kernel row fixed: the
-// R output-gradient vectors g[r] (pixel stride ps) and the S * (R - 1) + K inputs of
-// the run's window in row `src` are loaded once, then a[kw] += sum_r g[r] * in[r * S +
-// kw]. Masked (M, lanes: see WindowMask): the gradient vectors hold their first
-// `glanes` values.
-template <int R, int K, int S, int M, typename T>
-__attribute__((noinline)) void window_wgrad_run(const T* src, const T* g, int64_t ps,
-                                                const int64_t* lanes, int64_t glanes,
-                                                Vec<T>* a) {
+// Kernel rows a weight-gradient run (window_wgrad_run) takes at once: as many as keep
+// its 8 gradient vectors, one kernel row's window (S * 7 + K inputs) and KH * K
+// accumulators within the 32 vector registers of AVX-512 (K = 3: all 3 rows at stride
+// 1, 2 at stride 2; K = 5: 2 at stride 1; otherwise 1), one with 16 registers. More
+// rows per run, more independent multiply-add chains: with one row, each of the K
+// accumulators took R dependent multiply-adds in turn, and the run waited on their
+// latency.
+template <int K, int S>
+constexpr int kWgradRows =
+    BSNAS_VEC_BYTES == 64 ? std::max(1, std::min(K, (32 - 8 - (S * 7 + K)) / K)) : 1;
+
+// One run of R output pixels of a weight gradient over KH consecutive kernel rows: the
+// R output-gradient vectors g[r] (pixel stride ps) are loaded once, then for each
+// kernel row kh the S * (R - 1) + K inputs of the run's window in row src + kh * rs,
+// and a[kh * K + kw] += sum_r g[r] * in[r * S + kw]. Masked (M, lanes: see WindowMask):
+// the gradient vectors hold their first `glanes` values.
+template <int R, int K, int S, int KH, int M, typename T>
+__attribute__((noinline)) void window_wgrad_run(const T* src, int64_t rs, const T* g,
+                                                int64_t ps, const int64_t* lanes,
+                                                int64_t glanes, Vec<T>* a) {
   constexpr int NI = S * (R - 1) + K;
-  Vec<T> gv[R], in[NI];
+  Vec<T> gv[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     gv[r] = M == kNoMask ? vload(g + r * ps) : vload_first(g + r * ps, glanes);
     pin<T>(gv[r]);
   }
+#pragma GCC unroll 8
+  for (int kh = 0; kh < KH; ++kh) {
+    Vec<T> in[NI];
 #pragma GCC unroll 32
-  for (int i = 0; i < NI; ++i) in[i] = window_load<M>(src, i, ps, lanes);
+    for (int i = 0; i < NI; ++i) in[i] = window_load<M>(src + kh * rs, i, ps, lanes);
 #pragma GCC unroll 8
-  for (int kw = 0; kw < K; ++kw) {
-    Vec<T> s = a[kw];
+    for (int kw = 0; kw < K; ++kw) {
+      Vec<T> s = a[kh * K + kw];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) s += gv[r] * in[r * S + kw];
-    a[kw] = s;
+      for (int r = 0; r < R; ++r) s += gv[r] * in[r * S + kw];
+      a[kh * K + kw] = s;
+    }
   }
 }
 
