@@ -180,11 +180,14 @@ def test_backward_deterministic_across_thread_counts(fmt):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_large_plane_across_strips_and_threads(stride):
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_large_plane_across_strips_and_threads(k, stride):
     """channels_last planes large enough to be cut into several row strips: statistics
-    and BN gradients summed over strips, identical for any thread count."""
+    and BN gradients summed over strips, identical for any thread count; at stride 1
+    the weight gradient runs through the register window, several kernel rows at once
+    (padded_window_wgrad: 3 + 0, 2 + 2 + 1 and 7 x 1 rows with AVX-512)."""
     torch.manual_seed(1)
-    width, c_max, k = 45, 50, 5
+    width, c_max = 45, 50
     z = (2 * torch.randn(2, width, 64, 60, dtype=torch.float64)).to(memory_format=torch.channels_last)
     scale = torch.rand(width, dtype=torch.float64) + 0.5
     shift = torch.randn(width, dtype=torch.float64)

@@ -569,24 +569,6 @@ void grouped_weight_grad(int64_t N, int64_t C, int64_t kk, T* gw, const MakeWork
   }
 }
 
-// acc[j][l] += a[j][l] for the J float sums of one output row over one or more kernel
-// rows of a register-window weight gradient (acc: those kernel rows' J x V doubles).
-template <int J, typename T>
-inline void add_row_sums(double* acc, const Vec<T>* a) {
-  constexpr int64_t V = kLanes<T>;
-  for (int j = 0; j < J; ++j)
-    for (int64_t l = 0; l < V; ++l) acc[j * V + l] += a[j][l];
-}
-
-// Calls f(kh0, integral_constant<G>) for the kernel rows [0, K) in groups of KH
-// consecutive rows (G = KH, and the rest in a last group).
-template <int K, int KH, typename F>
-inline void for_row_groups(const F& f) {
-  [&]<int... I>(std::integer_sequence<int, I...>) {
-    (f(I * KH, std::integral_constant<int, std::min(KH, K - I * KH)>{}), ...);
-  }(std::make_integer_sequence<int, (K + KH - 1) / KH>{});
-}
-
 // grad_w of NCHW for kernel 3, 5 or 7, dilation 1, stride 1 or 2, input planes of up
 // to kBlockedPlanePixels: tasks over (group of kImagesPerPartial images, block of
 // kLanes channels); per image the block's input planes and output-gradient planes are
@@ -618,19 +600,7 @@ bool blocked_weight_grad(const DwGeometry& g, const T* x, const T* gy, T* gw) {
         for (int64_t n = n0; n < n1; ++n) {
           planes_to_block(sb, rows, cols, pad, x + (n * C + c0) * hw, H, W, lanes);
           planes_to_block(gb, Ho, Wo, 0, gy + (n * C + c0) * ohw, Ho, Wo, lanes);
-          for (int64_t oh = 0; oh < Ho; ++oh) {
-            const T* grow = gb + oh * Wo * V;
-            for_row_groups<K, kWgradRows<K, S>>([&](int kh0, auto GC) {
-              constexpr int G = decltype(GC)::value;
-              Vec<T> a[G * K] = {};
-              const T* srow = sb + (oh * S + kh0) * cols * V;
-              for_blocks(Wo, [&](int64_t ow0, auto R) {
-                window_wgrad_run<decltype(R)::value, K, S, G, kNoMask>(
-                    srow + ow0 * S * V, cols * V, grow + ow0 * V, V, nullptr, V, a);
-              });
-              add_row_sums<G * K, T>(acc + kh0 * K * V, a);
-            });
-          }
+          padded_window_wgrad<K, S>(sb, cols, gb, Ho, Wo, acc);
         }
       };
     });
