@@ -737,16 +737,30 @@ inline void pack_block(T* buf, const Pass& p, const ChannelBlock& cb, int64_t im
   }
 }
 
-// Tap-major filters of every channel block: taps[b][t][l] = w[(b * V + l) * kk + t],
-// zero past C; flip = true reverses the taps (the input-gradient pass).
+// The first channel of block b of C channels in nb blocks of V when the last block ends
+// at channel C: b * V, the last one at max(0, C - V), overlapping the block before it
+// when V does not divide C (it computes those channels again, bit for bit). Every block
+// then holds min(V, C) channels: full vectors whenever C >= V, no masked loads or
+// stores for a partial block.
+inline int64_t end_aligned_block(int64_t b, int64_t nb, int64_t C, int64_t V) {
+  return b + 1 < nb ? b * V : std::max<int64_t>(0, C - V);
+}
+
+// Tap-major filters of every channel block: taps[b][t][l] = w[(c0(b) + l) * kk + t],
+// zero past C, where block b starts at channel c0(b) = b * V, or end_aligned_block's
+// start with `end_aligned`; flip = true reverses the taps (the input-gradient pass).
 template <typename T>
-inline void pack_taps(T* taps, const T* w, int64_t C, int64_t kk, bool flip) {
+inline void pack_taps(T* taps, const T* w, int64_t C, int64_t kk, bool flip,
+                      bool end_aligned = false) {
   constexpr int64_t V = kLanes<T>;
   const int64_t nb = (C + V - 1) / V;
   std::fill(taps, taps + nb * kk * V, T(0));
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t t = 0; t < kk; ++t)
-      taps[((c / V) * kk + (flip ? kk - 1 - t : t)) * V + c % V] = w[c * kk + t];
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t c0 = end_aligned ? end_aligned_block(b, nb, C, V) : b * V;
+    for (int64_t c = c0; c < std::min(C, c0 + V); ++c)
+      for (int64_t t = 0; t < kk; ++t)
+        taps[(b * kk + (flip ? kk - 1 - t : t)) * V + c - c0] = w[c * kk + t];
+  }
 }
 
 // The channels_last scratch of one strip: pixel-major like the tensor, [rows][cols][Cs]
