@@ -499,11 +499,11 @@ inline int64_t last_level_cache_bytes() {
 // result would leave the cache before it is read again, and a cached store first reads
 // every line it writes). Only whole lines are streamed (put_run straight from the
 // registers where pixels start on lines, stream_copy from a staged row otherwise: a
-// non-temporal store of part of a line is slow). Measured on the dev box (AMD EPYC, 32 MiB L3,
-// channels_last k3 forward, N=8, 2 threads): tenth session, streaming above 3/4 of the
-// cache, 112x112 c48 (38.5 MB in + out) 1.25 -> 0.46 ms and 56x56 c144 k5 (29 MB)
-// 0.53-1.0 -> 0.48 ms, while 112x112 c24 and 56x56 c72 (pixels not line-aligned) were
-// slower streamed; eleventh session, 56x56 c64-c112 (12.8-22.5 MB) 3.1-5.9 -> 2.5-2.6 us
+// non-temporal store of part of a line is slow). Measured on the dev box (AMD EPYC,
+// 32 MiB L3, channels_last k3 forward, N=8, 2 threads): tenth session, streaming above
+// 3/4 of the cache, 112x112 c48 (38.5 MB in + out) 1.25 -> 0.46 ms and 56x56 c144 k5
+// (29 MB) 0.53-1.0 -> 0.48 ms, while 112x112 c24 and 56x56 c72 (pixels not
+// line-aligned) were slower streamed; eleventh session, 56x56 c64-c112 (12.8-22.5 MB) 3.1-5.9 -> 2.5-2.6 us
 // per channel streamed above 30 %, c72-c136 with partial lines 5-9 us per channel
 // either way (four runs, same build, env switch); twelfth session, rows of those staged
 // and streamed (stream_copy), 2 threads: 112x112 c24 k3 0.45-0.53 -> 0.29-0.40 ms, k5
@@ -522,7 +522,8 @@ template <typename T>
 inline void stream_copy(T* dst, const T* src, int64_t n) {
   constexpr int64_t V = kLanes<T>, line = kCacheLineBytes / int64_t(sizeof(T));
   const int64_t misalign = int64_t(reinterpret_cast<uintptr_t>(dst) % kCacheLineBytes);
-  const int64_t head = std::min(n, misalign ? (kCacheLineBytes - misalign) / int64_t(sizeof(T)) : 0);
+  const int64_t head =
+      std::min(n, misalign ? (kCacheLineBytes - misalign) / int64_t(sizeof(T)) : 0);
   std::memcpy(dst, src, static_cast<size_t>(head) * sizeof(T));
   int64_t i = head;
   for (; i + line <= n; i += line) {
