@@ -412,12 +412,15 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
     const bool runs_outer = K * (S * 7 + K) * C * int64_t(sizeof(T)) <= kWindowBytes;
     // A streamed result whose pixels start on cache lines goes straight from the
     // registers to memory (put_run); any other is staged a row at a time in a cached
-    // buffer and streamed from there (stream_copy), as the runs' vectors straddle lines
-    // and fill each in parts, which non-temporal stores do slowly.
+    // buffer (the runs' vectors straddle lines and fill each in parts, which
+    // non-temporal stores do slowly, cached ones out of order) and leaves from there in
+    // order, streamed (stream_copy) or copied (stream_staged_rows).
     const int64_t row_values = p.Wo * C;
-    const bool stream = stream_output(N * image * int64_t(sizeof(T)),
-                                      N * p.Ho * row_values * int64_t(sizeof(T)));
+    const int64_t in_bytes = N * image * int64_t(sizeof(T));
+    const int64_t out_bytes = N * p.Ho * row_values * int64_t(sizeof(T));
+    const bool stream = stream_output(in_bytes, out_bytes);
     const bool staged = stream && (C * int64_t(sizeof(T))) % kCacheLineBytes != 0;
+    const bool stream_rows = staged && stream_staged_rows(in_bytes, out_bytes);
     at::parallel_for(0, N * p.Ho, grain(row_values * kk), [&](int64_t b, int64_t e) {
       std::vector<T> staging(staged ? static_cast<size_t>(row_values + V) : 0);
       T* const stage_row = staged ? align_to_vector(staging.data()) : nullptr;
@@ -447,7 +450,11 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
           for (int64_t bi = 0; bi < nb; ++bi)
             for_wide_blocks<kWideRun<K, S>>(p.Wo, [&](int64_t ow0, auto R) { run(bi, ow0, R); });
         }
-        if (staged) stream_copy(yrow, stage_row, row_values);
+        if (stream_rows) {
+          stream_copy(yrow, stage_row, row_values);
+        } else if (staged) {
+          std::copy_n(stage_row, row_values, yrow);
+        }
       }
       if (stream) stream_fence();
     });

@@ -513,6 +513,18 @@ inline bool stream_output(int64_t in_bytes, int64_t out_bytes) {
   return (in_bytes + out_bytes) * 10 > llc * 3;
 }
 
+// Whether a row staged in a cached buffer (window_pass: a streamed result whose pixels
+// do not start on lines) leaves through non-temporal stores (stream_copy) rather than a
+// plain copy: when in + out exceed 60 % of the last-level cache. Measured on the dev box
+// (twelfth session, channels_last forward, N=8, 2 threads, two same-run A/Bs): 56x56
+// c72 / c88 k3 (14.4 / 17.7 MB) 0.28-0.29 / 0.35 ms streamed, 0.21-0.24 / 0.29-0.30
+// copied; 112x112 c24 k5 (19.3 MB) 0.45-0.47 streamed, 0.50-0.54 copied (k3 0.37 /
+// 0.34-0.36), c40 k3 (32 MB) 0.62-0.64 streamed, 0.77-0.79 copied.
+inline bool stream_staged_rows(int64_t in_bytes, int64_t out_bytes) {
+  static const int64_t llc = last_level_cache_bytes();
+  return (in_bytes + out_bytes) * 5 > llc * 3;
+}
+
 // Copies src[0, n) to dst[0, n), the whole cache lines of dst with non-temporal stores
 // and the partial lines at either end (a line at most each) with plain ones: a row of a
 // channels_last result whose pixels do not start on lines, staged in a cached buffer,
