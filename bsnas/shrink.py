@@ -45,6 +45,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from bsnas import collectives
 from bsnas.arch import SKIP, Arch
 from bsnas.checkpoint import save_json_atomic
 from bsnas.enabled import EnabledSpace
@@ -221,13 +222,12 @@ class Shrinker:
         mine = distinct[rank::world_size]
         rows = [[float(r["top1"]), float(r["loss"])] for r in map(evaluate, mine)]
         if world_size > 1:
-            import torch.distributed as dist
             per_rank = math.ceil(len(distinct) / world_size)
             local = torch.full((per_rank, 2), float("nan"), dtype=torch.float64, device=device)
             if rows:
                 local[:len(rows)] = torch.tensor(rows, dtype=torch.float64, device=device)
             gathered = [torch.empty_like(local) for _ in range(world_size)]
-            dist.all_gather(gathered, local)
+            collectives.all_gather(gathered, local)
             table = [gathered[j % world_size][j // world_size].tolist() for j in range(len(distinct))]
         else:
             table = rows
@@ -293,6 +293,6 @@ def _check_ranks_agree(enabled: EnabledSpace, device) -> None:
     digest = torch.tensor([int(enabled_digest(enabled), 16) & ((1 << 62) - 1)],
                           dtype=torch.int64, device=device)
     gathered = [torch.empty_like(digest) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, digest)
+    collectives.all_gather(gathered, digest)
     if any(int(g) != int(digest) for g in gathered):
         raise RuntimeError("shrinking: DDP ranks disagree on the enabled space after a decision")

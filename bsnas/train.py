@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from bsnas import collectives
 from bsnas.arch import SKIP, Arch, LayerChoice, kernel_size
 from bsnas.broaden import BroadeningSchedule
 from bsnas.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -67,9 +68,8 @@ def init_distributed(device_kind: str) -> Dist:
 
 def _leave_process_group() -> None:
     """Destroys the process group this module created, at interpreter exit if nobody did
-    before. Without it a gloo worker thread can still be releasing the last collective's
-    tensors while Python finalizes: it then needs the GIL, is made to exit, and the
-    process aborts ("terminate called without an active exception")."""
+    before (see bsnas.collectives for what a gloo worker left running at shutdown
+    can do)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -336,7 +336,7 @@ class Trainer:
             return
         grads = [p.grad for p in self.supernet.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
+        collectives.all_reduce(flat)
         flat /= self.dist.world_size
         offset = 0
         for g in grads:
@@ -454,7 +454,7 @@ class Trainer:
     def _params_in_sync(self) -> bool:
         flat = torch.cat([p.detach().reshape(-1).double() for p in self.supernet.parameters()])
         gathered = [torch.empty_like(flat) for _ in range(self.dist.world_size)]
-        dist.all_gather(gathered, flat)
+        collectives.all_gather(gathered, flat)
         return all(torch.equal(gathered[0], g) for g in gathered[1:])
 
 

@@ -27,6 +27,30 @@ def test_digits_tree(digits):
     assert os.path.getmtime(train.files[0]) == stamp
 
 
+def test_digits_prepared_by_several_processes_at_once(tmp_path):
+    """The ranks of a torchrun job prepare the tree at once: each returns the same
+    complete tree, and one finishing later never removes the tree another already put
+    in place (a rank may be reading it)."""
+    import subprocess
+    import sys
+    # Each prints the tree it got and that tree's inode: one tree for all.
+    code = ("import os, sys; from bsnas.data import prepare_digits; "
+            "r = prepare_digits(sys.argv[1]); print(r, os.stat(r).st_ino)")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    roots = {o.strip().splitlines()[-1] for o in outs}
+    assert len(roots) == 1, roots
+    root = roots.pop().rsplit(" ", 1)[0]
+    train = scan_image_folder(os.path.join(root, "train"))
+    val = scan_image_folder(os.path.join(root, "val"), classes=train.classes)
+    assert len(train) + len(val) == 1797
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".digits-")] == []
+
+
 def test_holdout_split_is_fixed_by_seed(digits):
     train = scan_image_folder(os.path.join(digits, "train"), verify=False)
     a_train, a_hold = split_holdout(train, 300, seed=3)

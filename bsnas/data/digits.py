@@ -20,7 +20,9 @@ def prepare_digits(cache_dir: str | None = None, size: int = 32) -> str:
     """Write the digits as `<cache>/digits-v1/{train,val}/<0..9>/*.jpg` once and return
     that folder. Each class is split 80/20 into train/val by a fixed seed. The tree is
     built in a temporary folder and renamed into place, so an interrupted run never
-    leaves a partial dataset behind."""
+    leaves a partial dataset behind. Several processes may prepare it at once (the ranks
+    of a torchrun job): the first to finish wins, the others keep its tree and drop
+    their own (a tree another process completed is never removed: it may be in use)."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -46,9 +48,16 @@ def prepare_digits(cache_dir: str | None = None, size: int = 32) -> str:
                     img = Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC)
                     img.convert("RGB").save(os.path.join(folder, f"{i:04d}.jpg"), quality=95)
         open(os.path.join(tmp, ".complete"), "w").close()
+        if os.path.isfile(os.path.join(root, ".complete")):  # another process finished first
+            return root
         if os.path.isdir(root):  # a partial tree from an older, interrupted version
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+            shutil.rmtree(root, ignore_errors=True)
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            # Another process put its tree in place between the check and the rename.
+            if not os.path.isfile(os.path.join(root, ".complete")):
+                raise
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
