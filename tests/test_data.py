@@ -1,5 +1,7 @@
 """Data: the digits tree, folder checks, the held-out split and both loaders."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,6 +9,8 @@ from PIL import Image
 
 from bsnas.data import (Augment, DaliLoader, TorchLoader, dali_available, make_loader,
                         prepare_digits, scan_image_folder, split_holdout)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +35,10 @@ def test_digits_prepared_by_several_processes_at_once(tmp_path):
     """The ranks of a torchrun job prepare the tree at once: each returns the same
     complete tree, and one finishing later never removes the tree another already put
     in place (a rank may be reading it)."""
-    import subprocess
-    import sys
     # Each prints the tree it got and that tree's inode: one tree for all.
     code = ("import os, sys; from bsnas.data import prepare_digits; "
             "r = prepare_digits(sys.argv[1]); print(r, os.stat(r).st_ino)")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=ROOT)
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(3)]
