@@ -205,6 +205,35 @@ def test_pwconv_small_plane_weight_grad(n):
         _close(a, b, torch.float64)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_pwconv_gemm_depth_split(threads):
+    """A weight gradient over many pixels onto a small result splits its depth (pixels)
+    across threads, each summing a range into its own partial result: channels_last
+    (in_width filling the GEMM's 16-float vectors worse than out_width, so gw^T is
+    computed: 24 -> 16, 40 -> 67; and the other way, 16 -> 48), and NCHW image by image,
+    each image added into the result (32x32, out >= in). Depths that do not split evenly
+    into passes of 256 pixels."""
+    torch.manual_seed(11)
+    weight = _rand(70, 48, 1, 1, dtype=torch.float32)
+    cases = [(torch.channels_last, 3, 24, 16, 23, 37), (torch.channels_last, 2, 40, 67, 30, 41),
+             (torch.channels_last, 1, 16, 48, 45, 45), (torch.contiguous_format, 3, 8, 40, 32, 32)]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for fmt, n, in_w, out_w, h, w in cases:
+            x = _rand(n, in_w, h, w, dtype=torch.float32, fmt=fmt)
+            y = masked_pwconv2d(x, weight, in_w, out_w)
+            ref = F.conv2d(x.double(), weight.double()[:out_w, :in_w])
+            g = torch.randn_like(ref)
+            gx, gw = torch.autograd.grad(y, (x, weight), g.float())
+            rx, rw = torch.autograd.grad(ref, (x, weight), g)
+            for a, b in ((y, ref), (gx, rx), (gw, rw)):
+                _close(a.double(), b, torch.float32)
+            assert not gw[out_w:].any() and not gw[:, in_w:].any()
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_compile_does_not_recompile_per_width():
     from torch._dynamo.testing import CompileCounterWithBackend
 

@@ -41,6 +41,9 @@ at::Tensor active_block(const at::Tensor& weight2d, const PwGeometry& g) {
   return weight2d.narrow(0, 0, g.out_w).narrow(1, 0, g.in_w);
 }
 
+// The share of 16-float vector lanes that n columns fill (the widest CPU GEMM's).
+double lane_fill(int64_t n) { return static_cast<double>(n) / ((n + 15) / 16 * 16); }
+
 at::Tensor weight_2d(const at::Tensor& weight, const PwGeometry& g) {
   return weight.contiguous().view({g.out_max, g.in_max});  // contiguous(): no-op for params
 }
@@ -82,7 +85,21 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out,
     const at::Tensor gy2 = cpu::rows_view(gy), x2 = cpu::rows_view(x);
     at::Tensor gx2 = cpu::rows_view(gx);
     cpu::matmul_into(gx2, gy2, w);
-    cpu::matmul_into(gw, gy2.t(), x2);  // writes through the strided view
+    // gw = gy^T x over every pixel. The CPU GEMM's columns run in vectors of 16 floats:
+    // where in_width fills them worse than out_width (24 inputs: 3/4 of the lanes; 16
+    // or 48 outputs: all), it computes gw^T = x^T gy into a small temporary instead.
+    if (cpu::runs_gemm_f32(gw, gy2.t(), x2) && lane_fill(g.in_w) < lane_fill(g.out_w)) {
+      at::Tensor gwt = at::empty({g.in_w, g.out_w}, gw.options());
+      cpu::matmul_into(gwt, x2.t(), gy2);
+      // Transposed into the strided view element by element (a few KB; no aten::copy_).
+      const float* src = gwt.const_data_ptr<float>();
+      float* dst = gw.mutable_data_ptr<float>();
+      const int64_t ld = gw.stride(0);
+      for (int64_t i = 0; i < g.in_w; ++i)
+        for (int64_t o = 0; o < g.out_w; ++o) dst[o * ld + i] = src[i * g.out_w + o];
+    } else {
+      cpu::matmul_into(gw, gy2.t(), x2);  // writes through the strided view
+    }
   } else {
     const int64_t hw = g.H * g.W;
     const at::Tensor gy3 = gy.view({g.N, g.out_w, hw}), x3 = x.view({g.N, g.in_w, hw});
