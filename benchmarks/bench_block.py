@@ -12,7 +12,7 @@ Each layer: the second layer of each stage (stride 1, residual) and the first
 (stride 2 where the stage downsamples). Kernel size 5 unless `--kernel`.
 Times are medians of repeats after warm-up (CUDA events on GPU). Usage:
     python benchmarks/bench_block.py [--device cpu|cuda] [--batch 16] [--compile]
-        [--channels-last] [--quick] [--out FILE.md]
+        [--channels-last] [--quick] [--keep-freed-memory] [--out FILE.md]
 """
 from __future__ import annotations
 
@@ -100,7 +100,12 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None)
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="CPU: keep freed memory for reuse, as training runs do (bsnas.host_memory)")
     a = p.parse_args(argv)
+    if a.keep_freed_memory:
+        from bsnas.host_memory import keep_freed_memory
+        keep_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)

@@ -9,7 +9,7 @@
    implementation in turn). Median step time over the paths.
 
 Usage: python benchmarks/bench_training.py [--space tiny] [--batch 64] [--steps 30]
-       [--device cpu|cuda] [--threads N] [--out FILE.md]
+       [--device cpu|cuda] [--threads N] [--keep-freed-memory] [--out FILE.md]
 Only ratios measured in the same run are meaningful on a shared machine.
 """
 from __future__ import annotations
@@ -106,7 +106,12 @@ def main(argv=None) -> None:
     p.add_argument("--data-epochs", type=int, default=2)
     p.add_argument("--skip-data", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="CPU: keep freed memory for reuse, as training runs do (bsnas.host_memory)")
     a = p.parse_args(argv)
+    if a.keep_freed_memory:
+        from bsnas.host_memory import keep_freed_memory
+        keep_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)

@@ -108,6 +108,8 @@ def header(groups, data) -> str:
             f"N={info.get('n', '?')}", f"{info.get('dtype', 'float32')}",
             "SCHED_FIFO while measuring (BSNAS_BENCH_RT=1)" if info.get("rt")
             else "normal priority",
+            "freed memory kept (BSNAS_BENCH_KEEP_FREED=1)" if info.get("keep_freed")
+            else "glibc's default for freed memory",
             f"{len(data.get('benchmarks', []))} benchmarks"]
     return "Run: " + ", ".join(bits) + "."
 

@@ -10,7 +10,8 @@
 #   BSNAS_BENCH_N=64 benchmarks/run_cpu_bench.sh -k "dw and fwd-"   # extra args -> pytest
 #   BSNAS_BENCH_STRIDES=2 benchmarks/run_cpu_bench.sh -k dw      # stride-2 depthwise cases
 #
-# Env: QUICK=1, RT=1 (-> BSNAS_BENCH_RT=1: measure at SCHED_FIFO priority on a busy
+# Env: QUICK=1, KEEP_FREED=1 (-> BSNAS_BENCH_KEEP_FREED=1: freed memory kept for reuse,
+# as in training), RT=1 (-> BSNAS_BENCH_RT=1: measure at SCHED_FIFO priority on a busy
 # shared box, needs root/CAP_SYS_NICE; see test_bench_ops.py), PYTHON or PY (default
 # .venv/bin/python if present, else python),
 # BSNAS_BENCH_N / BSNAS_BENCH_TARGET_S / BSNAS_BENCH_MIN_ROUNDS / BSNAS_BENCH_MAX_ROUNDS
@@ -38,6 +39,7 @@ else
 fi
 
 if [[ "${RT:-0}" != "0" && -n "${RT:-}" ]]; then export BSNAS_BENCH_RT=1; fi
+if [[ "${KEEP_FREED:-0}" != "0" && -n "${KEEP_FREED:-}" ]]; then export BSNAS_BENCH_KEEP_FREED=1; fi
 
 outdir=benchmarks/out
 mkdir -p "$outdir"

@@ -37,6 +37,10 @@ Environment:
 - ``BSNAS_BENCH_TARGET_S`` measured seconds aimed at per benchmark (default 0.5);
                            rounds = clamp(target / time of one call, MIN, MAX).
 - ``BSNAS_BENCH_MIN_ROUNDS`` / ``BSNAS_BENCH_MAX_ROUNDS`` (defaults 3 / 50).
+- ``BSNAS_BENCH_KEEP_FREED=1`` keep freed memory for reuse (``bsnas.host_memory``, as
+                           training runs do): glibc otherwise maps every output of 32 MB
+                           and more afresh, and page faults then dominate the 112x112
+                           calls of every method alike.
 - ``BSNAS_BENCH_QUIET_CPU`` CPU (in cores) that other processes may use for the machine
                            to count as quiet (default 0.15), and
   ``BSNAS_BENCH_MAX_WAIT_S`` how long one benchmark waits for quiet (default 120).
@@ -87,6 +91,10 @@ QUIET_CPU = float(os.environ.get("BSNAS_BENCH_QUIET_CPU", "0.15"))
 MAX_WAIT_S = float(os.environ.get("BSNAS_BENCH_MAX_WAIT_S", "120"))
 RT = os.environ.get("BSNAS_BENCH_RT", "0") not in ("", "0")
 RT_GAP = float(os.environ.get("BSNAS_BENCH_RT_GAP", "0.3"))
+KEEP_FREED = os.environ.get("BSNAS_BENCH_KEEP_FREED", "0") not in ("", "0")
+if KEEP_FREED:
+    from bsnas.host_memory import keep_freed_memory
+    KEEP_FREED = keep_freed_memory()
 STRIDES = [int(v) for v in os.environ.get("BSNAS_BENCH_STRIDES", "1").split(",") if v.strip()]
 if not STRIDES or any(v not in (1, 2) for v in STRIDES):
     raise ValueError(f"BSNAS_BENCH_STRIDES must be a comma list of 1 and/or 2, got "
@@ -351,7 +359,8 @@ def _run(benchmark, cs, built):
     benchmark.group = cs["group"]
     benchmark.extra_info.update({key: cs[key] for key in cs if key != "group"})
     benchmark.extra_info.update(n=N, dtype="float32", threads=torch.get_num_threads(),
-                                torch=torch.__version__, ext_built=EXT_STAMP)
+                                torch=torch.__version__, ext_built=EXT_STAMP,
+                                keep_freed=KEEP_FREED)
     if cs["op"] == "pw":
         cin_max, cout_max, iw, ow = _pw_dims(cs["c"], cs["kind"], cs["wp"])
         benchmark.extra_info.update(cin_max=cin_max, cout_max=cout_max,

@@ -103,7 +103,7 @@ def retrain(cfg, arch: Arch, checkpoint: str | None = None, out_dir: str | None 
     r, t = cfg.retrain, cfg.train
     out_dir = out_dir or os.path.join(cfg.out_dir, "retrain")
     d = Dist()
-    device = pick_device(cfg.device, d)
+    device = pick_device(cfg.device, d, cfg.keep_freed_memory)
     seed_everything(cfg.seed, cfg.deterministic)
     if supernet is None and checkpoint is not None:
         ckpt = load_checkpoint(checkpoint, map_location=device)

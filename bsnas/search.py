@@ -539,7 +539,7 @@ def search_checkpoint(cfg, checkpoint: str, out_dir: str | None = None, resume: 
     from bsnas.supernet import Supernet
     from bsnas.train import Dist, build_data, pick_device
 
-    device = pick_device(cfg.device, Dist())
+    device = pick_device(cfg.device, Dist(), cfg.keep_freed_memory)
     ckpt = load_checkpoint(checkpoint, map_location=device)
     check_same_split(cfg, ckpt.get("config"))
     supernet, enabled = Supernet.from_checkpoint(ckpt, map_location=device)
