@@ -1,5 +1,9 @@
 """The masked convolution ops on CPU against plain PyTorch on sliced weights."""
+import os
+import platform
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -331,27 +335,70 @@ def test_build_reports_cuda():
     assert isinstance(bsnas.cuda_compiled(), bool)
 
 
+# Run in a fresh interpreter by test_dwconv_streamed_large_output: with freed memory
+# kept, each case's second call writes into the resident block its first call freed.
+_STREAMED_CASES = """
+import sys
+import torch
+import torch.nn.functional as F
+from bsnas import masked_dwconv2d
+from bsnas.host_memory import keep_freed_memory
+
+assert keep_freed_memory()
+torch.set_num_threads(2)
+k = int(sys.argv[1])
+torch.manual_seed(k)
+
+
+def close(a, b):
+    err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    tol = 1e-12 if a.dtype == torch.float64 else 1e-5
+    assert err < tol, f"relative error {err:.3g}"
+
+
+cases = [(torch.float32, 4, 64, 1), (torch.float32, 4, 48, 1), (torch.float32, 4, 40, 1),
+         (torch.float32, 4, 37, 1), (torch.float32, 4, 40, 2), (torch.float32, 2, 37, 1),
+         (torch.float64, 4, 48, 1), (torch.float64, 4, 37, 1)]
+for dtype, n, width, stride in cases:
+    x = torch.randn(n, width, 150, 150, dtype=dtype).to(memory_format=torch.channels_last)
+    weight = torch.randn(64, 1, k, k, dtype=dtype)
+    x.requires_grad_()
+    ref = F.conv2d(x, weight[:width], None, stride, k // 2, 1, width)
+    g = torch.randn_like(ref)
+    (rx,) = torch.autograd.grad(ref, x, g)
+    for call in range(2):  # fresh pages, then the block the first call freed
+        y = masked_dwconv2d(x, weight, width, stride, k // 2, 1)
+        close(y, ref)
+        (gx,) = torch.autograd.grad(y, x, g)
+        close(gx, rx)
+        del y, gx
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
+                    reason="keeping freed memory resident needs glibc's malloc")
 @pytest.mark.parametrize("k", [3, 5])
 def test_dwconv_streamed_large_output(k):
-    """channels_last results beyond 30 % of the last-level cache are written with
-    non-temporal stores (stream_output): straight from the registers where pixels start
-    on cache lines (widths 64 and 48), through a row staged in a cached buffer
-    otherwise (widths 40 and 37, stride 1 and 2: stream_copy, partial lines at the row
-    ends shared by the rows of two threads), all of them on last-level caches up to
-    about 56 MiB; staged rows of a result within 60 % of the cache are copied out with
-    plain stores instead (the 2-image case, 13 MB, on the 32 MiB dev box). Forward and
-    input gradient against the reference; float64 too (8 values a vector: 48 channels
-    fill whole lines, 37 are staged)."""
-    torch.manual_seed(k)
-    cases = [(torch.float32, 4, 64, 1), (torch.float32, 4, 48, 1), (torch.float32, 4, 40, 1),
-             (torch.float32, 4, 37, 1), (torch.float32, 4, 40, 2), (torch.float32, 2, 37, 1),
-             (torch.float64, 4, 48, 1), (torch.float64, 4, 37, 1)]
-    for dtype, n, width, stride in cases:
-        x = _rand(n, width, 150, 150, dtype=dtype, fmt=torch.channels_last)
-        weight = _rand(64, 1, k, k, dtype=dtype)
-        y = masked_dwconv2d(x, weight, width, stride, k // 2, 1)
-        ref = F.conv2d(x, weight[:width], None, stride, k // 2, 1, width)
-        _check_against(y, ref, (x, weight), dtype)
+    """channels_last results beyond 30 % of the last-level cache whose pages are
+    resident are written with non-temporal stores (stream_output): straight from the
+    registers where pixels start on cache lines (widths 64 and 48), through a row staged
+    in a cached buffer otherwise (widths 40 and 37, stride 1 and 2: stream_copy, partial
+    lines at the row ends shared by the rows of two threads), all of them on last-level
+    caches up to about 56 MiB; staged rows of a result within 60 % of the cache are
+    copied out with plain stores instead (the 2-image case, 13 MB, on the 32 MiB dev
+    box). A freshly mapped result (first page not resident) is written with plain
+    stores. In a fresh interpreter with freed memory kept (bsnas.host_memory), each case
+    runs twice: into fresh pages, then into the resident block the first call freed.
+    Forward and input gradient against F.conv2d; float64 too (8 values a vector: 48
+    channels fill whole lines, 37 are staged)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("MALLOC_") or k == "GLIBC_TUNABLES")}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _STREAMED_CASES, str(k)], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])

@@ -418,9 +418,10 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
     const int64_t row_values = p.Wo * C;
     const int64_t in_bytes = N * image * int64_t(sizeof(T));
     const int64_t out_bytes = N * p.Ho * row_values * int64_t(sizeof(T));
-    const bool stream = stream_output(in_bytes, out_bytes);
+    const bool stream = stream_output(in_bytes, out_bytes, y);
     const bool staged = stream && (C * int64_t(sizeof(T))) % kCacheLineBytes != 0;
     const bool stream_rows = staged && stream_staged_rows(in_bytes, out_bytes);
+    const bool prefetch_rows = prefetch_input_rows(in_bytes);
     at::parallel_for(0, N * p.Ho, grain(row_values * kk), [&](int64_t b, int64_t e) {
       std::vector<T> staging(staged ? static_cast<size_t>(row_values + V) : 0);
       T* const stage_row = staged ? align_to_vector(staging.data()) : nullptr;
@@ -431,6 +432,17 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
         const T* row = x + n * image + (ih0 + kh0) * W * C;  // kernel row kh0
         T* const yrow = y + (n * p.Ho + oh) * row_values;
         T* const out_row = staged ? stage_row : yrow;
+        // The input rows that the next output row adds (ih0 + K .. ih0 + K + S - 1),
+        // prefetched into L2 run by run when the input comes from memory.
+        const int64_t next_ih = ih0 + K;
+        const int64_t next_rows =
+            prefetch_rows && oh + 1 < p.Ho ? std::clamp<int64_t>(H - next_ih, 0, S) : 0;
+        const auto prefetch_next = [&](int64_t ow0, int64_t runs) {
+          const int64_t c_lo = std::max<int64_t>(0, ow0 * S - p.pad + (ow0 == 0 ? 0 : K - 1));
+          const int64_t c_hi = std::min<int64_t>(W, (ow0 + runs) * S - p.pad + K - 1);
+          for (int64_t r = 0; r < next_rows && c_lo < c_hi; ++r)
+            prefetch_l2(x + n * image + ((next_ih + r) * W + c_lo) * C, (c_hi - c_lo) * C);
+        };
         const auto run = [&](int64_t bi, int64_t ow0, auto R) {
           constexpr int RV = decltype(R)::value, NI = S * (RV - 1) + K;
           const int64_t ch0 = end_aligned_block(bi, nb, C, V);  // the block's first channel
@@ -444,11 +456,15 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
         };
         if (runs_outer) {
           for_wide_blocks<kWideRun<K, S>>(p.Wo, [&](int64_t ow0, auto R) {
+            if (next_rows) prefetch_next(ow0, decltype(R)::value);
             for (int64_t bi = 0; bi < nb; ++bi) run(bi, ow0, R);
           });
         } else {
           for (int64_t bi = 0; bi < nb; ++bi)
-            for_wide_blocks<kWideRun<K, S>>(p.Wo, [&](int64_t ow0, auto R) { run(bi, ow0, R); });
+            for_wide_blocks<kWideRun<K, S>>(p.Wo, [&](int64_t ow0, auto R) {
+              if (next_rows && bi == 0) prefetch_next(ow0, decltype(R)::value);
+              run(bi, ow0, R);
+            });
         }
         if (stream_rows) {
           stream_copy(yrow, stage_row, row_values);

@@ -207,6 +207,21 @@ inline T* align_to_vector(T* p) {
 // Bytes of a cache line.
 constexpr int64_t kCacheLineBytes = 64;
 
+// Whether the memory page holding p is resident (mincore; true where that is unknown).
+// A block freshly mapped for a new tensor is not, until first written.
+inline bool page_resident(const void* p) {
+#if defined(__linux__)
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  unsigned char v = 1;
+  void* base = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p) & ~(page - 1));
+  if (mincore(base, 1, &v) != 0) return true;
+  return (v & 1) != 0;
+#else
+  (void)p;
+  return true;
+#endif
+}
+
 // Asks for the cache lines of p[0, n) to be brought into L2 (a hint: no faults, no
 // effect on results).
 // GCC drops __builtin_prefetch inside the OpenMP regions of at::parallel_for, hence the
@@ -508,9 +523,28 @@ inline int64_t last_level_cache_bytes() {
 // either way (four runs, same build, env switch); twelfth session, rows of those staged
 // and streamed (stream_copy), 2 threads: 112x112 c24 k3 0.45-0.53 -> 0.29-0.40 ms, k5
 // 0.57-0.72 -> 0.46 ms, 56x56 c72 k3 unchanged (0.22-0.32 ms either way).
-inline bool stream_output(int64_t in_bytes, int64_t out_bytes) {
+// Thirteenth session: not when the result's last page is not resident yet (a fresh
+// mapping, whose first page holds the allocator's header: by default glibc maps every block above its threshold, 128 KiB adapting up
+// to 32 MiB, afresh): faulting it in zeroes each page through the cache, and
+// non-temporal stores then write the lines a second time. 112x112 c96 (38.5 MB out) k3 / k5 forward, page faults in every call:
+// 11.8-12.0 / 12.5-13.5 ms streamed, 10.2-11.0 / 11.5-12.3 ms cached (slicing 10.6-11.2
+// / 11.5-12.2); with the pages resident (host_memory.keep_freed_memory) streaming stays.
+inline bool stream_output(int64_t in_bytes, int64_t out_bytes, const void* out) {
   static const int64_t llc = last_level_cache_bytes();
-  return (in_bytes + out_bytes) * 10 > llc * 3;
+  return (in_bytes + out_bytes) * 10 > llc * 3 &&
+         page_resident(static_cast<const char*>(out) + out_bytes - 1);
+}
+
+// Whether a pass prefetches the input rows of its next output row into L2 while it
+// computes the current one: when the input alone exceeds the last-level cache (it then
+// comes from memory; the hardware prefetchers left the stalls in the compute). Measured
+// on the dev box (thirteenth session, channels_last forward, N=8, 2 threads, freed memory
+// kept so that page faults did not hide it, two same-run A/Bs): 112x112 c96 (38.5 MB
+// input) k3 2.1-2.5 -> 1.07-1.48 ms, k5 1.9-3.3 -> 1.6-1.7, k7 3.5-4.8 -> 2.6-3.0;
+// inputs that fit (112x112 c48, 56x56 c96 / c144) were unchanged or up to 15 % slower.
+inline bool prefetch_input_rows(int64_t in_bytes) {
+  static const int64_t llc = last_level_cache_bytes();
+  return in_bytes > llc;
 }
 
 // Whether a row staged in a cached buffer (window_pass: a streamed result whose pixels

@@ -15,6 +15,11 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>  // mincore (dwconv_simd.h: page_resident)
+#include <unistd.h>
+#endif
+
 #include <algorithm>
 #include <optional>
 #include <tuple>
