@@ -366,7 +366,7 @@ for dtype, n, width, stride in cases:
     ref = F.conv2d(x, weight[:width], None, stride, k // 2, 1, width)
     g = torch.randn_like(ref)
     (rx,) = torch.autograd.grad(ref, x, g)
-    for call in range(2):  # fresh pages, then the block the first call freed
+    for call in range(2):  # the second call writes into the block the first one freed
         y = masked_dwconv2d(x, weight, width, stride, k // 2, 1)
         close(y, ref)
         (gx,) = torch.autograd.grad(y, x, g)
@@ -387,18 +387,61 @@ def test_dwconv_streamed_large_output(k):
     lines at the row ends shared by the rows of two threads), all of them on last-level
     caches up to about 56 MiB; staged rows of a result within 60 % of the cache are
     copied out with plain stores instead (the 2-image case, 13 MB, on the 32 MiB dev
-    box). A freshly mapped result (first page not resident) is written with plain
+    box). A freshly mapped result (last page not resident) is written with plain
     stores. In a fresh interpreter with freed memory kept (bsnas.host_memory), each case
-    runs twice: into fresh pages, then into the resident block the first call freed.
+    runs twice, the second time into the resident block the first call freed.
     Forward and input gradient against F.conv2d; float64 too (8 values a vector: 48
     channels fill whole lines, 37 are staged)."""
+    _run_with_freed_memory_kept(_STREAMED_CASES, str(k))
+
+
+def _run_with_freed_memory_kept(script, *args):
+    """Runs `script` in a fresh interpreter (it calls keep_freed_memory itself, a
+    process-wide setting kept out of this session); it must print "ok"."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith("MALLOC_") or k == "GLIBC_TUNABLES")}
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _STREAMED_CASES, str(k)], env=env, cwd=root,
+    out = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=root,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+_PW_STREAMED_CASES = """
+import torch
+import torch.nn.functional as F
+from bsnas import masked_pwconv2d
+from bsnas.host_memory import keep_freed_memory
+
+assert keep_freed_memory()
+torch.set_num_threads(2)
+torch.manual_seed(7)
+weight = torch.randn(112, 40, 1, 1)
+# (in, out): one-vector panels (16 outputs), two-vector panels (48), both (80), a
+# masked last panel (56: rows of 224 bytes, not streamed), NCHW (batched)
+for fmt, in_w, out_w in [(torch.channels_last, 40, 16), (torch.channels_last, 16, 48),
+                         (torch.channels_last, 24, 80), (torch.channels_last, 40, 56),
+                         (torch.contiguous_format, 24, 112)]:
+    x = torch.randn(4, in_w, 160, 150).to(memory_format=fmt)
+    ref = F.conv2d(x.double(), weight.double()[:out_w, :in_w])
+    for call in range(2):  # the second call writes into the block the first one freed
+        y = masked_pwconv2d(x, weight, in_w, out_w)
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-6, (in_w, out_w, call, err)
+        del y
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
+                    reason="keeping freed memory resident needs glibc's malloc")
+def test_pwconv_streamed_large_output():
+    """A float32 GEMM result beyond 30 % of the last-level cache, written in one depth
+    pass onto cache-line-aligned rows whose pages are resident, leaves its whole tiles
+    through non-temporal stores (gemm_f32): each case runs twice in a fresh interpreter
+    with freed memory kept (the second time into the resident block the first call
+    freed), against a float64 reference. Fails when the streamed stores are wrong."""
+    _run_with_freed_memory_kept(_PW_STREAMED_CASES)
 
 
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
