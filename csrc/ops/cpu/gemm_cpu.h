@@ -202,6 +202,13 @@ void gemm_f32(const GemmArgs& g) {
                       vector_aligned(g.c) && (g.batch == 1 || g.c_batch % (kCacheLineBytes / 4) == 0) &&
                       stream_output(int64_t(sizeof(float)) * g.batch * M * K,
                                     int64_t(sizeof(float)) * c_bytes, g.c);
+  // Calls f(masked, streamed) with the compile-time variant of a tile: a partial panel
+  // masked, a whole one streamed or stored.
+  const auto with_tile_kind = [&](bool whole, const auto& f) {
+    if (!whole) f(std::true_type{}, std::false_type{});
+    else if (stream) f(std::false_type{}, std::true_type{});
+    else f(std::false_type{}, std::false_type{});
+  };
   // Matrix i: row tiles [t0, t1) x panels [p0, p1) over the depth [kb, ke), into c (row
   // stride ldc; added to it with `add`).
   auto run = [&](int64_t i, int64_t t0, int64_t t1, int64_t p0, int64_t p1, int64_t kb,
@@ -222,13 +229,10 @@ void gemm_f32(const GemmArgs& g) {
               constexpr int R = decltype(RT)::value;
               const float* ak = a + (m0 + r) * as_m + k0 * as_k;
               float* cp = c + (m0 + r) * ldc + p * NR;
-              if (nv == V && stream) {
-                gemm_tile_narrow<R, false, true>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
-              } else if (nv == V) {
-                gemm_tile_narrow<R, false>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
-              } else {
-                gemm_tile_narrow<R, true>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
-              }
+              with_tile_kind(nv == V, [&](auto masked, auto streamed) {
+                gemm_tile_narrow<R, decltype(masked)::value, decltype(streamed)::value>(
+                    kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
+              });
             });
             continue;
           }
@@ -239,13 +243,10 @@ void gemm_f32(const GemmArgs& g) {
             // for_blocks hands a run of at most 8 <= MR rows its compile-time size.
             for_blocks(std::min(MR, M - m0), [&](int64_t, auto RT) {
               constexpr int R = decltype(RT)::value;
-              if (nv == NR && stream) {
-                gemm_tile<R, false, true>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
-              } else if (nv == NR) {
-                gemm_tile<R, false>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
-              } else {
-                gemm_tile<R, true>(kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
-              }
+              with_tile_kind(nv == NR, [&](auto masked, auto streamed) {
+                gemm_tile<R, decltype(masked)::value, decltype(streamed)::value>(
+                    kd, ak, as_m, as_k, bp, pk, nv, cp, ldc, acc);
+              });
             });
           }
         }
