@@ -524,9 +524,10 @@ inline int64_t last_level_cache_bytes() {
 // and streamed (stream_copy), 2 threads: 112x112 c24 k3 0.45-0.53 -> 0.29-0.40 ms, k5
 // 0.57-0.72 -> 0.46 ms, 56x56 c72 k3 unchanged (0.22-0.32 ms either way).
 // Thirteenth session: not when the result's last page is not resident yet (a fresh
-// mapping, whose first page holds the allocator's header: by default glibc maps every block above its threshold, 128 KiB adapting up
-// to 32 MiB, afresh): faulting it in zeroes each page through the cache, and
-// non-temporal stores then write the lines a second time. 112x112 c96 (38.5 MB out) k3 / k5 forward, page faults in every call:
+// mapping, whose first page holds the allocator's header; by default glibc maps every
+// block above its threshold, 128 KiB adapting up to 32 MiB, afresh): faulting it in
+// zeroes each page through the cache, and non-temporal stores then write the lines a
+// second time. 112x112 c96 (38.5 MB out) k3 / k5 forward, page faults in every call:
 // 11.8-12.0 / 12.5-13.5 ms streamed, 10.2-11.0 / 11.5-12.3 ms cached (slicing 10.6-11.2
 // / 11.5-12.2); with the pages resident (host_memory.keep_freed_memory) streaming stays.
 inline bool stream_output(int64_t in_bytes, int64_t out_bytes, const void* out) {

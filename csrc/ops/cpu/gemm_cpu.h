@@ -197,11 +197,12 @@ void gemm_f32(const GemmArgs& g) {
   // forward, N=8, 2 threads, freed memory kept, two same-run A/Bs): 112x112 16->96
   // 1.22-1.23 -> 0.91-0.92 ms, 16->48 0.59-0.64 -> 0.46 ms (slicing 1.10-1.17 / 0.43-0.48);
   // without freed memory kept, 16->48 (19 MB, reused heap pages) 0.55 -> 0.47-0.51 ms.
-  const int64_t c_bytes = (g.batch - 1) * g.c_batch + (M - 1) * g.ldc + N;  // floats
-  const bool stream = !g.add && K <= kGemmDepth && g.ldc % (kCacheLineBytes / 4) == 0 &&
-                      vector_aligned(g.c) && (g.batch == 1 || g.c_batch % (kCacheLineBytes / 4) == 0) &&
+  constexpr int64_t kLineFloats = kCacheLineBytes / int64_t(sizeof(float));
+  const int64_t c_values = (g.batch - 1) * g.c_batch + (M - 1) * g.ldc + N;  // C's extent
+  const bool stream = !g.add && K <= kGemmDepth && g.ldc % kLineFloats == 0 &&
+                      vector_aligned(g.c) && (g.batch == 1 || g.c_batch % kLineFloats == 0) &&
                       stream_output(int64_t(sizeof(float)) * g.batch * M * K,
-                                    int64_t(sizeof(float)) * c_bytes, g.c);
+                                    int64_t(sizeof(float)) * c_values, g.c);
   // Calls f(masked, streamed) with the compile-time variant of a tile: a partial panel
   // masked, a whole one streamed or stored.
   const auto with_tile_kind = [&](bool whole, const auto& f) {
@@ -283,7 +284,9 @@ void gemm_f32(const GemmArgs& g) {
           const float* pr = partial.get() + q * M * N + r * N;
           int64_t j = 0;
           for (; j + V <= N; j += V) vstore(cr + j, vload(cr + j) + vload(pr + j));
-          if (j < N) vstore_part(cr + j, vload_first(cr + j, N - j) + vload_first(pr + j, N - j), N - j);
+          if (j < N) {
+            vstore_part(cr + j, vload_first(cr + j, N - j) + vload_first(pr + j, N - j), N - j);
+          }
         }
       }
     });
