@@ -31,13 +31,11 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 30
 # Free memory at the top of the heap is returned to the system only beyond this.
 TRIM_THRESHOLD = (1 << 31) - 1
-
-_applied = False
-
-
 # glibc's environment settings of what keep_freed_memory sets (respected when present).
 _ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 _TUNABLES = ("mmap_threshold", "trim_threshold", "top_pad", "mmap_max")
+
+_applied = False
 
 
 def _user_tuned() -> bool:

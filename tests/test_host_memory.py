@@ -1,13 +1,10 @@
 """bsnas.host_memory: freed memory kept for reuse on glibc. Each case runs in a fresh
 interpreter (the setting is process-wide and must not leak into the test session)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fresh_interpreter import GLIBC, run_python
 
 # Allocates and fills a 40 MB tensor ten times and prints the median page faults of the
 # last five (glibc maps blocks this large afresh on every allocation by default).
@@ -34,22 +31,12 @@ print(json.dumps({"applied": applied, "faults": sorted(counts[5:])[2]}))
 
 
 def _probe(mode, env_extra=None):
-    env = {k: v for k, v in os.environ.items()
-           if not (k.startswith("MALLOC_") or k == "GLIBC_TUNABLES")}
-    env.update(env_extra or {})
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = run_python(_PROBE, mode, env=env_extra, timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _glibc() -> bool:
-    import platform
-    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-
-
-@pytest.mark.skipif(not _glibc(), reason="glibc malloc only")
+@pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
 def test_freed_memory_is_reused_without_page_faults():
     plain, kept = _probe("none"), _probe("call")
     assert kept["applied"] is True
@@ -58,7 +45,7 @@ def test_freed_memory_is_reused_without_page_faults():
     assert kept["faults"] < 100, kept
 
 
-@pytest.mark.skipif(not _glibc(), reason="glibc malloc only")
+@pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
 def test_cpu_device_applies_it_and_environment_settings_win():
     assert _probe("config")["applied"] is True
     # a user's own malloc settings are left alone

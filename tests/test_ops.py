@@ -1,9 +1,5 @@
 """The masked convolution ops on CPU against plain PyTorch on sliced weights."""
-import os
-import platform
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +8,7 @@ import torch.nn.functional as F
 import bsnas
 from bsnas import masked_dwconv2d, masked_pwconv2d
 from bsnas.ops.masked_conv import _format
+from fresh_interpreter import GLIBC, run_python
 
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
 
@@ -376,8 +373,7 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
-                    reason="keeping freed memory resident needs glibc's malloc")
+@pytest.mark.skipif(not GLIBC, reason="keeping freed memory resident needs glibc's malloc")
 @pytest.mark.parametrize("k", [3, 5])
 def test_dwconv_streamed_large_output(k):
     """channels_last results beyond 30 % of the last-level cache whose pages are
@@ -398,12 +394,7 @@ def test_dwconv_streamed_large_output(k):
 def _run_with_freed_memory_kept(script, *args):
     """Runs `script` in a fresh interpreter (it calls keep_freed_memory itself, a
     process-wide setting kept out of this session); it must print "ok"."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items()
-           if not (k.startswith("MALLOC_") or k == "GLIBC_TUNABLES")}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=300)
+    out = run_python(script, *args)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -433,8 +424,7 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
-                    reason="keeping freed memory resident needs glibc's malloc")
+@pytest.mark.skipif(not GLIBC, reason="keeping freed memory resident needs glibc's malloc")
 def test_pwconv_streamed_large_output():
     """A float32 GEMM result beyond 30 % of the last-level cache, written in one depth
     pass onto cache-line-aligned rows whose pages are resident, leaves its whole tiles
