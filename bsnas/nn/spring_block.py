@@ -18,7 +18,7 @@ from torch import nn
 
 from bsnas.nn.batchnorm import DynamicBatchNorm2d
 from bsnas.nn.masked_conv import MaskedDepthwiseConv2d, MaskedPointwiseConv2d
-from bsnas.ops import ACTIVATION_CODES, bn_act, bn_train_act_dwconv2d, mbconv_folded
+from bsnas.ops import ACTIVATION_CODES, mbconv_folded, mbconv_train
 from bsnas.ops.masked_conv import _format
 
 ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU, "hswish": nn.Hardswish}
@@ -133,24 +133,23 @@ class SpringBlock(nn.Module):
     def _train_in_channels_last(self, x: torch.Tensor) -> bool:
         return self.CPU_TRAIN_CHANNELS_LAST and _cpu_nchw(x)
 
-    # Training: the expand BN + activation are applied inside the depthwise kernel as it
-    # reads its input (the activation tensor between them never exists).
+    # Training: one op from x to the project convolution (bsnas.ops.mbconv_train): the
+    # expand BN + activation are applied inside the depthwise kernel as it reads its input
+    # (the activation tensor between them never exists), both BNs use float64 batch sums
+    # (E[z^2] - E[z]^2 does not cancel there) computed in passes the kernels make anyway,
+    # and the whole stretch is one autograd node.
     def _forward_train_fused(self, x: torch.Tensor) -> torch.Tensor:
         if self._train_in_channels_last(x):
             y = self._forward_train_fused(x.contiguous(memory_format=torch.channels_last))
             return y.contiguous()
-        c, k, bn = self._width, self.kernel_size, self.expand_bn
-        z = self.expand(x, c)
-        # The expand BN's batch statistics as float64 sums (E[z^2] - E[z]^2 does not
-        # cancel there), in one pass over z inside the op, which also applies that BN.
-        y, ysum, ysq, zsum, zsq = bn_train_act_dwconv2d(
-            z, bn.weight, bn.bias, self.depthwise.weight, c, self.stride, k // 2, 1,
-            self.activation, bn.eps)
-        bn.update_running_stats(zsum, zsq, z.numel() // c)
-        # The depthwise BN's sums come out of the same pass.
-        scale2, shift2 = self.depthwise_bn.batch_affine(ysum, ysq, y.numel() // c)
-        h = bn_act(y, scale2, shift2, self.activation)  # one pass each way
-        h = self.project_bn(self.project(h))
+        bn1, bn2 = self.expand_bn, self.depthwise_bn
+        p, zsum, zsq, ysum, ysq = mbconv_train(
+            x, self.expand.weight, bn1.weight, bn1.bias, self.depthwise.weight, bn2.weight,
+            bn2.bias, self.project.weight, self._width, self.stride, self.activation,
+            bn1.eps, bn2.eps)
+        bn1.update_running_stats(zsum, zsq, x.numel() // x.shape[1])
+        bn2.update_running_stats(ysum, ysq, p.numel() // p.shape[1])
+        h = self.project_bn(p)
         return h + x if self.residual else h
 
     # Inference (eval mode, no gradient wanted): BN folded into the active weights. The

@@ -9,12 +9,14 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addcmul.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <tuple>
 #include <utility>
 
 #include "bn_train_act_dwconv2d.h"
+#include "mbconv_train.h"
 #include "op_handles.h"
 
 namespace bsnas {
@@ -26,14 +28,6 @@ using torch::autograd::variable_list;
 // The gradient of the i-th *tensor* input, if autograd wants it.
 at::Tensor grad_if(const AutogradContext* ctx, size_t i, const at::Tensor& g) {
   return ctx->needs_input_grad(i) ? g : at::Tensor();
-}
-
-// z's gradient through its per-channel sum and sum of squares is gs + z * gq: returns
-// (gs, gq) = (grad_sum[c], 2 grad_sumsq[c]) in z's dtype, shaped [1, C, 1, 1].
-std::pair<at::Tensor, at::Tensor> stats_grad_terms(const at::Tensor& z, const at::Tensor& gsum,
-                                                   const at::Tensor& gsumsq) {
-  const auto dt = z.scalar_type();
-  return {as_dtype(gsum, dt).view({1, -1, 1, 1}), as_dtype(gsumsq.mul(2), dt).view({1, -1, 1, 1})};
 }
 
 // ---------------------------------------------------------------- masked_dwconv2d
@@ -70,11 +64,6 @@ at::Tensor masked_dwconv2d(const at::Tensor& x, const at::Tensor& w, c10::SymInt
 }
 
 // ---------------------------------------------------------------- masked_pwconv2d
-using PwSig = at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, c10::SymInt);
-using PwBwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, c10::SymInt,
-                                                    c10::SymInt);
-
 struct MaskedPw : torch::autograd::Function<MaskedPw> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             c10::SymInt in_width, c10::SymInt out_width) {
@@ -100,11 +89,6 @@ at::Tensor masked_pwconv2d(const at::Tensor& x, const at::Tensor& w, c10::SymInt
 }
 
 // ---------------------------------------------------------------- bn_act_dwconv2d
-using BnActBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
-    int64_t, int64_t, int64_t, int64_t);
-
 struct BnActDw : torch::autograd::Function<BnActDw> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& z,
                                const at::Tensor& scale, const at::Tensor& shift,
@@ -139,10 +123,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_dwconv2d(
 }
 
 // ---------------------------------------------------------------- bn_train_act_dwconv2d
-using AffineBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
-    const at::Tensor&, double);
-
 struct BnTrainActDw : torch::autograd::Function<BnTrainActDw> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& z,
                                const at::Tensor& bn_weight, const at::Tensor& bn_bias,
@@ -158,34 +138,19 @@ struct BnTrainActDw : torch::autograd::Function<BnTrainActDw> {
     ctx->mark_non_differentiable({f.zsum, f.zsumsq});
     return {f.y, f.ysum, f.ysumsq, f.zsum, f.zsumsq};
   }
-  // The depthwise backward gives grad_z, grad_scale, grad_shift and the weight's
-  // gradient; BN's backward turns grad_scale / grad_shift into the gradients of its
-  // weight, bias and z's sums; z's share through the sums is added into grad_z in place.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto dw_bwd = handle<BnActBwdSig>("bsnas::_bn_act_dwconv2d_backward");
-    static const auto bn_bwd = handle<AffineBwdSig>("bsnas::_bn_affine_from_sums_backward");
     const auto s = ctx->get_saved_variables();
-    const at::Tensor &z = s[0], &bn_weight = s[7];
     const auto a = ctx->saved_data["args"].toIntVector();
-    const c10::SymInt width = ctx->saved_data["width"].toSymInt();
-    auto [gz, gscale, gshift, gw] = dw_bwd.call(grads[0], grads[1], grads[2], z, s[1], s[2],
-                                                s[3], s[4], width, a[0], a[1], a[2], a[3]);
-    at::Tensor g_bn_weight, g_bn_bias;
-    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
-      const auto bt = bn_weight.scalar_type();
-      auto [gsum, gsumsq, gbw, gbb] =
-          bn_bwd.call(as_dtype(gscale, bt), as_dtype(gshift, bt), s[5], s[6],
-                      z.sym_numel() / width, bn_weight, ctx->saved_data["eps"].toDouble());
-      g_bn_weight = gbw;
-      g_bn_bias = gbb;
-      if (ctx->needs_input_grad(0)) {  // grad_z += grad_zsum[c] + 2 z grad_zsumsq[c]
-        const auto [gs, gq] = stats_grad_terms(z, gsum, gsumsq);
-        gz.addcmul_(z, gq).add_(gs);
-      }
-    }
+    BnTrainForward f;
+    f.scale = s[1], f.shift = s[2], f.y = s[4], f.zsum = s[5], f.zsumsq = s[6];
+    const bool want_z = ctx->needs_input_grad(0);
+    auto g = bn_train_act_dwconv2d_backward(
+        grads[0], grads[1], grads[2], s[0], f, s[7], ctx->saved_data["eps"].toDouble(), s[3],
+        ctx->saved_data["width"].toSymInt(), a[0], a[1], a[2], a[3], want_z,
+        ctx->needs_input_grad(1) || ctx->needs_input_grad(2));
     // needs_input_grad counts tensor inputs only: z, bn_weight, bn_bias, weight.
-    return {grad_if(ctx, 0, gz), grad_if(ctx, 1, g_bn_weight), grad_if(ctx, 2, g_bn_bias), {},
-            grad_if(ctx, 3, gw), {}, {}, {}, {}, {}};
+    return {grad_if(ctx, 0, g.z), grad_if(ctx, 1, g.bn_weight), grad_if(ctx, 2, g.bn_bias), {},
+            grad_if(ctx, 3, g.weight), {}, {}, {}, {}, {}};
   }
 };
 
@@ -195,6 +160,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_
     int64_t act) {
   auto out = BnTrainActDw::apply(z, bn_weight, bn_bias, eps, w, std::move(width), stride,
                                  padding, dilation, act);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+// ---------------------------------------------------------------- mbconv_train
+struct MbconvTrain : torch::autograd::Function<MbconvTrain> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const at::Tensor& expand_weight, const at::Tensor& bn1_weight,
+                               const at::Tensor& bn1_bias, double eps1,
+                               const at::Tensor& dw_weight, const at::Tensor& bn2_weight,
+                               const at::Tensor& bn2_bias, double eps2,
+                               const at::Tensor& project_weight, c10::SymInt width,
+                               int64_t stride, int64_t act) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const MbconvTrainParams a{expand_weight, bn1_weight, bn1_bias, dw_weight, bn2_weight,
+                              bn2_bias, project_weight, eps1, eps2, width, stride, act};
+    auto f = mbconv_train_forward(x, a);
+    ctx->save_for_backward({x, expand_weight, bn1_weight, bn1_bias, dw_weight, bn2_weight,
+                            bn2_bias, project_weight, f.dw.scale, f.dw.shift, f.dw.zsum,
+                            f.dw.zsumsq, f.dw.ysum, f.dw.ysumsq, f.scale2, f.shift2});
+    // The three hidden tensors (internal: no other reference, no grad_fn) are kept as
+    // saved data, which the backward can drop one by one after its last use of each.
+    ctx->saved_data["z"] = f.z;
+    ctx->saved_data["y"] = f.dw.y;
+    ctx->saved_data["h"] = f.h;
+    ctx->saved_data["width"] = width;
+    ctx->saved_data["eps"] = std::vector<double>{eps1, eps2};
+    ctx->saved_data["args"] = std::vector<int64_t>{stride, act};
+    ctx->mark_non_differentiable({f.dw.zsum, f.dw.zsumsq, f.dw.ysum, f.dw.ysumsq});
+    ctx->set_materialize_grads(false);  // no zero tensors for the sums' (absent) gradients
+    return {f.p, f.dw.zsum, f.dw.zsumsq, f.dw.ysum, f.dw.ysumsq};
+  }
+  // `grads` by reference: the node's input buffer, whose gradient of p is its only
+  // reference, moved on to the backward, which drops it after its first use.
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
+    if (!grads[0].defined()) return variable_list(13);  // p unused: every gradient zero
+    const auto s = ctx->get_saved_variables();
+    const auto eps = ctx->saved_data["eps"].toDoubleVector();
+    const auto args = ctx->saved_data["args"].toIntVector();
+    const MbconvTrainParams a{s[1], s[2], s[3], s[4], s[5], s[6], s[7], eps[0], eps[1],
+                              ctx->saved_data["width"].toSymInt(), args[0], args[1]};
+    MbconvTrainForward f;
+    f.dw.scale = s[8], f.dw.shift = s[9];
+    f.dw.zsum = s[10], f.dw.zsumsq = s[11], f.dw.ysum = s[12], f.dw.ysumsq = s[13];
+    f.scale2 = s[14], f.shift2 = s[15];
+    // Unless the graph is kept for another backward, the node lets go of them here.
+    const bool keep = torch::autograd::get_current_graph_task_keep_graph();
+    for (auto [name, t] : {std::pair{"z", &f.z}, std::pair{"y", &f.dw.y}, std::pair{"h", &f.h}}) {
+      TORCH_CHECK(ctx->saved_data.count(name), "mbconv_train: trying to backward through the "
+                  "graph a second time; specify retain_graph=True the first time");
+      *t = ctx->saved_data[name].toTensor();
+      if (!keep) ctx->saved_data.erase(name);
+    }
+    auto g = mbconv_train_backward(std::move(grads[0]), s[0], a, std::move(f),
+                                   ctx->needs_input_grad(0));
+    // needs_input_grad counts tensor inputs only: x, expand_weight, bn1_weight, bn1_bias,
+    // dw_weight, bn2_weight, bn2_bias, project_weight.
+    return {grad_if(ctx, 0, g.x),          grad_if(ctx, 1, g.expand_weight),
+            grad_if(ctx, 2, g.bn1_weight), grad_if(ctx, 3, g.bn1_bias),
+            {},                            grad_if(ctx, 4, g.dw_weight),
+            grad_if(ctx, 5, g.bn2_weight), grad_if(ctx, 6, g.bn2_bias),
+            {},                            grad_if(ctx, 7, g.project_weight),
+            {},                            {},
+            {}};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mbconv_train(
+    const at::Tensor& x, const at::Tensor& expand_weight, const at::Tensor& bn1_weight,
+    const at::Tensor& bn1_bias, double eps1, const at::Tensor& dw_weight,
+    const at::Tensor& bn2_weight, const at::Tensor& bn2_bias, double eps2,
+    const at::Tensor& project_weight, c10::SymInt width, int64_t stride, int64_t act) {
+  auto out = MbconvTrain::apply(x, expand_weight, bn1_weight, bn1_bias, eps1, dw_weight,
+                                bn2_weight, bn2_bias, eps2, project_weight, std::move(width),
+                                stride, act);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
@@ -254,10 +293,6 @@ std::tuple<at::Tensor, at::Tensor> bn_affine_from_sums(const at::Tensor& sum,
 }
 
 // ---------------------------------------------------------------- bn_act
-using BnActOnlySig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
-using BnActOnlyBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
-
 struct BnActFn : torch::autograd::Function<BnActFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& scale,
                             const at::Tensor& shift, int64_t act) {
@@ -289,6 +324,7 @@ TORCH_LIBRARY_IMPL(bsnas, Autograd, m) {
   m.impl("masked_pwconv2d", &masked_pwconv2d);
   m.impl("bn_act_dwconv2d", &bn_act_dwconv2d);
   m.impl("bn_train_act_dwconv2d", &bn_train_act_dwconv2d);
+  m.impl("mbconv_train", &mbconv_train);
   m.impl("channel_stats", &channel_stats);
   m.impl("bn_affine_from_sums", &bn_affine_from_sums);
 }

@@ -13,11 +13,13 @@
 // 56x56 24->40 block at width 25 %. zsum / zsumsq come out for the running-statistics
 // update (bn_update_running_stats_) and are not differentiable.
 //
-// The forward is a composite of the three ops (their CPU and CUDA kernels); the autograd
-// kernel is in autograd.cpp, the fake kernel in bsnas/ops/bn_act_dwconv.py.
+// The forward is a composite of the three ops (their CPU and CUDA kernels), and so is the
+// backward below; the autograd kernel is in autograd.cpp, the fake kernel in
+// bsnas/ops/bn_act_dwconv.py.
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 
 #include "bn_train_act_dwconv2d.h"
 #include "op_handles.h"
@@ -56,6 +58,44 @@ BnTrainForward bn_train_act_dwconv2d_forward(const at::Tensor& z, const at::Tens
   std::tie(f.y, f.ysum, f.ysumsq) =
       dw.call(z, f.scale, f.shift, weight, width, stride, padding, dilation, act);
   return f;
+}
+
+std::pair<at::Tensor, at::Tensor> stats_grad_terms(const at::Tensor& z, const at::Tensor& gsum,
+                                                   const at::Tensor& gsumsq) {
+  const auto dt = z.scalar_type();
+  return {as_dtype(gsum, dt).view({1, -1, 1, 1}), as_dtype(gsumsq.mul(2), dt).view({1, -1, 1, 1})};
+}
+
+// The depthwise backward gives grad_z, grad_scale, grad_shift and the weight's gradient;
+// BN's backward turns grad_scale / grad_shift into the gradients of its weight, bias and
+// z's sums; z's share through the sums is added into grad_z in place.
+BnTrainGrads bn_train_act_dwconv2d_backward(const at::Tensor& grad_y, const at::Tensor& grad_ysum,
+                                            const at::Tensor& grad_ysumsq, const at::Tensor& z,
+                                            const BnTrainForward& f, const at::Tensor& bn_weight,
+                                            double eps, const at::Tensor& weight,
+                                            const c10::SymInt& width, int64_t stride,
+                                            int64_t padding, int64_t dilation, int64_t act,
+                                            bool want_z, bool want_bn) {
+  static const auto dw_bwd = handle<BnActBwdSig>("bsnas::_bn_act_dwconv2d_backward");
+  static const auto bn_bwd = handle<AffineBwdSig>("bsnas::_bn_affine_from_sums_backward");
+  BnTrainGrads g;
+  at::Tensor gscale, gshift;
+  std::tie(g.z, gscale, gshift, g.weight) =
+      dw_bwd.call(grad_y, grad_ysum, grad_ysumsq, z, f.scale, f.shift, weight, f.y, width,
+                  stride, padding, dilation, act);
+  if (want_z || want_bn) {
+    const auto bt = bn_weight.scalar_type();
+    auto [gsum, gsumsq, gbw, gbb] =
+        bn_bwd.call(as_dtype(gscale, bt), as_dtype(gshift, bt), f.zsum, f.zsumsq,
+                    z.sym_numel() / width, bn_weight, eps);
+    g.bn_weight = gbw;
+    g.bn_bias = gbb;
+    if (want_z) {  // grad_z += grad_zsum[c] + 2 z grad_zsumsq[c]
+      const auto [gs, gq] = stats_grad_terms(z, gsum, gsumsq);
+      g.z.addcmul_(z, gq).add_(gs);
+    }
+  }
+  return g;
 }
 
 namespace {

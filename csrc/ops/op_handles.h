@@ -26,6 +26,24 @@ using AffineSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at
 using BnActSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
     int64_t, int64_t, int64_t, int64_t);
+// bsnas::_bn_act_dwconv2d_backward
+using BnActBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
+    int64_t, int64_t, int64_t, int64_t);
+// bsnas::_bn_affine_from_sums_backward
+using AffineBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
+    const at::Tensor&, double);
+// bsnas::masked_pwconv2d and its backward
+using PwSig = at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, c10::SymInt);
+using PwBwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, c10::SymInt,
+                                                    c10::SymInt);
+// bsnas::bn_act and its backward
+using BnActOnlySig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
+using BnActOnlyBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
 
 // t in dtype dt: t itself when it already is (opcheck rejects a kernel that returns an
 // alias of its input, as t.to(dt) then is).
