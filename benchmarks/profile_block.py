@@ -24,6 +24,7 @@ from baselines import use_baseline  # noqa: E402
 
 from bsnas.nn import SpringBlock  # noqa: E402
 
+OPS = ("aten::", "bsnas::", "autograd::engine::evaluate_function")
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
             "cudaMemsetAsync", "cudaMemcpyAsync")
 
@@ -64,8 +65,9 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {dev}, batch {a.batch}, {a.cin}->{a.cout} "
           f"{a.hw}x{a.hw} s{a.stride} k{a.kernel}, width {a.width}/{a.max_width}, "
           f"{'channels_last' if a.channels_last else 'NCHW'}\n")
-    print("| mode | impl | launches / call | kernel time / call (us) | wall / call (us) |")
-    print("|---|---|---:|---:|---:|")
+    print("| mode | impl | ops / call | launches / call | kernel time / call (us) | "
+          "wall / call (us) |")
+    print("|---|---|---:|---:|---:|---:|")
     tables, apis = {}, {}
     for mode, fn in (("train", train), ("infer", infer)):
         for kind in ("fused", "slicing", "masking"):
@@ -85,9 +87,13 @@ def main(argv=None) -> None:
                 sync()
             ev = prof.events()
             launches = sum(1 for e in ev if e.name in LAUNCHES) / 5
+            # Host-side operator calls (ATen and bsnas ops, nested ones included, and
+            # autograd nodes): the device-independent share of the host work.
+            ops = sum(1 for e in ev if e.name.startswith(OPS)) / 5
             kern = sum(e.device_time_total for e in ev
                        if e.device_type == torch.autograd.DeviceType.CUDA) / 5
-            print(f"| {mode} | {kind} | {launches:.0f} | {kern:.0f} | {wall * 1e6:.0f} |")
+            print(f"| {mode} | {kind} | {ops:.0f} | {launches:.0f} | {kern:.0f} | "
+                  f"{wall * 1e6:.0f} |")
             # Runtime / driver API calls per call (launches, syncs, memsets, copies).
             api = collections.Counter(e.name for e in ev if e.name.startswith("cu"))
             apis[(mode, kind)] = ", ".join(f"{k} {v / 5:g}" for k, v in api.most_common(8))

@@ -9,11 +9,10 @@
 // BN1 and BN2 normalise with the batch statistics (float64 sums, which come out for the
 // running-statistics update, bn_update_running_stats_); the project BN and the residual
 // are the caller's. The kernels are those of the ops named on the right; what the op
-// saves is the host work between them. Through the five ops and their five autograd
-// nodes, the spring block's training step on the dev box at a tiny shape (2x8x4x4, one
-// thread, where kernels cost nothing) took 205 us, of which the ops' own calls were
-// about 85: the rest was Python, autograd nodes and the tensors they save. A GPU at
-// batch 64 was bound by the same host work at 28x28 and below (benchmarks/RESULTS.md).
+// saves is the host work between them (Python, four autograd nodes, their saved tensors).
+// Measured on the dev box, one thread, a tiny block (2x8x4x4, where kernels cost
+// nothing): the spring block's training step 221 -> 173 us (eager slicing 324). A GPU at
+// batch 64 was bound by that kind of host work at 28x28 and below (benchmarks/RESULTS.md).
 //
 // Autograd kernel: autograd.cpp; fake kernel: bsnas/ops/mbconv_train.py.
 #include <torch/library.h>
