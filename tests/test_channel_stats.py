@@ -89,3 +89,82 @@ def test_cuda_matches_float64(dtype, fmt):
         torch.testing.assert_close(q.cpu(), (zd * zd).sum((0, 2, 3)), rtol=1e-10, atol=1e-8)
         again = channel_stats(z.cuda().contiguous(memory_format=fmt))
         assert torch.equal(s, again[0]) and torch.equal(q, again[1])
+
+
+# ------------------------------------------------------------ _channel_stats_grad_add_
+_grad_add = torch.ops.bsnas._channel_stats_grad_add_
+
+
+def _grad_add_case(rng, dtype, fmt, device="cpu"):
+    shape = (rng.randint(1, 4), rng.randint(1, 40), rng.randint(1, 9), rng.randint(1, 9))
+    z = torch.randn(*shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+    gz = torch.randn(*shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+    gs = torch.randn(shape[1], dtype=torch.float64, device=device)
+    gq = torch.randn(shape[1], dtype=torch.float64, device=device)
+    # What the op replaces: the composite autograd computed, in z's dtype.
+    want = gz + gs.to(dtype).view(1, -1, 1, 1) + z * (2 * gq).to(dtype).view(1, -1, 1, 1)
+    return gz, z, gs, gq, want
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_grad_add_matches_composite(dtype, fmt):
+    """grad_z += grad_sum[c] + 2 z grad_sumsq[c] in place, in z's format."""
+    rng = random.Random(f"grad-add-{dtype}-{fmt}")
+    torch.manual_seed(rng.randint(0, 1 << 30))
+    for _ in range(10):
+        gz, z, gs, gq, want = _grad_add_case(rng, dtype, fmt)
+        ptr = gz.data_ptr()
+        _grad_add(gz, z, gs, gq)
+        assert gz.data_ptr() == ptr
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(gz, want, rtol=tol, atol=tol)
+
+
+def test_grad_add_is_z_gradient_through_the_sums():
+    """Added into zeros, it is channel_stats' autograd gradient of z."""
+    torch.manual_seed(4)
+    z = torch.randn(3, 6, 5, 4, dtype=torch.float64, requires_grad=True)
+    gs, gq = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    s, q = channel_stats(z)
+    (want,) = torch.autograd.grad((s * gs).sum() + (q * gq).sum(), z)
+    got = torch.zeros_like(z)
+    _grad_add(got, z.detach(), gs, gq)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
+def test_grad_add_opcheck(fmt):
+    gz, z, gs, gq, _ = _grad_add_case(random.Random(5), torch.float32, fmt)
+    torch.library.opcheck(_grad_add.default, (gz, z, gs, gq))
+
+
+def test_grad_add_bad_input():
+    z = torch.randn(2, 3, 4, 4)
+    gs, gq = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="grad_z has shape"):
+        _grad_add(torch.zeros(2, 3, 4, 5), z, gs, gq)
+    with pytest.raises(RuntimeError, match="grad_z is Double but z is Float"):
+        _grad_add(torch.zeros(2, 3, 4, 4, dtype=torch.float64), z, gs, gq)
+    with pytest.raises(RuntimeError, match="dense in one memory format"):
+        _grad_add(torch.zeros(2, 3, 4, 4).contiguous(memory_format=torch.channels_last), z,
+                  gs, gq)
+    with pytest.raises(RuntimeError, match=r"grad_sum must be float64 \[3\]"):
+        _grad_add(torch.zeros_like(z), z, gs.float(), gq)
+    with pytest.raises(RuntimeError, match=r"grad_sumsq must be float64 \[3\]"):
+        _grad_add(torch.zeros_like(z), z, gs, gq[:2])
+    with pytest.raises(RuntimeError, match="z must be 4-D"):
+        _grad_add(torch.zeros(3, 4), torch.randn(3, 4), gs, gq)
+
+
+@pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device and the CUDA kernels")
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_grad_add_cuda(dtype, fmt):
+    rng = random.Random(f"grad-add-cuda-{dtype}-{fmt}")
+    torch.manual_seed(rng.randint(0, 1 << 30))
+    for _ in range(6):
+        gz, z, gs, gq, want = _grad_add_case(rng, dtype, fmt, "cuda")
+        _grad_add(gz, z, gs, gq)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+        torch.testing.assert_close(gz, want, rtol=tol, atol=tol)

@@ -27,3 +27,8 @@ def _fake(z):
     torch._check(z.dim() == 4, lambda: "channel_stats: z must be 4-D")
     s = z.new_empty((z.shape[1],), dtype=torch.float64)
     return s, s.new_empty((z.shape[1],))
+
+
+@torch.library.register_fake("bsnas::_channel_stats_grad_add_")
+def _grad_add_fake(grad_z, z, grad_sum, grad_sumsq):
+    return None

@@ -30,6 +30,14 @@ at::Tensor grad_if(const AutogradContext* ctx, size_t i, const at::Tensor& g) {
   return ctx->needs_input_grad(i) ? g : at::Tensor();
 }
 
+// z's gradient through its per-channel sum and sum of squares is gs + z * gq: returns
+// (gs, gq) = (grad_sum[c], 2 grad_sumsq[c]) in z's dtype, shaped [1, C, 1, 1].
+std::pair<at::Tensor, at::Tensor> stats_grad_terms(const at::Tensor& z, const at::Tensor& gsum,
+                                                   const at::Tensor& gsumsq) {
+  const auto dt = z.scalar_type();
+  return {as_dtype(gsum, dt).view({1, -1, 1, 1}), as_dtype(gsumsq.mul(2), dt).view({1, -1, 1, 1})};
+}
+
 // ---------------------------------------------------------------- masked_dwconv2d
 using DwSig = at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, int64_t, int64_t,
                          int64_t);

@@ -19,9 +19,9 @@
 #include <torch/library.h>
 
 #include <tuple>
-#include <utility>
 
 #include "bn_train_act_dwconv2d.h"
+#include "masked_conv_common.h"
 #include "op_handles.h"
 
 namespace bsnas {
@@ -60,12 +60,6 @@ BnTrainForward bn_train_act_dwconv2d_forward(const at::Tensor& z, const at::Tens
   return f;
 }
 
-std::pair<at::Tensor, at::Tensor> stats_grad_terms(const at::Tensor& z, const at::Tensor& gsum,
-                                                   const at::Tensor& gsumsq) {
-  const auto dt = z.scalar_type();
-  return {as_dtype(gsum, dt).view({1, -1, 1, 1}), as_dtype(gsumsq.mul(2), dt).view({1, -1, 1, 1})};
-}
-
 // The depthwise backward gives grad_z, grad_scale, grad_shift and the weight's gradient;
 // BN's backward turns grad_scale / grad_shift into the gradients of its weight, bias and
 // z's sums; z's share through the sums is added into grad_z in place.
@@ -78,6 +72,7 @@ BnTrainGrads bn_train_act_dwconv2d_backward(const at::Tensor& grad_y, const at::
                                             bool want_z, bool want_bn) {
   static const auto dw_bwd = handle<BnActBwdSig>("bsnas::_bn_act_dwconv2d_backward");
   static const auto bn_bwd = handle<AffineBwdSig>("bsnas::_bn_affine_from_sums_backward");
+  static const auto stats_add = handle<StatsGradAddSig>("bsnas::_channel_stats_grad_add_");
   BnTrainGrads g;
   at::Tensor gscale, gshift;
   std::tie(g.z, gscale, gshift, g.weight) =
@@ -90,9 +85,10 @@ BnTrainGrads bn_train_act_dwconv2d_backward(const at::Tensor& grad_y, const at::
                     z.sym_numel() / width, bn_weight, eps);
     g.bn_weight = gbw;
     g.bn_bias = gbb;
-    if (want_z) {  // grad_z += grad_zsum[c] + 2 z grad_zsumsq[c]
-      const auto [gs, gq] = stats_grad_terms(z, gsum, gsumsq);
-      g.z.addcmul_(z, gq).add_(gs);
+    if (want_z) {  // grad_z += grad_zsum[c] + 2 z grad_zsumsq[c], in place, one pass
+      const auto fmt = compute_format(z);  // the kernels' (and grad_z's) layout
+      if (!g.z.is_contiguous(fmt)) g.z = g.z.contiguous(fmt);
+      stats_add.call(g.z, z.contiguous(fmt), gsum, gsumsq);
     }
   }
   return g;

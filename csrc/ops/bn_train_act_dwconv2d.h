@@ -6,14 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymInt.h>
 
-#include <utility>
-
 namespace bsnas {
-
-// z's gradient through its per-channel sum and sum of squares is gs + z * gq: returns
-// (gs, gq) = (grad_sum[c], 2 grad_sumsq[c]) in z's dtype, shaped [1, C, 1, 1].
-std::pair<at::Tensor, at::Tensor> stats_grad_terms(const at::Tensor& z, const at::Tensor& gsum,
-                                                   const at::Tensor& gsumsq);
 
 struct BnTrainForward {
   at::Tensor y, ysum, ysumsq;  // the depthwise output and its float64 sums

@@ -124,6 +124,33 @@ inline void check_same(const char* op, const at::Tensor& a, const char* a_name,
               a.scalar_type(), " but ", b_name, " is ", b.scalar_type());
 }
 
+// Arguments of bsnas::_channel_stats_grad_add_ (channel_stats.cpp), for the CPU and CUDA
+// kernels: grad_z and z of one shape, dtype and device, both dense in z's compute
+// format (grad_z is written in place, so it is never copied); grad_sum and grad_sumsq
+// float64 [C]. Returns whether that format is channels_last.
+inline bool check_stats_grad_add(const at::Tensor& grad_z, const at::Tensor& z,
+                                 const at::Tensor& grad_sum, const at::Tensor& grad_sumsq) {
+  constexpr const char* op = "_channel_stats_grad_add_";
+  TORCH_CHECK(grad_z.defined() && z.defined(), op, ": undefined tensor");
+  TORCH_CHECK(z.dim() == 4, op, ": z must be 4-D [N, C, H, W], got ", z.dim(), "-D");
+  check_floating(op, z);
+  check_same(op, grad_z, "grad_z", z, "z");
+  TORCH_CHECK(grad_z.sizes() == z.sizes(), op, ": grad_z has shape ", grad_z.sizes(),
+              " but z has ", z.sizes());
+  const auto fmt = compute_format(z);
+  TORCH_CHECK(z.is_contiguous(fmt) && grad_z.is_contiguous(fmt), op,
+              ": grad_z and z must be dense in one memory format");
+  for (const auto& [t, name] :
+       {std::pair{&grad_sum, "grad_sum"}, std::pair{&grad_sumsq, "grad_sumsq"}}) {
+    TORCH_CHECK(t->defined() && t->scalar_type() == at::kDouble && t->dim() == 1 &&
+                    t->size(0) == z.size(1),
+                op, ": ", name, " must be float64 [", z.size(1), "]");
+    TORCH_CHECK(t->device() == z.device(), op, ": ", name, " is on ", t->device(),
+                " but z is on ", z.device());
+  }
+  return fmt == at::MemoryFormat::ChannelsLast;
+}
+
 inline DwGeometry check_dw_args(const char* op, const at::Tensor& x,
                                 const at::Tensor& weight, int64_t width, int64_t stride,
                                 int64_t padding, int64_t dilation) {

@@ -18,6 +18,8 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
 
 // bsnas::channel_stats
 using StatsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&);
+// bsnas::_channel_stats_grad_add_
+using StatsGradAddSig = void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
 // bsnas::bn_affine_from_sums
 using AffineSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                      c10::SymInt, const at::Tensor&,

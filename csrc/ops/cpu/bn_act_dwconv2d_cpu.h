@@ -245,27 +245,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_dw_backward(
   const at::Tensor gy = grad_y.contiguous(fmt), y = y_in.contiguous(fmt);
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  // float64 statistics gradients -> z's dtype ([C] values).
-  const at::Tensor gsum = grad_sum.to(z.scalar_type()).contiguous();
-  const at::Tensor gsq = grad_sumsq.to(z.scalar_type()).contiguous();
+  const at::Tensor gsum64 = grad_sum.contiguous(), gsq64 = grad_sumsq.contiguous();
   at::Tensor gz = at::empty_like(z, z.options().memory_format(fmt));
-  at::Tensor gscale = at::zeros({g.C}, z.options()), gshift = at::zeros({g.C}, z.options());
+  at::Tensor gscale = at::empty({g.C}, z.options()), gshift = at::empty({g.C}, z.options());
   // Full-width gradient; the passes write rows [0, width) in full.
   at::Tensor gw = weight_grad_outside_zeroed(weight, g.C, g.K * g.K);
-  if (z.numel() == 0) return {gz, gscale, gshift, gw.zero_()};  // a is all padding
+  if (z.numel() == 0) return {gz, gscale.zero_(), gshift.zero_(), gw.zero_()};  // all padding
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), kBnActBwd, [&] {
     using T = scalar_t;
-    const T* gsq_p = gsq.const_data_ptr<T>();
-    std::vector<T> gsq2(static_cast<size_t>(g.C));
+    // The float64 statistics' gradients in z's dtype, doubled for the sum of squares
+    // (plain loops over [C]: no ATen casts on the host path); the accumulated gradients
+    // of scale and shift start at zero.
+    const double* gs64 = gsum64.const_data_ptr<double>();
+    const double* gq64 = gsq64.const_data_ptr<double>();
+    std::vector<T> gsum_t(static_cast<size_t>(g.C)), gsq2(gsum_t.size());
     bool use_y = false;
     for (int64_t c = 0; c < g.C; ++c) {
-      gsq2[c] = T(2) * gsq_p[c];
+      gsum_t[c] = static_cast<T>(gs64[c]);
+      gsq2[c] = T(2) * static_cast<T>(gq64[c]);
       use_y = use_y || gsq2[c] != T(0);
     }
+    std::fill_n(gscale.mutable_data_ptr<T>(), g.C, T(0));
+    std::fill_n(gshift.mutable_data_ptr<T>(), g.C, T(0));
     simd::with_act(act, [&]<int A>() {
       const auto run = [&]<bool UseY>() {
         fused_backward<A, UseY>(gy.const_data_ptr<T>(), y.const_data_ptr<T>(),
-                                gsum.const_data_ptr<T>(), gsq2.data(), z.const_data_ptr<T>(),
+                                gsum_t.data(), gsq2.data(), z.const_data_ptr<T>(),
                                 scale.const_data_ptr<T>(), shift.const_data_ptr<T>(),
                                 weight.const_data_ptr<T>(), gz.mutable_data_ptr<T>(),
                                 gw.mutable_data_ptr<T>(), gscale.mutable_data_ptr<T>(),

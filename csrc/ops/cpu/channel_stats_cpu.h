@@ -86,6 +86,52 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& z_in) {
   return {args.sum, args.sumsq};
 }
 
+// g += a[c] + z * b[c] over dense [N, C, P] (NCHW) or [N, P, C] (channels_last) values.
+template <typename T>
+void stats_grad_add_loop(T* g, const T* z, const T* a, const T* b, int64_t N, int64_t C,
+                         int64_t P, bool channels_last) {
+  if (channels_last) {
+    at::parallel_for(0, N * P, std::max<int64_t>(1, (1 << 14) / C), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        T* gp = g + i * C;
+        const T* zp = z + i * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) gp[c] += a[c] + zp[c] * b[c];
+      }
+    });
+  } else {
+    at::parallel_for(0, N * C, std::max<int64_t>(1, (1 << 14) / P), [&](int64_t p0, int64_t p1) {
+      for (int64_t nc = p0; nc < p1; ++nc) {
+        const T ac = a[nc % C], bc = b[nc % C];
+        T* gp = g + nc * P;
+        const T* zp = z + nc * P;
+#pragma omp simd
+        for (int64_t i = 0; i < P; ++i) gp[i] += ac + zp[i] * bc;
+      }
+    });
+  }
+}
+
+// grad_z += grad_sum[c] + 2 z grad_sumsq[c] (z's gradient through its sums), one pass;
+// the per-channel terms in z's dtype, as the ATen composite computed them.
+void channel_stats_grad_add(at::Tensor& grad_z, const at::Tensor& z,
+                            const at::Tensor& grad_sum, const at::Tensor& grad_sumsq) {
+  const bool cl = check_stats_grad_add(grad_z, z, grad_sum, grad_sumsq);
+  const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
+  if (z.numel() == 0) return;
+  const double* gs = grad_sum.const_data_ptr<double>();
+  const double* gq = grad_sumsq.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "_channel_stats_grad_add_", [&] {
+    std::vector<scalar_t> a(static_cast<size_t>(C)), b(a.size());
+    for (int64_t c = 0; c < C; ++c) {
+      a[c] = static_cast<scalar_t>(gs[c]);
+      b[c] = static_cast<scalar_t>(2 * gq[c]);
+    }
+    stats_grad_add_loop(grad_z.mutable_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
+                        a.data(), b.data(), N, C, P, cl);
+  });
+}
+
 }  // namespace BSNAS_CPU_ISA
 }  // namespace cpu
 }  // namespace bsnas

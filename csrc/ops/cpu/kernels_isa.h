@@ -67,6 +67,8 @@ struct GemmArgs {
       const at::Tensor& dw_b, const at::Tensor& project_b,                                \
       const std::optional<at::Tensor>& shortcut, int64_t stride, int64_t act);            \
   std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& z);                  \
+  void channel_stats_grad_add(at::Tensor& grad_z, const at::Tensor& z,                    \
+                              const at::Tensor& grad_sum, const at::Tensor& grad_sumsq);  \
   at::Tensor bn_act_forward(const at::Tensor& y, const at::Tensor& scale,                 \
                             const at::Tensor& shift, int64_t act);                        \
   std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(                         \

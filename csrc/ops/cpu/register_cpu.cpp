@@ -55,6 +55,7 @@ void gemm_f32(const GemmArgs& g) {
   m.impl("_bn_act_dwconv2d_backward", &ISA::bn_act_dw_backward);   \
   m.impl("_mbconv_folded_depthwise", &ISA::folded_dw_forward);     \
   m.impl("channel_stats", &ISA::channel_stats);                    \
+  m.impl("_channel_stats_grad_add_", &ISA::channel_stats_grad_add); \
   m.impl("bn_act", &ISA::bn_act_forward);                           \
   m.impl("_bn_act_backward", &ISA::bn_act_backward)
 

@@ -25,4 +25,9 @@ void running_update(at::Tensor& running_mean, at::Tensor& running_var, at::Tenso
 // channels_last), in float64, deterministic (no atomics).
 void channel_stats(const at::Tensor& z, bool channels_last, at::Tensor& sum, at::Tensor& sumsq);
 
+// In place: grad_z += grad_sum[c] + 2 z grad_sumsq[c] over a dense [N, C, H, W] z and
+// grad_z of one format (z's gradient through its channel_stats), one launch.
+void stats_grad_add(at::Tensor& grad_z, const at::Tensor& z, bool channels_last,
+                    const at::Tensor& grad_sum, const at::Tensor& grad_sumsq);
+
 }  // namespace bsnas::bn_sums_cuda

@@ -2,6 +2,7 @@
 // of bsnas::channel_stats. The per-channel ops are one small launch each (one thread per
 // channel). channel_stats is two launches and deterministic (channel_sums.cuh).
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -68,6 +69,24 @@ __global__ void running_update_kernel(T* __restrict__ mean, T* __restrict__ var,
     bn_sums::running_update(s[i], q[i], n, f, mean[i], var[i]);
   __syncthreads();
   if (threadIdx.x == 0) batches[0] = after;
+}
+
+// grad_z += grad_sum[c] + 2 z grad_sumsq[c], in z's dtype as autograd's composite was;
+// grid-stride over the values, c from the index (channels innermost, or planes of P).
+template <typename T>
+__global__ void stats_grad_add_kernel(T* __restrict__ g, const T* __restrict__ z,
+                                      const double* __restrict__ gs,
+                                      const double* __restrict__ gq, int64_t total, int64_t C,
+                                      int64_t P, bool channels_last) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += step) {
+    const int64_t c = channels_last ? i % C : (i / P) % C;
+    const acc_t a = static_cast<acc_t>(static_cast<T>(gs[c]));
+    const acc_t b = static_cast<acc_t>(static_cast<T>(2 * gq[c]));
+    g[i] = static_cast<T>(static_cast<acc_t>(g[i]) + a + static_cast<acc_t>(z[i]) * b);
+  }
 }
 
 // channel_stats' work per value: its value and its square.
@@ -141,6 +160,24 @@ void channel_stats(const at::Tensor& z, bool channels_last, at::Tensor& sum,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "channel_stats", [&] {
     channel_sums::run(StatsElem<scalar_t>{z.const_data_ptr<scalar_t>()}, N, C, P, channels_last,
                       z, stream, sum.mutable_data_ptr<double>(), sumsq.mutable_data_ptr<double>());
+  });
+}
+
+void stats_grad_add(at::Tensor& grad_z, const at::Tensor& z, bool channels_last,
+                    const at::Tensor& grad_sum, const at::Tensor& grad_sumsq) {
+  const int64_t total = z.numel();
+  if (total == 0) return;
+  const int64_t C = z.size(1), P = z.size(2) * z.size(3);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int blocks = static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads,
+                                                        int64_t{1} << 16));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(),
+                                  "_channel_stats_grad_add_", [&] {
+    stats_grad_add_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        grad_z.mutable_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
+        grad_sum.const_data_ptr<double>(), grad_sumsq.const_data_ptr<double>(), total, C, P,
+        channels_last);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
