@@ -82,7 +82,8 @@ sys.exit(0 if ok else 1)'
 # One pytest process per file (faulthandler on), so that a crash in one file still
 # leaves the others' results; the stage fails if any file failed.
 CUDA_TEST_FILES="tests/test_ops_cuda.py tests/test_spring_block_cuda.py tests/test_bn_from_sums.py
-  tests/test_channel_stats.py tests/test_bn_act.py tests/test_bn_train_act_dwconv.py"
+  tests/test_channel_stats.py tests/test_bn_act.py tests/test_bn_train_act_dwconv.py
+  tests/test_mbconv_train.py"
 run_stage pytest_cuda 150 "$OUT/pytest_cuda.log" \
   env BSNAS_REQUIRE_CUDA=1 PY="$PY" FILES="$CUDA_TEST_FILES" bash -c '
     rc=0
