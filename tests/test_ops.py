@@ -212,16 +212,21 @@ def test_pwconv_gemm_depth_split(threads):
     across threads, each summing a range into its own partial result: channels_last
     (in_width filling the GEMM's 16-float vectors worse than out_width, so gw^T is
     computed: 24 -> 16, 40 -> 67; and the other way, 16 -> 48), and NCHW image by image,
-    each image added into the result (32x32, out >= in). Depths that do not split evenly
-    into passes of 256 pixels."""
+    each image added into the result (32x32 with out >= in; 14x14 with out < in and at
+    least 8192 weight values). Depths that do not split evenly into passes of 256
+    pixels."""
     torch.manual_seed(11)
-    weight = _rand(70, 48, 1, 1, dtype=torch.float32)
-    cases = [(torch.channels_last, 3, 24, 16, 23, 37), (torch.channels_last, 2, 40, 67, 30, 41),
-             (torch.channels_last, 1, 16, 48, 45, 45), (torch.contiguous_format, 3, 8, 40, 32, 32)]
+    small = _rand(70, 48, 1, 1, dtype=torch.float32)
+    large = _rand(96, 130, 1, 1, dtype=torch.float32)
+    cases = [(small, torch.channels_last, 3, 24, 16, 23, 37),
+             (small, torch.channels_last, 2, 40, 67, 30, 41),
+             (small, torch.channels_last, 1, 16, 48, 45, 45),
+             (small, torch.contiguous_format, 3, 8, 40, 32, 32),
+             (large, torch.contiguous_format, 3, 120, 80, 14, 14)]
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for fmt, n, in_w, out_w, h, w in cases:
+        for weight, fmt, n, in_w, out_w, h, w in cases:
             x = _rand(n, in_w, h, w, dtype=torch.float32, fmt=fmt)
             y = masked_pwconv2d(x, weight, in_w, out_w)
             ref = F.conv2d(x.double(), weight.double()[:out_w, :in_w])

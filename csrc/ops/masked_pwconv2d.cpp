@@ -110,18 +110,21 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out,
     at::Tensor gx3 = gx.view({g.N, g.in_w, hw});
     cpu::shared_left_bmm_into(gx3, w.t(), gy3);
     // sum_n gy[n] @ x[n]^T. Small planes (N*H*W*(out + in) < N*out*in values): one GEMM
-    // over [C, N*H*W] copies of gy and x. Planes up to 32x32 with out >= in, float32 on
-    // CPU: image by image, added into gw (the GEMM packs x[n]^T; measured on the dev box
-    // 14x14 80->480 f+b 1.30 -> 1.02 ms, 28x28 40->240 1.41 -> 1.14 ms, where larger
-    // planes and out < in were as fast or faster through MKL's batched GEMM). Else
-    // batched products summed over n, in chunks of the batch that bound the [chunk, out,
-    // in] temporary.
+    // over [C, N*H*W] copies of gy and x. Planes up to 32x32, float32 on CPU, with
+    // out >= in or at least 8192 weight values: image by image, added into gw (the GEMM
+    // packs x[n]^T). Measured on the dev box, backward alone, batch 8, against MKL's
+    // batched GEMM: 14x14 80->480 f+b 1.30 -> 1.02 ms, 28x28 40->240 1.41 -> 1.14 ms;
+    // out < in (2026-11-29, two runs each): 14x14 480->80 0.87-0.94 -> 0.60-0.75 ms,
+    // 240->80 0.45-0.50 -> 0.32-0.42, 120->80 0.24-0.28 -> 0.18-0.23, 28x28 240->40
+    // 0.87-0.95 -> 0.62-0.70, but 28x28 60->40 0.27-0.29 -> 0.34-0.36 and 120->40
+    // (4,800 values) either way. Else batched products summed over n, in chunks of the
+    // batch that bound the [chunk, out, in] temporary.
     if (hw * (g.out_w + g.in_w) < g.out_w * g.in_w) {
       const at::Tensor gyt = gy3.transpose(0, 1).reshape({g.out_w, g.N * hw});
       const at::Tensor xt = x3.transpose(0, 1).reshape({g.in_w, g.N * hw});
       cpu::matmul_into(gw, gyt, xt.t());  // writes through the strided view
     } else if (gw.is_cpu() && gw.scalar_type() == at::kFloat && hw <= 1024 &&
-               g.out_w >= g.in_w) {
+               (g.out_w >= g.in_w || g.out_w * g.in_w >= 8192)) {
       for (int64_t n = 0; n < g.N; ++n) cpu::matmul_into(gw, gy3[n], x3[n].t(), n > 0);
     } else {
       const int64_t per = std::max<int64_t>(1, (int64_t{1} << 23) / (g.out_w * g.in_w));
