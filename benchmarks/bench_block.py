@@ -1,5 +1,6 @@
 """Issue 3 benchmark: the spring block, training step (forward + backward, the input
-requiring a gradient as inside a network) and inference (forward in eval mode under
+requiring a gradient as inside a network, gradients unset before each step as the
+trainer's zero_grad(set_to_none=True) leaves them) and inference (forward in eval mode under
 no_grad), at the shapes of the `proxyless` preset's stages
 (224x224 input), widths 25/50/100% of the block's max width, against
 
@@ -145,6 +146,12 @@ def main(argv=None) -> None:
                         use_baseline(block, kind)
                         block.width = width
                     mod.train(train)
+                    # Gradients start unset, as after the trainer's
+                    # zero_grad(set_to_none=True): the step's backward stores them
+                    # instead of adding into the previous step's.
+                    x.grad = None
+                    for p in mod.parameters():
+                        p.grad = None
                     return mod
 
                 def train_step(mod=mod):

@@ -53,8 +53,12 @@ def main(argv=None) -> None:
     ho = -(-a.hw // a.stride)
     g = torch.randn(a.batch, a.cout, ho, ho, device=dev).to(memory_format=fmt)
 
-    def train():
+    params = list(block.parameters())
+
+    def train():  # gradients unset first, as the trainer's zero_grad(set_to_none=True)
         block.train(True)
+        for p in params:
+            p.grad = None
         block(x).backward(g)
 
     def infer():
