@@ -41,8 +41,11 @@ at::Tensor active_block(const at::Tensor& weight2d, const PwGeometry& g) {
   return weight2d.narrow(0, 0, g.out_w).narrow(1, 0, g.in_w);
 }
 
-// The share of 16-float vector lanes that n columns fill (the widest CPU GEMM's).
-double lane_fill(int64_t n) { return static_cast<double>(n) / ((n + 15) / 16 * 16); }
+// The share of the CPU GEMM's vector lanes that n columns fill.
+double lane_fill(int64_t n) {
+  static const int64_t lanes = cpu::gemm_f32_lanes();
+  return static_cast<double>(n) / ((n + lanes - 1) / lanes * lanes);
+}
 
 at::Tensor weight_2d(const at::Tensor& weight, const PwGeometry& g) {
   return weight.contiguous().view({g.out_max, g.in_max});  // contiguous(): no-op for params
@@ -85,12 +88,16 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out,
     const at::Tensor gy2 = cpu::rows_view(gy), x2 = cpu::rows_view(x);
     at::Tensor gx2 = cpu::rows_view(gx);
     cpu::matmul_into(gx2, gy2, w);
-    // gw = gy^T x over every pixel. The CPU GEMM's columns run in vectors of 16 floats:
-    // where in_width fills them worse than out_width (24 inputs: 3/4 of the lanes; 16
-    // or 48 outputs: all), or as well but is the wider (48 -> 16: one-vector tiles of 16
-    // rows over the 48 inputs ran faster on the dev box than two-vector tiles of 8 rows
-    // over 16 outputs; 16 -> 96 the other way round was slower, 1.7 against 1.35 ms), it
-    // computes gw^T = x^T gy into a small temporary instead.
+    // gw = gy^T x over every pixel. The CPU GEMM's columns run in vectors (16 floats
+    // with AVX-512, 8 with AVX2): where in_width fills them worse than out_width (AVX-512:
+    // 24 inputs fill 3/4 of the lanes, 16 or 48 outputs all), or as well but is the wider
+    // (48 -> 16: one-vector tiles of 16 rows over the 48 inputs ran faster on the dev box
+    // than two-vector tiles of 8 rows over 16 outputs; 16 -> 96 the other way round was
+    // slower, 1.7 against 1.35 ms), it computes gw^T = x^T gy into a small temporary
+    // instead. With AVX2's lanes (BSNAS_CPU_ISA=avx2 on the dev box, backward at batch 8)
+    // the rule read with 8 lanes rather than 16 ran 56x56 144->24 1.72-1.86 against
+    // 2.04 ms and 28x28 240->40 1.08-1.15 against 1.04-1.06; six other shapes within 3 %
+    // or faster.
     if (cpu::runs_gemm_f32(gw, gy2.t(), x2) && (lane_fill(g.in_w) < lane_fill(g.out_w) ||
          (lane_fill(g.in_w) == lane_fill(g.out_w) && g.in_w > g.out_w))) {
       at::Tensor gwt = at::empty({g.in_w, g.out_w}, gw.options());

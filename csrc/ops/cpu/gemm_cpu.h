@@ -163,6 +163,8 @@ constexpr int64_t kGemmBlockTiles = 32;
 // threads split the row tiles or the panels of every matrix, whichever leaves each
 // thread the smaller operand to read in full (B: K x N when splitting rows, A: M x K
 // otherwise).
+int64_t gemm_f32_lanes() { return simd::kLanes<float>; }
+
 void gemm_f32(const GemmArgs& g) {
   using namespace simd;
   constexpr int64_t V = kLanes<float>, NR = 2 * V, MR = kGemmRows;

@@ -75,6 +75,7 @@ struct GemmArgs {
       const at::Tensor& grad_h, const at::Tensor& y, const at::Tensor& scale,             \
       const at::Tensor& shift, int64_t act);                                              \
   void gemm_f32(const GemmArgs& g);                                                       \
+  int64_t gemm_f32_lanes();                                                               \
   }
 
 BSNAS_DECLARE_CPU_KERNELS(generic)
@@ -94,6 +95,10 @@ inline at::Tensor rows_view(const at::Tensor& t) {
 // instruction-set copy the CPU supports. The batch's C blocks must not overlap (they
 // are computed in parallel).
 void gemm_f32(const GemmArgs& g);
+// The float32 lanes of that copy's vectors (16 for AVX-512, 8 for AVX2): gemm_f32's
+// column panels are whole vectors, so a column count that is not a multiple of this
+// leaves lanes idle.
+int64_t gemm_f32_lanes();
 
 // out (+)= a @ b for 2-D tensors (added with `add`; out written in full otherwise).
 // float32 on CPU with a unit-stride out row runs gemm_f32, reading a and b through

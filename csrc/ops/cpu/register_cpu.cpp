@@ -37,6 +37,17 @@ const char* selected_isa() {
   return names[static_cast<int>(detect())];
 }
 
+int64_t gemm_f32_lanes() {
+  static const Isa isa = detect();
+  switch (isa) {
+#ifdef BSNAS_CPU_X86_VARIANTS
+    case Isa::kAvx512: return avx512::gemm_f32_lanes();
+    case Isa::kAvx2: return avx2::gemm_f32_lanes();
+#endif
+    default: return generic::gemm_f32_lanes();
+  }
+}
+
 void gemm_f32(const GemmArgs& g) {
   static const Isa isa = detect();
   switch (isa) {
