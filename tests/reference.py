@@ -1,6 +1,16 @@
 """Comparison of a fused op's outputs and gradients with a float64 PyTorch reference,
-shared by the tests of the fused depthwise ops."""
+shared by the tests of the fused ops: the reference activations, the two memory formats,
+random depthwise cases."""
+import pytest
 import torch
+import torch.nn.functional as F
+
+# PyTorch's function for each activation name the kernels take (ACTIVATION_CODES).
+ACTS = {"identity": lambda t: t, "relu": F.relu, "relu6": F.relu6}
+
+# Parametrizes a test over NCHW and channels_last as `fmt`.
+FORMATS = pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                                  ids=["nchw", "cl"])
 
 
 def assert_matches_float64(got, want, inputs, ref_inputs, dtype, upstream=None,

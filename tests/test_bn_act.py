@@ -7,15 +7,14 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import bsnas
 from bsnas.ops import bn_act
+from reference import ACTS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and bsnas.cuda_compiled() else [])
 HALF_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
-ACTS = {"identity": lambda u: u, "relu": F.relu, "relu6": F.relu6}
 
 
 def _reference(y, scale, shift, activation):

@@ -8,11 +8,7 @@ import torch.nn.functional as F
 
 import bsnas
 from bsnas.ops import bn_train_act_dwconv2d
-from reference import assert_matches_float64, random_depthwise_shape
-
-ACTS = {"relu6": F.relu6, "relu": F.relu, "identity": lambda t: t}
-FORMATS = pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
-                                  ids=["nchw", "cl"])
+from reference import ACTS, FORMATS, assert_matches_float64, random_depthwise_shape
 
 
 def _inputs(rng, dtype, fmt):

@@ -9,11 +9,7 @@ import torch.nn.functional as F
 import bsnas
 from bsnas.ops import mbconv_train
 from bsnas.ops.masked_conv import _format
-from reference import assert_matches_float64, random_depthwise_shape
-
-ACTS = {"relu6": F.relu6, "relu": F.relu, "identity": lambda t: t}
-FORMATS = pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
-                                  ids=["nchw", "cl"])
+from reference import ACTS, FORMATS, assert_matches_float64, random_depthwise_shape
 
 
 def _bn(t, gamma, beta, eps):
