@@ -520,9 +520,10 @@ inline int64_t last_level_cache_bytes() {
 // (29 MB) 0.53-1.0 -> 0.48 ms, while 112x112 c24 and 56x56 c72 (pixels not
 // line-aligned) were slower streamed; eleventh session, 56x56 c64-c112 (12.8-22.5 MB)
 // 3.1-5.9 -> 2.5-2.6 us per channel streamed above 30 %, c72-c136 with partial lines
-// 5-9 us per channel either way (four runs, same build, env switch); twelfth session, rows of those staged
-// and streamed (stream_copy), 2 threads: 112x112 c24 k3 0.45-0.53 -> 0.29-0.40 ms, k5
-// 0.57-0.72 -> 0.46 ms, 56x56 c72 k3 unchanged (0.22-0.32 ms either way).
+// 5-9 us per channel either way (four runs, same build, env switch); twelfth session,
+// rows of those staged and streamed (stream_copy), 2 threads: 112x112 c24 k3 0.45-0.53
+// -> 0.29-0.40 ms, k5 0.57-0.72 -> 0.46 ms, 56x56 c72 k3 unchanged (0.22-0.32 ms either
+// way).
 // Thirteenth session: not when the result's last page is not resident yet (a fresh
 // mapping, whose first page holds the allocator's header; by default glibc maps every
 // block above its threshold, 128 KiB adapting up to 32 MiB, afresh): faulting it in
