@@ -171,6 +171,18 @@ def test_folded_cache_survives_eval_and_is_freed_by_train():
     assert block.folded_weights() is not folded
 
 
+def test_folded_weights_carry_no_autograd_history():
+    # Built under grad mode from parameters that want gradients: the copies are plain
+    # tensors, so eval calls never grow or keep an autograd graph.
+    block = SpringBlock(4, 4, 16, 3, 1).double().eval()
+    _randomise(block)
+    block.width = 8
+    with torch.enable_grad():
+        folded = block.folded_weights()
+        assert block.folded_weights() is folded  # a cache hit returns the same copies
+    assert all(not t.requires_grad and t.grad_fn is None for t in folded.values())
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_reorder_channels_keeps_full_width_function(training):
     block = SpringBlock(6, 6, 30, 3, 1).double()

@@ -36,6 +36,15 @@ def _in_layout_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
+# The forward paths read submodules, parameters and buffers from the modules' own dicts
+# (`self._modules["expand"]`, `_weight(m)`) instead of `self.expand.weight`: each such
+# attribute goes through nn.Module.__getattr__, about 0.7 us on the dev box, and a
+# training step made 28 of them, a few percent of its host time (what bounds a GPU step
+# at 28x28 and below).
+def _weight(module: nn.Module) -> torch.Tensor:
+    return module._parameters["weight"]
+
+
 def _cpu_nchw(x: torch.Tensor) -> bool:
     """A dense NCHW CPU tensor (not also channels_last): the inputs the block converts
     to channels_last where its channels_last kernels are the faster ones."""
@@ -106,7 +115,8 @@ class SpringBlock(nn.Module):
         return _in_layout_of(x, self._forward(x))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and not (torch.is_grad_enabled() and self.expand.weight.requires_grad):
+        if not self.training and not (torch.is_grad_enabled() and
+                                      _weight(self._modules["expand"]).requires_grad):
             return self._forward_folded(x)  # inference; gradients need the path below
         if self.training and self.activation in ACTIVATION_CODES and self._fused_ok():
             return self._forward_train_fused(x)
@@ -118,8 +128,9 @@ class SpringBlock(nn.Module):
         return h + x if self.residual else h
 
     def _fused_ok(self) -> bool:
+        m = self._modules
         return all(bn.track_running_stats and bn.affine
-                   for bn in (self.expand_bn, self.depthwise_bn))
+                   for bn in (m["expand_bn"], m["depthwise_bn"]))
 
     #: On CPU the fused training path computes in channels_last, converting an NCHW
     #: input on the way in and the output back. Measured 2026-11-28 on the dev box
@@ -142,14 +153,16 @@ class SpringBlock(nn.Module):
         if self._train_in_channels_last(x):
             y = self._forward_train_fused(x.contiguous(memory_format=torch.channels_last))
             return y.contiguous()
-        bn1, bn2 = self.expand_bn, self.depthwise_bn
+        m = self._modules
+        bn1, bn2 = m["expand_bn"], m["depthwise_bn"]
+        a1, a2 = bn1._parameters, bn2._parameters
         p, zsum, zsq, ysum, ysq = mbconv_train(
-            x, self.expand.weight, bn1.weight, bn1.bias, self.depthwise.weight, bn2.weight,
-            bn2.bias, self.project.weight, self._width, self.stride, self.activation,
-            bn1.eps, bn2.eps)
+            x, _weight(m["expand"]), a1["weight"], a1["bias"], _weight(m["depthwise"]),
+            a2["weight"], a2["bias"], _weight(m["project"]), self._width, self.stride,
+            self.activation, bn1.eps, bn2.eps)
         bn1.update_running_stats(zsum, zsq, x.numel() // x.shape[1])
         bn2.update_running_stats(ysum, ysq, p.numel() // p.shape[1])
-        h = self.project_bn(p)
+        h = m["project_bn"](p)
         return h + x if self.residual else h
 
     # Inference (eval mode, no gradient wanted): BN folded into the active weights. The
@@ -162,19 +175,18 @@ class SpringBlock(nn.Module):
         identity, so that a replaced parameter counts as a change), their version
         counters and the BN eps values. Read straight from the submodules' dicts: walking
         parameters() and buffers() took about 50 us a call, as long as the op itself."""
-        ts = [self.expand._parameters["weight"], self.depthwise._parameters["weight"],
-              self.project._parameters["weight"]]
+        m = self._modules
+        ts = [_weight(m["expand"]), _weight(m["depthwise"]), _weight(m["project"])]
         eps = []
-        for bn in (self.expand_bn, self.depthwise_bn, self.project_bn):
-            ts += (bn._parameters["weight"], bn._parameters["bias"],
-                   bn._buffers["running_mean"], bn._buffers["running_var"])
+        for bn in (m["expand_bn"], m["depthwise_bn"], m["project_bn"]):
+            a, b = bn._parameters, bn._buffers
+            ts += (a["weight"], a["bias"], b["running_mean"], b["running_var"])
             eps.append(bn.eps)
         ts = [t for t in ts if t is not None]
         # The cache entry keeps these tensors alive, so no id can be reused while cached.
-        return (c, tuple(map(id, ts)), tuple(t._version for t in ts), tuple(eps),
+        return (c, tuple(map(id, ts)), tuple([t._version for t in ts]), tuple(eps),
                 ts[0].device, ts[0].dtype), ts
 
-    @torch.no_grad()
     def folded_weights(self, width: int | None = None) -> dict:
         """Eval-mode weights of the active configuration with BN folded in:
         `expand_w [c, in, 1, 1]`, `expand_b [c]`, `dw_w [c, 1, k, k]`, `dw_b [c]`,
@@ -184,6 +196,12 @@ class SpringBlock(nn.Module):
         hit = self._folded_cache.get(c)
         if hit is not None and hit[0] == key:
             return hit[1]
+        with torch.no_grad():  # here, not as a decorator: a cache hit skips its cost
+            folded = self._fold(c)
+        self._folded_cache[c] = (key, folded, inputs)
+        return folded
+
+    def _fold(self, c: int) -> dict:
         s1, b1 = self.expand_bn.folded(c)
         s2, b2 = self.depthwise_bn.folded(c)
         s3, b3 = self.project_bn.folded(self.out_channels)
@@ -192,9 +210,7 @@ class SpringBlock(nn.Module):
             "dw_w": self.depthwise.weight[:c] * s2.view(-1, 1, 1, 1), "dw_b": b2,
             "project_w": self.project.weight[:, :c] * s3.view(-1, 1, 1, 1), "project_b": b3,
         }
-        folded = {k: v.contiguous() for k, v in folded.items()}
-        self._folded_cache[c] = (key, folded, inputs)
-        return folded
+        return {k: v.contiguous() for k, v in folded.items()}
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         f = self.folded_weights()
