@@ -121,6 +121,23 @@ def test_running_update_matches_batchnorm(momentum, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_running_update_bumps_version_counters(device):
+    """The update writes through data pointers; like PyTorch's own in-place ops it bumps
+    the written tensors' versions, so autograd catches a saved tensor it changed."""
+    s, q = _sums(random.Random(7), 4, 10, device)
+    rm, rv = torch.zeros(6, device=device), torch.ones(6, device=device)
+    nbt = torch.zeros((), dtype=torch.long, device=device)
+    before = [t._version for t in (rm, rv, nbt)]
+    bn_update_running_stats_(rm, rv, nbt, s, q, 10, 0.1)
+    assert all(t._version > v for t, v in zip((rm, rv, nbt), before))
+    w = torch.randn(6, device=device, requires_grad=True)
+    loss = (w * rm).sum()  # saves rm for the backward
+    bn_update_running_stats_(rm, rv, nbt, s, q, 10, 0.1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bad_input_is_a_clear_error(device):
     s = torch.rand(4, dtype=torch.float64, device=device)
     q = s + 1

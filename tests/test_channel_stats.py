@@ -121,6 +121,13 @@ def test_grad_add_matches_composite(dtype, fmt):
         torch.testing.assert_close(gz, want, rtol=tol, atol=tol)
 
 
+def test_grad_add_bumps_the_version_counter():
+    gz, z, gs, gq, _ = _grad_add_case(random.Random(6), torch.float32, LAYOUTS[0])
+    before = gz._version
+    _grad_add(gz, z, gs, gq)
+    assert gz._version > before
+
+
 def test_grad_add_is_z_gradient_through_the_sums():
     """Added into zeros, it is channel_stats' autograd gradient of z."""
     torch.manual_seed(4)

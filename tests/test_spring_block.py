@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bsnas.nn import SpringBlock, recalibrate_bn
+from bsnas.ops import channel_stats
 
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
 
@@ -157,6 +158,20 @@ def test_folded_cache_invalidated_when_weights_change():
     assert not torch.allclose(y1, y2)
     block.width = 16
     torch.testing.assert_close(block(x), block.to_static()(x), rtol=1e-10, atol=1e-10)
+
+
+def test_folded_cache_sees_running_statistics_updated_in_eval():
+    # A running-statistics update through the fused op (not a tensor method) while the
+    # block stays in eval: the fold key must see it through the buffers' versions.
+    block = SpringBlock(4, 4, 16, 3, 1).double().eval()
+    _randomise(block)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    block.width = 8
+    with torch.no_grad():  # the folded path (with gradients wanted, eval runs eagerly)
+        block(x)  # caches the folded weights
+        z = torch.randn(3, 8, 4, 4, dtype=torch.float64) * 2 + 1
+        block.expand_bn.update_running_stats(*channel_stats(z), z.numel() // 8)
+        torch.testing.assert_close(block(x), block.to_static()(x), rtol=1e-10, atol=1e-10)
 
 
 def test_folded_cache_survives_eval_and_is_freed_by_train():

@@ -9,6 +9,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addcmul.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
@@ -324,7 +325,39 @@ at::Tensor bn_act(const at::Tensor& y, const at::Tensor& scale, const at::Tensor
   return BnActFn::apply(y, scale, shift, act);
 }
 
+// ---------------------------------------------------------------- in-place ops
+// bn_update_running_stats_ and _channel_stats_grad_add_ write through data pointers,
+// which autograd does not see. Their ADInplaceOrView kernels bump the written tensors'
+// version counters, as PyTorch's own in-place ops do: autograd's check of saved tensors
+// and SpringBlock's fold key (bsnas/nn/spring_block.py) read them. Without this, a
+// running-statistics update left running_mean's version unchanged.
+void update_running_stats_(at::Tensor& mean, at::Tensor& var, at::Tensor& batches,
+                           const at::Tensor& sum, const at::Tensor& sumsq, c10::SymInt count,
+                           std::optional<double> momentum) {
+  static const auto op = handle<RunningUpdateSig>("bsnas::bn_update_running_stats_");
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.call(mean, var, batches, sum, sumsq, std::move(count), momentum);
+  }
+  for (const at::Tensor* t : {&mean, &var, &batches}) torch::autograd::increment_version(*t);
+}
+
+void stats_grad_add_(at::Tensor& grad_z, const at::Tensor& z, const at::Tensor& grad_sum,
+                     const at::Tensor& grad_sumsq) {
+  static const auto op = handle<StatsGradAddSig>("bsnas::_channel_stats_grad_add_");
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.call(grad_z, z, grad_sum, grad_sumsq);
+  }
+  torch::autograd::increment_version(grad_z);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(bsnas, ADInplaceOrView, m) {
+  m.impl("bn_update_running_stats_", &update_running_stats_);
+  m.impl("_channel_stats_grad_add_", &stats_grad_add_);
+}
 
 TORCH_LIBRARY_IMPL(bsnas, Autograd, m) {
   m.impl("bn_act", &bn_act);

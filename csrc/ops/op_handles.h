@@ -7,6 +7,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/SymInt.h>
 
+#include <optional>
 #include <tuple>
 
 namespace bsnas {
@@ -20,6 +21,9 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
 using StatsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&);
 // bsnas::_channel_stats_grad_add_
 using StatsGradAddSig = void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+// bsnas::bn_update_running_stats_
+using RunningUpdateSig = void(at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, c10::SymInt, std::optional<double>);
 // bsnas::bn_affine_from_sums
 using AffineSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                      c10::SymInt, const at::Tensor&,
