@@ -385,21 +385,27 @@ def test_dwconv_streamed_large_output(k):
     resident are written with non-temporal stores (stream_output): straight from the
     registers where pixels start on cache lines (widths 64 and 48), through a row staged
     in a cached buffer otherwise (widths 40 and 37, stride 1 and 2: stream_copy, partial
-    lines at the row ends shared by the rows of two threads), all of them on last-level
-    caches up to about 56 MiB; staged rows of a result within 60 % of the cache are
-    copied out with plain stores instead (the 2-image case, 13 MB, on the 32 MiB dev
-    box). A freshly mapped result (last page not resident) is written with plain
-    stores. In a fresh interpreter with freed memory kept (bsnas.host_memory), each case
+    lines at the row ends shared by the rows of two threads); staged rows of a result
+    within 60 % of the cache are copied out with plain stores instead (the 2-image case,
+    13 MB), and inputs larger than the cache (the float64 cases, 35 MB) are prefetched
+    row by row; all with the thresholds read against 32 MiB (LLC_32MIB). A freshly
+    mapped result (last page not resident) is written with plain stores. In a fresh interpreter with freed memory kept (bsnas.host_memory), each case
     runs twice, the second time into the resident block the first call freed.
     Forward and input gradient against F.conv2d; float64 too (8 values a vector: 48
     channels fill whole lines, 37 are staged)."""
     _run_with_freed_memory_kept(_STREAMED_CASES, str(k))
 
 
+# The streaming thresholds read against a 32 MiB last-level cache whatever this
+# machine's (the cap of dwconv_simd.h's last_level_cache_bytes, set explicitly), so that
+# the cases below take the same paths everywhere.
+LLC_32MIB = {"BSNAS_CPU_LLC_BYTES": str(32 << 20)}
+
+
 def _run_with_freed_memory_kept(script, *args):
     """Runs `script` in a fresh interpreter (it calls keep_freed_memory itself, a
-    process-wide setting kept out of this session); it must print "ok"."""
-    out = run_python(script, *args)
+    process-wide setting kept out of this session) with LLC_32MIB; it must print "ok"."""
+    out = run_python(script, *args, env=LLC_32MIB)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
