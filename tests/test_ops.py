@@ -343,10 +343,12 @@ _STREAMED_CASES = """
 import sys
 import torch
 import torch.nn.functional as F
+import bsnas
 from bsnas import masked_dwconv2d
 from bsnas.host_memory import keep_freed_memory
 
 assert keep_freed_memory()
+assert bsnas._C.cpu_llc_bytes() == 32 << 20  # LLC_32MIB
 torch.set_num_threads(2)
 k = int(sys.argv[1])
 torch.manual_seed(k)
@@ -389,8 +391,9 @@ def test_dwconv_streamed_large_output(k):
     within 60 % of the cache are copied out with plain stores instead (the 2-image case,
     13 MB), and inputs larger than the cache (the float64 cases, 35 MB) are prefetched
     row by row; all with the thresholds read against 32 MiB (LLC_32MIB). A freshly
-    mapped result (last page not resident) is written with plain stores. In a fresh interpreter with freed memory kept (bsnas.host_memory), each case
-    runs twice, the second time into the resident block the first call freed.
+    mapped result (last page not resident) is written with plain stores. In a fresh
+    interpreter with freed memory kept (bsnas.host_memory), each case runs twice, the
+    second time into the resident block the first call freed.
     Forward and input gradient against F.conv2d; float64 too (8 values a vector: 48
     channels fill whole lines, 37 are staged)."""
     _run_with_freed_memory_kept(_STREAMED_CASES, str(k))
@@ -412,10 +415,12 @@ def _run_with_freed_memory_kept(script, *args):
 _PW_STREAMED_CASES = """
 import torch
 import torch.nn.functional as F
+import bsnas
 from bsnas import masked_pwconv2d
 from bsnas.host_memory import keep_freed_memory
 
 assert keep_freed_memory()
+assert bsnas._C.cpu_llc_bytes() == 32 << 20  # LLC_32MIB
 torch.set_num_threads(2)
 torch.manual_seed(7)
 weight = torch.randn(112, 40, 1, 1)

@@ -174,6 +174,57 @@ def test_folded_cache_sees_running_statistics_updated_in_eval():
         torch.testing.assert_close(block(x), block.to_static()(x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("how", ["pruned", "parametrized"])
+def test_weights_held_outside_the_parameter_dict(how):
+    # torch.nn.utils.prune / parametrize move `weight` out of `_parameters`: the block
+    # still computes with the weight the module shows, in training and eval.
+    from torch.nn.utils import parametrize, prune
+
+    torch.manual_seed(11)
+    block = SpringBlock(4, 4, 16, 3, 1).double()
+    _randomise(block)
+    plain = copy.deepcopy(block)
+    if how == "pruned":
+        prune.l1_unstructured(block.project, "weight", amount=0.4)
+        prune.l1_unstructured(block.expand_bn, "weight", amount=0.25)
+    else:
+        class Doubled(torch.nn.Module):
+            def forward(self, w):
+                return 2 * w
+        parametrize.register_parametrization(block.expand, "weight", Doubled())
+        parametrize.register_parametrization(block.depthwise_bn, "bias", Doubled())
+    with torch.no_grad():
+        for name in ("expand", "depthwise", "project", "expand_bn", "depthwise_bn"):
+            for p in ("weight", "bias"):
+                if getattr(getattr(plain, name), p, None) is not None:
+                    getattr(getattr(plain, name), p).copy_(getattr(getattr(block, name), p))
+    block.width = plain.width = 8
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    for training in (True, False):
+        block.train(training), plain.train(training)
+        with torch.no_grad():
+            torch.testing.assert_close(block(x), plain(x), rtol=1e-10, atol=1e-10)
+        if training:
+            torch.testing.assert_close(block.expand_bn.running_mean,
+                                       plain.expand_bn.running_mean, rtol=1e-12, atol=1e-12)
+
+
+def test_batchnorm_data_parallel_replica():
+    # nn.DataParallel's replicas hold their parameters outside `_parameters`.
+    from bsnas.nn import DynamicBatchNorm2d
+
+    torch.manual_seed(12)
+    bn = DynamicBatchNorm2d(8)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    replica = bn._replicate_for_data_parallel()
+    replica.weight, replica.bias = bn.weight * 1, bn.bias * 1
+    x = torch.randn(3, 5, 4, 4)
+    want = F.batch_norm(x, torch.zeros(5), torch.ones(5), bn.weight[:5], bn.bias[:5], True)
+    torch.testing.assert_close(replica(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_folded_cache_survives_eval_and_is_freed_by_train():
     block = SpringBlock(4, 4, 16, 3, 1).double().eval()
     _randomise(block)

@@ -18,6 +18,7 @@ from torch import nn
 
 from bsnas.nn.batchnorm import DynamicBatchNorm2d
 from bsnas.nn.masked_conv import MaskedDepthwiseConv2d, MaskedPointwiseConv2d
+from bsnas.nn.module_state import state
 from bsnas.ops import ACTIVATION_CODES, mbconv_folded, mbconv_train
 from bsnas.ops.masked_conv import _format
 
@@ -36,13 +37,8 @@ def _in_layout_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-# The forward paths read submodules, parameters and buffers from the modules' own dicts
-# (`self._modules["expand"]`, `_weight(m)`) instead of `self.expand.weight`: each such
-# attribute goes through nn.Module.__getattr__, about 0.7 us on the dev box, and a
-# training step made 28 of them, a few percent of its host time (what bounds a GPU step
-# at 28x28 and below).
 def _weight(module: nn.Module) -> torch.Tensor:
-    return module._parameters["weight"]
+    return state(module, "weight")
 
 
 def _cpu_nchw(x: torch.Tensor) -> bool:
@@ -155,11 +151,10 @@ class SpringBlock(nn.Module):
             return y.contiguous()
         m = self._modules
         bn1, bn2 = m["expand_bn"], m["depthwise_bn"]
-        a1, a2 = bn1._parameters, bn2._parameters
         p, zsum, zsq, ysum, ysq = mbconv_train(
-            x, _weight(m["expand"]), a1["weight"], a1["bias"], _weight(m["depthwise"]),
-            a2["weight"], a2["bias"], _weight(m["project"]), self._width, self.stride,
-            self.activation, bn1.eps, bn2.eps)
+            x, _weight(m["expand"]), _weight(bn1), state(bn1, "bias"), _weight(m["depthwise"]),
+            _weight(bn2), state(bn2, "bias"), _weight(m["project"]), self._width,
+            self.stride, self.activation, bn1.eps, bn2.eps)
         bn1.update_running_stats(zsum, zsq, x.numel() // x.shape[1])
         bn2.update_running_stats(ysum, ysq, p.numel() // p.shape[1])
         h = m["project_bn"](p)
@@ -179,8 +174,7 @@ class SpringBlock(nn.Module):
         ts = [_weight(m["expand"]), _weight(m["depthwise"]), _weight(m["project"])]
         eps = []
         for bn in (m["expand_bn"], m["depthwise_bn"], m["project_bn"]):
-            a, b = bn._parameters, bn._buffers
-            ts += (a["weight"], a["bias"], b["running_mean"], b["running_var"])
+            ts += [state(bn, n) for n in ("weight", "bias", "running_mean", "running_var")]
             eps.append(bn.eps)
         ts = [t for t in ts if t is not None]
         # The cache entry keeps these tensors alive, so no id can be reused while cached.

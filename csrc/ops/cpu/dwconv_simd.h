@@ -34,15 +34,13 @@
 #endif
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <fstream>
-#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "../masked_conv_common.h"
+#include "cache_size.h"
 
 #ifndef BSNAS_CPU_ISA
 #error "define BSNAS_CPU_ISA (the instruction-set namespace) before including"
@@ -479,49 +477,6 @@ inline void stream_fence() {
 template <typename T>
 inline bool vector_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % BSNAS_VEC_BYTES == 0;
-}
-
-// The last-level cache size that the streaming and prefetching thresholds below are
-// measured against: BSNAS_CPU_LLC_BYTES when set (bytes, > 0), else the size of the
-// last-level cache that cpu0 shares, as Linux lists it under
-// /sys/devices/system/cpu/cpu0/cache (glibc's sysconf can report every slice of the
-// package instead: 384 MiB on the AMD EPYC dev box, whose VM shares one 32 MiB L3),
-// capped at 32 MiB (32 MiB where that cannot be read). The cap: the fifteenth session's
-// dev box, an Intel Xeon VM with 2 vCPUs, lists a 480 MiB L3, which the whole host
-// package shares; measured against it, no output was ever streamed and no input
-// prefetched, and the channels_last depthwise forward (N=8, 2 threads, two runs each)
-// ran at 0.42x-1.17x of slicing (most below 1) at 112x112 c48-c96, 56x56 c144 and 28x28
-// c240, k3-k7; with the thresholds read against 32 MiB, 1.00x-1.60x. At 112x112 c24 and
-// 56x56 c72 k3 / k5 (pixels not on cache-line starts) 0.79x-1.01x uncapped, 0.84x-0.91x
-// capped. On the AMD box, whose L3 is 32 MiB, nothing changes.
-inline int64_t last_level_cache_bytes() {
-  constexpr int64_t kCap = int64_t(32) << 20;
-  if (const char* env = std::getenv("BSNAS_CPU_LLC_BYTES")) {
-    const long long v = std::atoll(env);
-    if (v > 0) return v;
-  }
-  int best_level = 0;
-  int64_t bytes = 0;
-  for (int i = 0; i < 8; ++i) {
-    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i);
-    std::ifstream lf(dir + "/level"), sf(dir + "/size");
-    int level = 0;
-    std::string size;
-    if (!(lf >> level) || !(sf >> size) || size.empty() || level < best_level) continue;
-    int64_t v = 0;
-    try {
-      v = std::stoll(size);
-    } catch (...) {
-      continue;
-    }
-    const char unit = size.back();
-    v *= unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : 1;
-    if (v > 0) {
-      best_level = level;
-      bytes = v;
-    }
-  }
-  return bytes > 0 ? std::min(bytes, kCap) : kCap;
 }
 
 // Whether a pass reading `in_bytes` and writing `out_bytes` should write its result
