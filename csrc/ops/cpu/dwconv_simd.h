@@ -502,8 +502,7 @@ inline bool vector_aligned(const T* p) {
 // 11.8-12.0 / 12.5-13.5 ms streamed, 10.2-11.0 / 11.5-12.3 ms cached (slicing 10.6-11.2
 // / 11.5-12.2); with the pages resident (host_memory.keep_freed_memory) streaming stays.
 inline bool stream_output(int64_t in_bytes, int64_t out_bytes, const void* out) {
-  static const int64_t llc = last_level_cache_bytes();
-  return (in_bytes + out_bytes) * 10 > llc * 3 &&
+  return (in_bytes + out_bytes) * 10 > last_level_cache_bytes() * 3 &&
          page_resident(static_cast<const char*>(out) + out_bytes - 1);
 }
 
@@ -515,8 +514,7 @@ inline bool stream_output(int64_t in_bytes, int64_t out_bytes, const void* out) 
 // input) k3 2.1-2.5 -> 1.07-1.48 ms, k5 1.9-3.3 -> 1.6-1.7, k7 3.5-4.8 -> 2.6-3.0;
 // inputs that fit (112x112 c48, 56x56 c96 / c144) were unchanged or up to 15 % slower.
 inline bool prefetch_input_rows(int64_t in_bytes) {
-  static const int64_t llc = last_level_cache_bytes();
-  return in_bytes > llc;
+  return in_bytes > last_level_cache_bytes();
 }
 
 // Whether a row staged in a cached buffer (window_pass: a streamed result whose pixels
@@ -527,8 +525,7 @@ inline bool prefetch_input_rows(int64_t in_bytes) {
 // copied; 112x112 c24 k5 (19.3 MB) 0.45-0.47 streamed, 0.50-0.54 copied (k3 0.37 /
 // 0.34-0.36), c40 k3 (32 MB) 0.62-0.64 streamed, 0.77-0.79 copied.
 inline bool stream_staged_rows(int64_t in_bytes, int64_t out_bytes) {
-  static const int64_t llc = last_level_cache_bytes();
-  return (in_bytes + out_bytes) * 5 > llc * 3;
+  return (in_bytes + out_bytes) * 5 > last_level_cache_bytes() * 3;
 }
 
 // Copies src[0, n) to dst[0, n), the whole cache lines of dst with non-temporal stores
