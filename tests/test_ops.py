@@ -109,6 +109,21 @@ def test_dwconv_unusual_geometry(dtype, fmt, n, c_max, width, h, w, k, s, p, d):
     _check_against(y, ref, (x, weight), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dwconv_every_run_length(dtype):
+    # channels_last rows of 1..40 pixels: window_pass splits each row into runs of as
+    # equal lengths as can be, up to 12 pixels (kernel 3, stride 1) or 8, so every run
+    # length and split is taken, with masked windows at both borders.
+    torch.manual_seed(0)
+    for w in range(1, 41):
+        for k, s in ((3, 1), (5, 1), (3, 2)):
+            x = _rand(1, 19, 3, w, dtype=dtype, fmt=torch.channels_last, grad=False)
+            weight = _rand(20, 1, k, k, dtype=dtype, grad=False)
+            y = masked_dwconv2d(x, weight, 19, s, k // 2, 1)
+            ref = F.conv2d(x, weight[:19], None, s, k // 2, 1, 19)
+            _close(y, ref, dtype)
+
+
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "cl"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_pwconv_matches_sliced_reference(dtype, fmt):

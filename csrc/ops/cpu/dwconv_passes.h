@@ -455,13 +455,13 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
           });
         };
         if (runs_outer) {
-          for_wide_blocks<kWideRun<K, S>>(p.Wo, [&](int64_t ow0, auto R) {
+          for_balanced_runs<kWideRun<K, S>>(p.Wo, [&](int64_t ow0, auto R) {
             if (next_rows) prefetch_next(ow0, decltype(R)::value);
             for (int64_t bi = 0; bi < nb; ++bi) run(bi, ow0, R);
           });
         } else {
           for (int64_t bi = 0; bi < nb; ++bi)
-            for_wide_blocks<kWideRun<K, S>>(p.Wo, [&](int64_t ow0, auto R) {
+            for_balanced_runs<kWideRun<K, S>>(p.Wo, [&](int64_t ow0, auto R) {
               if (next_rows && bi == 0) prefetch_next(ow0, decltype(R)::value);
               run(bi, ow0, R);
             });
