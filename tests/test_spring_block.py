@@ -209,6 +209,67 @@ def test_weights_held_outside_the_parameter_dict(how):
                                        plain.expand_bn.running_mean, rtol=1e-12, atol=1e-12)
 
 
+def test_pruned_weights_follow_training():
+    # The fused and folded paths do not call the submodules, so pruning's forward
+    # pre-hook (weight = weight_orig * weight_mask) is run by the block: after optimizer
+    # steps the block computes with the current weight_orig, and training keeps working
+    # (a stale `weight` from the first step's graph failed the second backward).
+    from torch.nn.utils import prune
+
+    torch.manual_seed(13)
+    block = SpringBlock(4, 4, 16, 3, 1).double()
+    _randomise(block)
+    prune.l1_unstructured(block.expand, "weight", amount=0.4)
+    prune.l1_unstructured(block.depthwise_bn, "weight", amount=0.25)
+    block.width = 9
+    start = block.expand.weight_orig.detach().clone()
+    opt = torch.optim.SGD(block.parameters(), lr=0.05)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    for _ in range(3):
+        opt.zero_grad()
+        block(x).square().sum().backward()
+        opt.step()
+    assert not torch.equal(block.expand.weight_orig, start)
+    state = block.state_dict()
+    for name in ("expand", "depthwise_bn"):
+        state[f"{name}.weight"] = (state.pop(f"{name}.weight_orig") *
+                                   state.pop(f"{name}.weight_mask"))
+    ref = SpringBlock(4, 4, 16, 3, 1).double()
+    ref.load_state_dict(state)
+    ref.width = 9
+    for training in (True, False):
+        block.train(training), ref.train(training)
+        with torch.no_grad():
+            torch.testing.assert_close(block(x), ref(x), rtol=1e-10, atol=1e-10)
+
+
+def test_sync_batchnorm_conversion_is_refused():
+    block = SpringBlock(4, 4, 16, 3, 1)
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(block)
+    with pytest.raises(TypeError, match="expand_bn is a SyncBatchNorm.*convert_sync_batchnorm"):
+        converted(torch.randn(2, 4, 5, 5))
+
+
+def test_inference_tensor_parameters():
+    # A block made under inference_mode holds inference tensors, which have no version
+    # counter: eval computes the folded weights afresh each call (an in-place change made
+    # in inference mode shows at once) instead of failing on the cache key.
+    torch.manual_seed(14)
+    with torch.inference_mode():
+        block = SpringBlock(4, 4, 16, 3, 1).double().eval()
+        _randomise(block)
+    block.width = 7
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    want = _reference(block, x, 7, False, _stats(block))
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x), want, rtol=1e-10, atol=1e-10)
+        block.depthwise.weight.mul_(2)
+        want = _reference(block, x, 7, False, _stats(block))
+        torch.testing.assert_close(block(x), want, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # outside inference mode too
+        torch.testing.assert_close(block(x), want, rtol=1e-10, atol=1e-10)
+
+
 def test_batchnorm_data_parallel_replica():
     # nn.DataParallel's replicas hold their parameters outside `_parameters`.
     from bsnas.nn import DynamicBatchNorm2d

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.weight_norm import WeightNorm
+
 from bsnas.nn.batchnorm import DynamicBatchNorm2d
 from bsnas.nn.masked_conv import MaskedDepthwiseConv2d, MaskedPointwiseConv2d
 from bsnas.nn.module_state import state
@@ -39,6 +42,17 @@ def _in_layout_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _weight(module: nn.Module) -> torch.Tensor:
     return state(module, "weight")
+
+
+#: Forward pre-hooks that recompute a parameter attribute of a submodule from other
+#: parameters (torch.nn.utils.prune, the old torch.nn.utils.weight_norm). The fused and
+#: folded paths read the submodules' weights without calling the modules, so the block
+#: runs these hooks itself, on every forward; other pre-hooks of its submodules run only
+#: where a module is called (the eager path, and project_bn in training).
+_WEIGHT_HOOKS = (BasePruningMethod, WeightNorm)
+
+_BN_NAMES = ("expand_bn", "depthwise_bn", "project_bn")
+_HOOKED = ("expand", "expand_bn", "depthwise", "depthwise_bn", "project", "project_bn")
 
 
 def _cpu_nchw(x: torch.Tensor) -> bool:
@@ -108,6 +122,21 @@ class SpringBlock(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SpringBlock expects [N, {self.in_channels}, H, W], got "
                              f"{tuple(x.shape)}")
+        m = self._modules
+        for name in _BN_NAMES:
+            if not isinstance(m[name], DynamicBatchNorm2d):
+                raise TypeError(
+                    f"SpringBlock.{name} is a {type(m[name]).__name__}, not a "
+                    f"bsnas.nn.DynamicBatchNorm2d (nn.SyncBatchNorm.convert_sync_batchnorm "
+                    f"replaces every BatchNorm it finds): the spring block's batch norms "
+                    f"must stay DynamicBatchNorm2d, whose statistics are per process (as "
+                    f"bsnas.train keeps them); convert only the modules outside the blocks")
+        for name in _HOOKED:
+            hooks = m[name]._forward_pre_hooks
+            if hooks:
+                for hook in list(hooks.values()):
+                    if isinstance(hook, _WEIGHT_HOOKS):
+                        hook(m[name], (x,))
         return _in_layout_of(x, self._forward(x))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,9 +206,12 @@ class SpringBlock(nn.Module):
             ts += [state(bn, n) for n in ("weight", "bias", "running_mean", "running_var")]
             eps.append(bn.eps)
         ts = [t for t in ts if t is not None]
+        try:
+            versions = tuple([t._version for t in ts])
+        except RuntimeError:  # inference tensors have no version counter: no caching
+            return None, ts
         # The cache entry keeps these tensors alive, so no id can be reused while cached.
-        return (c, tuple(map(id, ts)), tuple([t._version for t in ts]), tuple(eps),
-                ts[0].device, ts[0].dtype), ts
+        return (c, tuple(map(id, ts)), versions, tuple(eps), ts[0].device, ts[0].dtype), ts
 
     def folded_weights(self, width: int | None = None) -> dict:
         """Eval-mode weights of the active configuration with BN folded in:
@@ -192,7 +224,10 @@ class SpringBlock(nn.Module):
             return hit[1]
         with torch.no_grad():  # here, not as a decorator: a cache hit skips its cost
             folded = self._fold(c)
-        self._folded_cache[c] = (key, folded, inputs)
+        if key is None:  # nothing would tell a later call that the inputs changed
+            self._folded_cache.pop(c, None)
+        else:
+            self._folded_cache[c] = (key, folded, inputs)
         return folded
 
     def _fold(self, c: int) -> dict:
