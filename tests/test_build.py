@@ -36,8 +36,9 @@ def test_cpu_cache_size_setting():
     for bad in ("32MB", "abc", "-5", "0", "12", "99999999999999999999"):
         out = run_python(script, env={"BSNAS_CPU_LLC_BYTES": bad})
         assert out.returncode != 0 and "BSNAS_CPU_LLC_BYTES must be" in out.stderr, bad
-    # Unset or empty: the last-level cache Linux lists for cpu0, at most 16 MiB a CPU sharing
-    # it but not below 32 MiB; 32 MiB where nothing is listed.
+    # Unset or empty: the last-level cache Linux lists for cpu0; where that is more than
+    # 16 MiB a CPU sharing it (a VM listing its host's cache), 8 MiB a sharing CPU but at
+    # least 16 MiB; 32 MiB where nothing is listed.
     for unset in (None, ""):
         out = run_python(script, env={"BSNAS_CPU_LLC_BYTES": unset})
         assert out.returncode == 0, out.stderr[-2000:]
@@ -65,4 +66,7 @@ def _listed_cache_bound():
             best = (level, nbytes, sharing)
     if best is None:
         return 32 << 20
-    return min(best[1], max(32 << 20, (16 << 20) * best[2])) if best[2] else best[1]
+    level, nbytes, sharing = best
+    if sharing and nbytes > (16 << 20) * sharing:  # the host's cache: an assumed share
+        return max(16 << 20, (8 << 20) * sharing)
+    return nbytes
