@@ -196,8 +196,8 @@ inline void for_wide_blocks(int64_t n, const F& f) {
 // Calls f(start, integral_constant<R>) over [0, n) in ceil(n / Run) runs of as equal
 // lengths as can be (R and R + 1), rather than runs of Run and a short remainder: a
 // row of 14 takes 7 + 7, not 12 + 2, whose 2 accumulators wait on the multiply-add
-// latency. window_pass, channels_last forward, N=8, 2 threads, dev box (Xeon VM,
-// fifteenth session's build against this one, same process pairs alternated twice):
+// latency. window_pass, channels_last forward, N=8, 2 threads, dev box (Xeon VM, one
+// build with a switch between the two, processes alternated twice; sixteenth session):
 // 14x14 c480 k3 0.32-0.38 -> 0.30-0.31 ms (slicing / ours 0.83-0.89x -> 0.89-0.96x);
 // other shapes within the noise.
 template <int Run, typename F>
