@@ -50,6 +50,16 @@ def stage_layers(quick: bool):
     return out[::3] if quick else out
 
 
+def _cpu_setup(device) -> str:
+    """On CPU: the instruction set of the bsnas kernels and the last-level cache size
+    their streaming thresholds read (BSNAS_CPU_ISA, BSNAS_CPU_LLC_BYTES or sysfs)."""
+    if device.type != "cpu":
+        return ""
+    import bsnas
+    return (f"; CPU kernels {bsnas._C.cpu_isa()}, streaming thresholds read a "
+            f"{bsnas._C.cpu_llc_bytes() / 2**20:g} MiB last-level cache")
+
+
 def _timer(device):
     """Returns interleaved(fns, reps) -> {name: median seconds}, for fns {name: (setup,
     fn)}: one warm-up call of each, then `reps` rounds calling every function once per
@@ -118,7 +128,7 @@ def main(argv=None) -> None:
     kinds = ["fused", "slicing", "masking"] + (["compiled"] if a.compile else [])
     lines = [f"torch {torch.__version__}, {device}, batch {batch}, k{a.kernel}, {a.dtype}, "
              f"{'channels_last' if a.channels_last else 'NCHW'}, threads {torch.get_num_threads()}, "
-             f"{time.strftime('%Y-%m-%d')}; medians of {reps}", ""]
+             f"{time.strftime('%Y-%m-%d')}; medians of {reps}{_cpu_setup(device)}", ""]
     header = "| layer | width | " + " | ".join(f"{k} (ms)" for k in kinds) + " | " + \
         " | ".join(f"{k} / fused" for k in kinds[1:]) + " |"
     sep = "|---|---:|" + "---:|" * (2 * len(kinds) - 1)

@@ -105,12 +105,17 @@ def header(groups, data) -> str:
             f"torch {info.get('torch', '?')}", f"torch threads {info.get('threads', '?')}",
             "bsnas._C built " + " and ".join(
                 sorted({str(g["info"].get("ext_built", "?")) for g in groups.values()})),
-            f"N={info.get('n', '?')}", f"{info.get('dtype', 'float32')}",
-            "SCHED_FIFO while measuring (BSNAS_BENCH_RT=1)" if info.get("rt")
-            else "normal priority",
-            "freed memory kept (BSNAS_BENCH_KEEP_FREED=1)" if info.get("keep_freed")
-            else "glibc's default for freed memory",
-            f"{len(data.get('benchmarks', []))} benchmarks"]
+            f"N={info.get('n', '?')}", f"{info.get('dtype', 'float32')}"]
+    if info.get("isa"):
+        bits.append(f"CPU kernels {info['isa']}")
+    if info.get("llc_bytes"):
+        bits.append(f"streaming thresholds read a {info['llc_bytes'] / 2**20:g} MiB "
+                    f"last-level cache")
+    bits += ["SCHED_FIFO while measuring (BSNAS_BENCH_RT=1)" if info.get("rt")
+             else "normal priority",
+             "freed memory kept (BSNAS_BENCH_KEEP_FREED=1)" if info.get("keep_freed")
+             else "glibc's default for freed memory",
+             f"{len(data.get('benchmarks', []))} benchmarks"]
     return "Run: " + ", ".join(bits) + "."
 
 

@@ -123,6 +123,18 @@ def _ext_stamp() -> str:
 EXT_STAMP = _ext_stamp()
 
 
+def _cpu_setup() -> dict:
+    """The instruction set the CPU kernels run and the last-level cache size their
+    streaming thresholds read (BSNAS_CPU_ISA, BSNAS_CPU_LLC_BYTES or sysfs)."""
+    try:
+        return {"isa": bsnas._C.cpu_isa(), "llc_bytes": int(bsnas._C.cpu_llc_bytes())}
+    except (AttributeError, RuntimeError):
+        return {}
+
+
+CPU_SETUP = _cpu_setup()
+
+
 def _round8(v: int) -> int:
     return max(8, int(round(v / 8.0)) * 8)
 
@@ -360,7 +372,7 @@ def _run(benchmark, cs, built):
     benchmark.extra_info.update({key: cs[key] for key in cs if key != "group"})
     benchmark.extra_info.update(n=N, dtype="float32", threads=torch.get_num_threads(),
                                 torch=torch.__version__, ext_built=EXT_STAMP,
-                                keep_freed=KEEP_FREED)
+                                keep_freed=KEEP_FREED, **CPU_SETUP)
     if cs["op"] == "pw":
         cin_max, cout_max, iw, ow = _pw_dims(cs["c"], cs["kind"], cs["wp"])
         benchmark.extra_info.update(cin_max=cin_max, cout_max=cout_max,
