@@ -28,6 +28,7 @@ import torch
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # baselines.py, and bsnas from a source tree
 from baselines import use_baseline  # noqa: E402
+from ratio_table import cpu_setup, cpu_setup_bits  # noqa: E402
 
 from bsnas.nn import SpringBlock  # noqa: E402
 from bsnas.space import load_space  # noqa: E402
@@ -48,16 +49,6 @@ def stage_layers(quick: bool):
         out.append((f"s{layer.stage}{'r' if key[1] else 'd'} {h}x{h}", layer.in_channels,
                     layer.out_channels, layer.stride, h, layer.widths[-1]))
     return out[::3] if quick else out
-
-
-def _cpu_setup(device) -> str:
-    """On CPU: the instruction set of the bsnas kernels and the last-level cache size
-    their streaming thresholds read (BSNAS_CPU_ISA, BSNAS_CPU_LLC_BYTES or sysfs)."""
-    if device.type != "cpu":
-        return ""
-    import bsnas
-    return (f"; CPU kernels {bsnas._C.cpu_isa()}, streaming thresholds read a "
-            f"{bsnas._C.cpu_llc_bytes() / 2**20:g} MiB last-level cache")
 
 
 def _timer(device):
@@ -128,7 +119,9 @@ def main(argv=None) -> None:
     kinds = ["fused", "slicing", "masking"] + (["compiled"] if a.compile else [])
     lines = [f"torch {torch.__version__}, {device}, batch {batch}, k{a.kernel}, {a.dtype}, "
              f"{'channels_last' if a.channels_last else 'NCHW'}, threads {torch.get_num_threads()}, "
-             f"{time.strftime('%Y-%m-%d')}; medians of {reps}{_cpu_setup(device)}", ""]
+             f"{time.strftime('%Y-%m-%d')}; medians of {reps}" +
+             "".join(f", {b}" for b in (cpu_setup_bits(cpu_setup())
+                                        if device.type == "cpu" else [])), ""]
     header = "| layer | width | " + " | ".join(f"{k} (ms)" for k in kinds) + " | " + \
         " | ".join(f"{k} / fused" for k in kinds[1:]) + " |"
     sep = "|---|---:|" + "---:|" * (2 * len(kinds) - 1)

@@ -97,6 +97,28 @@ def _case(key):
     return f"{op}-{pas}-{hw}x{hw}-c{c}-{var}-w{wp}-{layout}"
 
 
+def cpu_setup() -> dict:
+    """What the bsnas CPU kernels run with, for a benchmark to record: their instruction
+    set and the last-level cache size their streaming thresholds read (BSNAS_CPU_ISA,
+    BSNAS_CPU_LLC_BYTES or sysfs); {} without the extension."""
+    try:
+        import bsnas
+        return {"isa": bsnas._C.cpu_isa(), "llc_bytes": int(bsnas._C.cpu_llc_bytes())}
+    except (ImportError, AttributeError, RuntimeError):
+        return {}
+
+
+def cpu_setup_bits(info) -> list:
+    """cpu_setup()'s fields, as the run lines of the op and block tables say them."""
+    bits = []
+    if info.get("isa"):
+        bits.append(f"CPU kernels {info['isa']}")
+    if info.get("llc_bytes"):
+        bits.append(f"streaming thresholds read a {info['llc_bytes'] / 2**20:g} MiB "
+                    f"last-level cache")
+    return bits
+
+
 def header(groups, data) -> str:
     info = next(iter(groups.values()))["info"] if groups else {}
     cpu = (data.get("machine_info") or {}).get("cpu") or {}
@@ -105,17 +127,13 @@ def header(groups, data) -> str:
             f"torch {info.get('torch', '?')}", f"torch threads {info.get('threads', '?')}",
             "bsnas._C built " + " and ".join(
                 sorted({str(g["info"].get("ext_built", "?")) for g in groups.values()})),
-            f"N={info.get('n', '?')}", f"{info.get('dtype', 'float32')}"]
-    if info.get("isa"):
-        bits.append(f"CPU kernels {info['isa']}")
-    if info.get("llc_bytes"):
-        bits.append(f"streaming thresholds read a {info['llc_bytes'] / 2**20:g} MiB "
-                    f"last-level cache")
-    bits += ["SCHED_FIFO while measuring (BSNAS_BENCH_RT=1)" if info.get("rt")
-             else "normal priority",
-             "freed memory kept (BSNAS_BENCH_KEEP_FREED=1)" if info.get("keep_freed")
-             else "glibc's default for freed memory",
-             f"{len(data.get('benchmarks', []))} benchmarks"]
+            f"N={info.get('n', '?')}", f"{info.get('dtype', 'float32')}",
+            *cpu_setup_bits(info),
+            "SCHED_FIFO while measuring (BSNAS_BENCH_RT=1)" if info.get("rt")
+            else "normal priority",
+            "freed memory kept (BSNAS_BENCH_KEEP_FREED=1)" if info.get("keep_freed")
+            else "glibc's default for freed memory",
+            f"{len(data.get('benchmarks', []))} benchmarks"]
     return "Run: " + ", ".join(bits) + "."
 
 

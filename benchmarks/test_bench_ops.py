@@ -82,6 +82,9 @@ except ImportError:  # run as `pytest benchmarks/` without the repo root on sys.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import bsnas
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # any import mode
+from ratio_table import cpu_setup  # noqa: E402
+
 N = int(os.environ.get("BSNAS_BENCH_N", "8"))
 QUICK = os.environ.get("BSNAS_BENCH_QUICK", "0") not in ("", "0")
 TARGET_S = float(os.environ.get("BSNAS_BENCH_TARGET_S", "0.5"))
@@ -123,16 +126,7 @@ def _ext_stamp() -> str:
 EXT_STAMP = _ext_stamp()
 
 
-def _cpu_setup() -> dict:
-    """The instruction set the CPU kernels run and the last-level cache size their
-    streaming thresholds read (BSNAS_CPU_ISA, BSNAS_CPU_LLC_BYTES or sysfs)."""
-    try:
-        return {"isa": bsnas._C.cpu_isa(), "llc_bytes": int(bsnas._C.cpu_llc_bytes())}
-    except (AttributeError, RuntimeError):
-        return {}
-
-
-CPU_SETUP = _cpu_setup()
+CPU_SETUP = cpu_setup()
 
 
 def _round8(v: int) -> int:

@@ -29,3 +29,10 @@ def test_header_of_older_runs_without_them():
     line = ratio_table.header(*_data())
     assert "CPU kernels" not in line and "last-level cache" not in line
     assert "bsnas._C built 2026-12-05T18:52:07Z" in line
+
+
+def test_cpu_setup_reads_the_extension():
+    setup = ratio_table.cpu_setup()
+    import bsnas
+    assert setup == {"isa": bsnas._C.cpu_isa(), "llc_bytes": bsnas._C.cpu_llc_bytes()}
+    assert ratio_table.cpu_setup_bits(setup)[0] == f"CPU kernels {setup['isa']}"
