@@ -9,8 +9,9 @@
 // 12 MiB a core (AMD's stacked-cache parts), so a listing of more than 16 MiB a sharing
 // CPU is taken for the host's cache, and the guest's share of it is unknown: then 8 MiB
 // a sharing CPU, at least 16 MiB. On the Xeon VM that is 16 MiB; against the fifteenth
-// session's 32 MiB floor, the sixteenth session's op benchmark met slicing in 281 and
-// 279 of 300 cells against 275 and 272, and the block benchmark was unchanged. Listings
+// session's 32 MiB floor, the sixteenth session's op benchmark met slicing in 281, 279
+// and 275 of 300 cells against 275 and 272 (runs vary by about 5 cells on that box), and
+// the block benchmark was unchanged. Listings
 // of up to 16 MiB a CPU (the AMD box's 32 MiB for 2) are used as they are.
 // benchmarks/RESULTS.md has the measurements.
 
