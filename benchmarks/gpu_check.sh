@@ -6,7 +6,8 @@
 #
 # Stages: device/version info; in-place CUDA build (sm_90); bsnas.cuda_compiled(); the
 # CUDA test files (one process each); the small "smoke" CUDA tests under
-# compute-sanitizer memcheck (when compute-sanitizer is found); benchmarks/bench_gpu.py;
+# compute-sanitizer memcheck (when compute-sanitizer is found), then the training-path
+# kernels' float32 CUDA tests under memcheck; benchmarks/bench_gpu.py;
 # benchmarks/bench_block.py; benchmarks/profile_block.py; benchmarks/bench_bn_act.py.
 # Every stage runs under `timeout`, bounded so that the whole script ends within about 8
 # minutes; a failed stage is recorded and the next one still runs. Exits non-zero if any
@@ -104,6 +105,14 @@ if [[ -n "$SANITIZER" ]]; then
     env BSNAS_REQUIRE_CUDA=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SANITIZER" --tool memcheck --error-exitcode 1 --target-processes all \
     "$PY" -m pytest -q -x -p no:cacheprovider tests/test_ops_cuda.py -k "smoke and not float16"
+  # The training-path kernels (bn_train_act_dwconv2d, mbconv_train, the channel-stats
+  # gradient) under memcheck too: float32 only, their small random shapes.
+  run_stage memcheck_train 90 "$OUT/memcheck_train.log" \
+    env BSNAS_REQUIRE_CUDA=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    "$SANITIZER" --tool memcheck --error-exitcode 1 --target-processes all \
+    "$PY" -m pytest -q -x -p no:cacheprovider tests/test_bn_train_act_dwconv.py \
+    tests/test_mbconv_train.py tests/test_channel_stats.py \
+    -k "(cuda_matches_reference and dtype0) or (grad_add_cuda and float32)"
 else
   STAGES+=("memcheck|skipped (compute-sanitizer not found)|0|-")
   echo "=== memcheck: compute-sanitizer not found, skipped"
