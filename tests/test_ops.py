@@ -377,10 +377,10 @@ def close(a, b):
 
 cases = [(torch.float32, 4, 64, 1), (torch.float32, 4, 48, 1), (torch.float32, 4, 40, 1),
          (torch.float32, 4, 37, 1), (torch.float32, 4, 40, 2), (torch.float32, 2, 37, 1),
-         (torch.float64, 4, 48, 1), (torch.float64, 4, 37, 1)]
+         (torch.float64, 4, 48, 1), (torch.float64, 4, 37, 1), (torch.float32, 1, 140, 1)]
 for dtype, n, width, stride in cases:
     x = torch.randn(n, width, 150, 150, dtype=dtype).to(memory_format=torch.channels_last)
-    weight = torch.randn(64, 1, k, k, dtype=dtype)
+    weight = torch.randn(144, 1, k, k, dtype=dtype)
     x.requires_grad_()
     ref = F.conv2d(x, weight[:width], None, stride, k // 2, 1, width)
     g = torch.randn_like(ref)
@@ -398,19 +398,19 @@ print("ok")
 @pytest.mark.skipif(not GLIBC, reason="keeping freed memory resident needs glibc's malloc")
 @pytest.mark.parametrize("k", [3, 5])
 def test_dwconv_streamed_large_output(k):
-    """channels_last results beyond 30 % of the last-level cache whose pages are
-    resident are written with non-temporal stores (stream_output): straight from the
-    registers where pixels start on cache lines (widths 64 and 48), through a row staged
-    in a cached buffer otherwise (widths 40 and 37, stride 1 and 2: stream_copy, partial
-    lines at the row ends shared by the rows of two threads); staged rows of a result
-    within 60 % of the cache are copied out with plain stores instead (the 2-image case,
-    13 MB), and inputs larger than the cache (the float64 cases, 35 MB) are prefetched
-    row by row; all with the thresholds read against 32 MiB (LLC_32MIB). A freshly
-    mapped result (last page not resident) is written with plain stores. In a fresh
-    interpreter with freed memory kept (bsnas.host_memory), each case runs twice, the
-    second time into the resident block the first call freed.
-    Forward and input gradient against F.conv2d; float64 too (8 values a vector: 48
-    channels fill whole lines, 37 are staged)."""
+    """channels_last results beyond 30 % of the last-level cache: where pixels start on
+    cache lines and the pages are resident, written from the registers with
+    non-temporal stores (stream_output; widths 64 and 48); otherwise stored through the
+    cache while each run prefetches the output lines and input lines of the run after it
+    (window_pass's fetch_ahead; widths 40 and 37, stride 1 and 2, the 2-image case, and
+    width 140, whose kernel-5 pass takes channel blocks outermost). The prefetches reach
+    past a row's end into the next row and are clamped to the tensors. Inputs larger than
+    the cache (the float64 cases, 35 MB) are also prefetched row by row; all with the
+    thresholds read against 32 MiB (LLC_32MIB). A freshly mapped result (last page not
+    resident) is written with plain stores. In a fresh interpreter with freed memory kept
+    (bsnas.host_memory), each case runs twice, the second time into the resident block
+    the first call freed. Forward and input gradient against F.conv2d; float64 too (8
+    values a vector: 48 channels fill whole lines, 37 do not)."""
     _run_with_freed_memory_kept(_STREAMED_CASES, str(k))
 
 

@@ -1,5 +1,5 @@
 // The last-level cache size that the CPU kernels' streaming and prefetching thresholds
-// (dwconv_simd.h: stream_output, prefetch_input_rows, stream_staged_rows) are read
+// (dwconv_simd.h: exceeds_cache_share, stream_output, prefetch_input_rows) are read
 // against. Computed once per process, at the first call.
 #pragma once
 

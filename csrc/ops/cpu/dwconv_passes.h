@@ -410,28 +410,39 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
     // Runs outermost (each run through every block) while a run's window over all
     // channels fits in L1, blocks outermost otherwise (measured both ways, dev box).
     const bool runs_outer = K * (S * 7 + K) * C * int64_t(sizeof(T)) <= kWindowBytes;
-    // A streamed result whose pixels start on cache lines goes straight from the
-    // registers to memory (put_run); any other is staged a row at a time in a cached
-    // buffer (the runs' vectors straddle lines and fill each in parts, which
-    // non-temporal stores do slowly, cached ones out of order) and leaves from there in
-    // order, streamed (stream_copy) or copied (stream_staged_rows).
+    // A result beyond the cache share whose pixels start on cache lines goes straight
+    // from the registers to memory (put_run, non-temporal). One whose pixels do not (the
+    // runs' vectors straddle lines and fill each in parts) is stored through the cache,
+    // fetching ahead: each run asks for the output lines that the run after it writes
+    // (prefetchw; a task's rows follow each other in memory, so the last run of a row
+    // reaches into the next) and for the newest kernel row's input lines under that run,
+    // a share before each channel block. Measured on the Intel Xeon dev box (seventeenth
+    // session, forward, N=8, 2 threads, k3 / k5, four runs over two builds, each
+    // switching between the two in one process set), against the twelfth session's rows
+    // staged in a cached buffer and streamed from there: 112x112 c24 0.78-0.80 ->
+    // 0.60-0.64 / 1.16-1.27 -> 0.96-1.04 ms, 56x56 c72 0.59-0.67 -> 0.42-0.48 / 0.86-0.89
+    // -> 0.69-0.70 ms, c36 0.31-0.34 -> 0.26-0.28 / 0.48-0.56 -> 0.42-0.46 ms (slicing /
+    // ours 0.76x-1.13x -> 1.00x-1.27x). Fetching two or four runs ahead was no better;
+    // fetching ahead instead of streaming line-aligned results was slower at 14x14 c480
+    // and 28x28 c240 k5. The AMD EPYC box, on which staging had been measured (twelfth
+    // session: 112x112 c24 k3 0.45-0.53 -> 0.29-0.40 ms against plain cached stores), has
+    // not run it.
     const int64_t row_values = p.Wo * C;
     const int64_t in_bytes = N * image * int64_t(sizeof(T));
     const int64_t out_bytes = N * p.Ho * row_values * int64_t(sizeof(T));
-    const bool stream = stream_output(in_bytes, out_bytes, y);
-    const bool staged = stream && (C * int64_t(sizeof(T))) % kCacheLineBytes != 0;
-    const bool stream_rows = staged && stream_staged_rows(in_bytes, out_bytes);
+    const bool line_pixels = (C * int64_t(sizeof(T))) % kCacheLineBytes == 0;
+    const bool stream = line_pixels && stream_output(in_bytes, out_bytes, y);
+    const bool fetch_ahead = !line_pixels && exceeds_cache_share(in_bytes, out_bytes);
     const bool prefetch_rows = prefetch_input_rows(in_bytes);
+    const int64_t x_values = N * image, y_values = N * p.Ho * row_values;
     at::parallel_for(0, N * p.Ho, grain(row_values * kk), [&](int64_t b, int64_t e) {
-      std::vector<T> staging(staged ? static_cast<size_t>(row_values + V) : 0);
-      T* const stage_row = staged ? align_to_vector(staging.data()) : nullptr;
       for (int64_t task = b; task < e; ++task) {
         const int64_t n = task / p.Ho, oh = task % p.Ho;
         const int64_t ih0 = oh * S - p.pad;
         const auto [kh0, kh1] = taps_inside(ih0, H, K, 1);
         const T* row = x + n * image + (ih0 + kh0) * W * C;  // kernel row kh0
-        T* const yrow = y + (n * p.Ho + oh) * row_values;
-        T* const out_row = staged ? stage_row : yrow;
+        const int64_t y_row = task * row_values;              // offset of the output row
+        T* const yrow = y + y_row;
         // The input rows that the next output row adds (ih0 + K .. ih0 + K + S - 1),
         // prefetched into L2 run by run when the input comes from memory.
         const int64_t next_ih = ih0 + K;
@@ -443,11 +454,20 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
           for (int64_t r = 0; r < next_rows && c_lo < c_hi; ++r)
             prefetch_l2(x + n * image + ((next_ih + r) * W + c_lo) * C, (c_hi - c_lo) * C);
         };
+        // fetch_ahead's lines for the run after the one at ow0 (R pixels): the output it
+        // writes, and the newest kernel row's input under it (both streams continue into
+        // the next row).
+        const int64_t x_newest = n * image + (ih0 + K - 1) * W * C;
+        const auto lines_ahead = [&](int64_t ow0, int64_t R) {
+          const int64_t o = y_row + (ow0 + R) * C, i = x_newest + (ow0 + R) * S * C;
+          return std::pair{line_span(y, o, o + R * C, y_values),
+                           line_span(x, i, i + R * S * C, x_values)};
+        };
         const auto run = [&](int64_t bi, int64_t ow0, auto R) {
           constexpr int RV = decltype(R)::value, NI = S * (RV - 1) + K;
           const int64_t ch0 = end_aligned_block(bi, nb, C, V);  // the block's first channel
           const int64_t c0 = ow0 * S - p.pad;  // source column of window slot 0
-          const RunStore<T> dst{out_row + ow0 * C + ch0, C, lanes, stream && !staged};
+          const RunStore<T> dst{yrow + ow0 * C + ch0, C, lanes, stream};
           with_window_slots<NI>(c0, W, lanes, V, [&](auto M, const int64_t* sl) {
             window_positions<RV, K, S, decltype(M)::value>(row + c0 * C + ch0, C, W * C,
                                                            kh0, kh1,
@@ -457,19 +477,29 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
         if (runs_outer) {
           for_balanced_runs<kWideRun<K, S>>(p.Wo, [&](int64_t ow0, auto R) {
             if (next_rows) prefetch_next(ow0, decltype(R)::value);
-            for (int64_t bi = 0; bi < nb; ++bi) run(bi, ow0, R);
+            if (!fetch_ahead) {
+              for (int64_t bi = 0; bi < nb; ++bi) run(bi, ow0, R);
+              return;
+            }
+            const auto [out, in] = lines_ahead(ow0, decltype(R)::value);
+            const int64_t po = (out.count + nb - 1) / nb, pi = (in.count + nb - 1) / nb;
+            for (int64_t bi = 0; bi < nb; ++bi) {
+              prefetch_lines<true>(out, bi * po, (bi + 1) * po);
+              prefetch_lines<false>(in, bi * pi, (bi + 1) * pi);
+              run(bi, ow0, R);
+            }
           });
         } else {
           for (int64_t bi = 0; bi < nb; ++bi)
             for_balanced_runs<kWideRun<K, S>>(p.Wo, [&](int64_t ow0, auto R) {
               if (next_rows && bi == 0) prefetch_next(ow0, decltype(R)::value);
+              if (fetch_ahead && bi == 0) {
+                const auto [out, in] = lines_ahead(ow0, decltype(R)::value);
+                prefetch_lines<true>(out, 0, out.count);
+                prefetch_lines<false>(in, 0, in.count);
+              }
               run(bi, ow0, R);
             });
-        }
-        if (stream_rows) {
-          stream_copy(yrow, stage_row, row_values);
-        } else if (staged) {
-          std::copy_n(stage_row, row_values, yrow);
         }
       }
       if (stream) stream_fence();

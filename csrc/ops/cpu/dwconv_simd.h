@@ -261,6 +261,40 @@ inline void prefetch_l2(const T* p, int64_t n) {
   }
 }
 
+// The cache lines under base[lo, hi), clamped to base[0, n) (a tensor's extent), to be
+// prefetched a share at a time (prefetch_lines).
+struct LineSpan {
+  uintptr_t line0 = 0;  // address of the first line
+  int64_t count = 0;
+};
+template <typename T>
+inline LineSpan line_span(const T* base, int64_t lo, int64_t hi, int64_t n) {
+  lo = std::max<int64_t>(lo, 0);
+  hi = std::min<int64_t>(hi, n);
+  if (lo >= hi) return {};
+  const auto a = reinterpret_cast<uintptr_t>(base + lo);
+  const auto b = reinterpret_cast<uintptr_t>(base + hi);
+  const uintptr_t l0 = a / kCacheLineBytes * kCacheLineBytes;
+  return {l0, static_cast<int64_t>((b - l0 + kCacheLineBytes - 1) / kCacheLineBytes)};
+}
+// Asks for lines [i0, i1) of `span` (clamped to it) in L1: for writing (prefetchw: the
+// line arrives owned, so the stores that fill it do not wait) or for reading.
+template <bool ForWrite>
+inline void prefetch_lines(const LineSpan& span, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < std::min(i1, span.count); ++i) {
+    const auto* p = reinterpret_cast<const char*>(span.line0 + uintptr_t(i) * kCacheLineBytes);
+#if defined(__x86_64__) && defined(__GNUC__)
+    if constexpr (ForWrite) {
+      asm volatile("prefetchw %0" : : "m"(*p));
+    } else {
+      asm volatile("prefetcht0 %0" : : "m"(*p));
+    }
+#else
+    __builtin_prefetch(p, ForWrite ? 1 : 0, 3);
+#endif
+  }
+}
+
 // Parallel tasks of about this many multiply-adds.
 inline int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_item));
@@ -503,14 +537,18 @@ inline bool vector_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % BSNAS_VEC_BYTES == 0;
 }
 
-// Whether a pass reading `in_bytes` and writing `out_bytes` should write its result
-// with non-temporal stores: when both together exceed 30 % of the last-level cache (the
-// result would leave the cache before it is read again, and a cached store first reads
-// every line it writes). Only whole lines are streamed (put_run straight from the
-// registers where pixels start on lines, stream_copy from a staged row otherwise: a
-// non-temporal store of part of a line is slow). Measured on the dev box (AMD EPYC,
-// 32 MiB L3, channels_last k3 forward, N=8, 2 threads): tenth session, streaming above
-// 3/4 of the cache, 112x112 c48 (38.5 MB in + out) 1.25 -> 0.46 ms and 56x56 c144 k5
+// Whether a pass reading `in_bytes` and writing `out_bytes` moves more than 30 % of the
+// last-level cache: its result would leave the cache before it is read again.
+inline bool exceeds_cache_share(int64_t in_bytes, int64_t out_bytes) {
+  return (in_bytes + out_bytes) * 10 > last_level_cache_bytes() * 3;
+}
+
+// Whether such a pass should write its result with non-temporal stores (a cached store
+// first reads every line it writes). Only whole lines are streamed: put_run straight from
+// the registers, where pixels start on lines (a non-temporal store of part of a line is
+// slow); window_pass fetches ahead where they do not (see there). Measured on the dev box
+// (AMD EPYC, 32 MiB L3, channels_last k3 forward, N=8, 2 threads): tenth session,
+// streaming above 3/4 of the cache, 112x112 c48 (38.5 MB in + out) 1.25 -> 0.46 ms and 56x56 c144 k5
 // (29 MB) 0.53-1.0 -> 0.48 ms, while 112x112 c24 and 56x56 c72 (pixels not
 // line-aligned) were slower streamed; eleventh session, 56x56 c64-c112 (12.8-22.5 MB)
 // 3.1-5.9 -> 2.5-2.6 us per channel streamed above 30 %, c72-c136 with partial lines
@@ -526,7 +564,7 @@ inline bool vector_aligned(const T* p) {
 // 11.8-12.0 / 12.5-13.5 ms streamed, 10.2-11.0 / 11.5-12.3 ms cached (slicing 10.6-11.2
 // / 11.5-12.2); with the pages resident (host_memory.keep_freed_memory) streaming stays.
 inline bool stream_output(int64_t in_bytes, int64_t out_bytes, const void* out) {
-  return (in_bytes + out_bytes) * 10 > last_level_cache_bytes() * 3 &&
+  return exceeds_cache_share(in_bytes, out_bytes) &&
          page_resident(static_cast<const char*>(out) + out_bytes - 1);
 }
 
@@ -539,37 +577,6 @@ inline bool stream_output(int64_t in_bytes, int64_t out_bytes, const void* out) 
 // inputs that fit (112x112 c48, 56x56 c96 / c144) were unchanged or up to 15 % slower.
 inline bool prefetch_input_rows(int64_t in_bytes) {
   return in_bytes > last_level_cache_bytes();
-}
-
-// Whether a row staged in a cached buffer (window_pass: a streamed result whose pixels
-// do not start on lines) leaves through non-temporal stores (stream_copy) rather than a
-// plain copy: when in + out exceed 60 % of the last-level cache. Measured on the dev box
-// (twelfth session, channels_last forward, N=8, 2 threads, two same-run A/Bs): 56x56
-// c72 / c88 k3 (14.4 / 17.7 MB) 0.28-0.29 / 0.35 ms streamed, 0.21-0.24 / 0.29-0.30
-// copied; 112x112 c24 k5 (19.3 MB) 0.45-0.47 streamed, 0.50-0.54 copied (k3 0.37 /
-// 0.34-0.36), c40 k3 (32 MB) 0.62-0.64 streamed, 0.77-0.79 copied.
-inline bool stream_staged_rows(int64_t in_bytes, int64_t out_bytes) {
-  return (in_bytes + out_bytes) * 5 > last_level_cache_bytes() * 3;
-}
-
-// Copies src[0, n) to dst[0, n), the whole cache lines of dst with non-temporal stores
-// and the partial lines at either end (a line at most each) with plain ones: a row of a
-// channels_last result whose pixels do not start on lines, staged in a cached buffer,
-// leaves for memory without first reading the lines it fills. The caller ends its task
-// with stream_fence.
-template <typename T>
-inline void stream_copy(T* dst, const T* src, int64_t n) {
-  constexpr int64_t V = kLanes<T>, line = kCacheLineBytes / int64_t(sizeof(T));
-  const int64_t misalign = int64_t(reinterpret_cast<uintptr_t>(dst) % kCacheLineBytes);
-  const int64_t head =
-      std::min(n, misalign ? (kCacheLineBytes - misalign) / int64_t(sizeof(T)) : 0);
-  std::memcpy(dst, src, static_cast<size_t>(head) * sizeof(T));
-  int64_t i = head;
-  for (; i + line <= n; i += line) {
-#pragma GCC unroll 4
-    for (int64_t j = 0; j < line; j += V) vstream(dst + i + j, vload(src + i + j));
-  }
-  std::memcpy(dst + i, src + i, static_cast<size_t>(n - i) * sizeof(T));
 }
 
 // R output vectors of one plane at scratch offsets base[r] (values): acc[r] over all
