@@ -417,8 +417,8 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
     // (prefetchw; a task's rows follow each other in memory, so the last run of a row
     // reaches into the next) and for the newest kernel row's input lines under that run,
     // a share before each channel block. Measured on the Intel Xeon dev box (seventeenth
-    // session, forward, N=8, 2 threads, k3 / k5, four runs over two builds, each
-    // switching between the two in one process set), against the twelfth session's rows
+    // session, forward, N=8, 2 threads, k3 / k5, four runs over two builds, each with an
+    // environment switch between the two), against the twelfth session's rows
     // staged in a cached buffer and streamed from there: 112x112 c24 0.78-0.80 ->
     // 0.60-0.64 / 1.16-1.27 -> 0.96-1.04 ms, 56x56 c72 0.59-0.67 -> 0.42-0.48 / 0.86-0.89
     // -> 0.69-0.70 ms, c36 0.31-0.34 -> 0.26-0.28 / 0.48-0.56 -> 0.42-0.46 ms (slicing /

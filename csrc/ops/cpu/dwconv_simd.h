@@ -282,7 +282,8 @@ inline LineSpan line_span(const T* base, int64_t lo, int64_t hi, int64_t n) {
 template <bool ForWrite>
 inline void prefetch_lines(const LineSpan& span, int64_t i0, int64_t i1) {
   for (int64_t i = i0; i < std::min(i1, span.count); ++i) {
-    const auto* p = reinterpret_cast<const char*>(span.line0 + uintptr_t(i) * kCacheLineBytes);
+    const uintptr_t line = span.line0 + uintptr_t(i) * kCacheLineBytes;
+    const auto* p = reinterpret_cast<const char*>(line);
 #if defined(__x86_64__) && defined(__GNUC__)
     if constexpr (ForWrite) {
       asm volatile("prefetchw %0" : : "m"(*p));
@@ -548,9 +549,9 @@ inline bool exceeds_cache_share(int64_t in_bytes, int64_t out_bytes) {
 // the registers, where pixels start on lines (a non-temporal store of part of a line is
 // slow); window_pass fetches ahead where they do not (see there). Measured on the dev box
 // (AMD EPYC, 32 MiB L3, channels_last k3 forward, N=8, 2 threads): tenth session,
-// streaming above 3/4 of the cache, 112x112 c48 (38.5 MB in + out) 1.25 -> 0.46 ms and 56x56 c144 k5
-// (29 MB) 0.53-1.0 -> 0.48 ms, while 112x112 c24 and 56x56 c72 (pixels not
-// line-aligned) were slower streamed; eleventh session, 56x56 c64-c112 (12.8-22.5 MB)
+// streaming above 3/4 of the cache, 112x112 c48 (38.5 MB in + out) 1.25 -> 0.46 ms and
+// 56x56 c144 k5 (29 MB) 0.53-1.0 -> 0.48 ms, while 112x112 c24 and 56x56 c72 (pixels
+// not line-aligned) were slower streamed; eleventh session, 56x56 c64-c112 (12.8-22.5 MB)
 // 3.1-5.9 -> 2.5-2.6 us per channel streamed above 30 %, c72-c136 with partial lines
 // 5-9 us per channel either way (four runs, same build, env switch); twelfth session,
 // rows of those staged and streamed (stream_copy), 2 threads: 112x112 c24 k3 0.45-0.53
