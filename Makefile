@@ -31,7 +31,7 @@ demo: build
 
 bench: build
 	PY=$(PY) bash benchmarks/run_cpu_bench.sh
-	$(PY) benchmarks/bench_training.py --out benchmarks/out/training.md
+	$(PY) benchmarks/bench_training.py --out benchmarks/results/training.md
 
 bench-quick: build
 	QUICK=1 PY=$(PY) bash benchmarks/run_cpu_bench.sh

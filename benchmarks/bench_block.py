@@ -1,4 +1,4 @@
-"""Issue 3 benchmark: the spring block, training step (forward + backward, the input
+"""Spring block benchmark: training step (forward + backward, the input
 requiring a gradient as inside a network, gradients unset before each step as the
 trainer's zero_grad(set_to_none=True) leaves them) and inference (forward in eval mode under
 no_grad), at the shapes of the `proxyless` preset's stages
@@ -14,6 +14,9 @@ Each layer: the second layer of each stage (stride 1, residual) and the first
 Times are medians of repeats after warm-up (CUDA events on GPU). Usage:
     python benchmarks/bench_block.py [--device cpu|cuda] [--batch 16] [--compile]
         [--channels-last] [--quick] [--keep-freed-memory] [--out FILE.md]
+A full float32 run writes its table to benchmarks/results/{cpu,gpu}_block_<layout>.md
+(GPU NCHW: gpu_block.md) unless --out names another file; --out '' writes none, and
+--quick or bfloat16 runs write only where --out says.
 """
 from __future__ import annotations
 
@@ -90,6 +93,16 @@ def write_report(path: str, text: str) -> None:
         f.write(text + "\n")
 
 
+def default_out(device: torch.device, channels_last: bool, quick: bool, dtype: str) -> str:
+    """The stable results file of a full float32 run on `device` ('' for other runs)."""
+    if quick or dtype != "float32":
+        return ""
+    layout = "channels_last" if channels_last else "nchw"
+    name = ("gpu_block.md" if layout == "nchw" else f"gpu_block_{layout}.md") \
+        if device.type == "cuda" else f"cpu_block_{layout}.md"
+    return os.path.join(os.path.dirname(_HERE), "benchmarks", "results", name)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,7 +114,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None,
+                   help="table file (default: benchmarks/results/ for full float32 runs; '' = none)")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="CPU: keep freed memory for reuse, as training runs do (bsnas.host_memory)")
     a = p.parse_args(argv)
@@ -182,8 +196,10 @@ def main(argv=None) -> None:
     text = "\n".join(lines + ["Training step (forward + backward):", ""] + tables["train"] +
                      ["", "Inference (eval, no_grad):", ""] + tables["infer"])
     print(text)
-    if a.out:
-        write_report(a.out, text)
+    out = default_out(device, a.channels_last, a.quick, a.dtype) if a.out is None else a.out
+    if out:
+        write_report(out, text)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

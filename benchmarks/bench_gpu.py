@@ -30,7 +30,8 @@ The time budget is shared between (b), (c) and (d) (45/20/35%, unused time passi
 to the next section), so that every section reports something.
 
 Ratio columns are baseline time / our time (> 1: bsnas is faster). Writes
-OUT/gpu_bench.md and OUT/gpu_bench.json (raw medians, ms) and prints the markdown.
+OUT/gpu_ops.md (the name its table has under benchmarks/results/) and OUT/gpu_ops.json
+(raw medians, ms) and prints the markdown.
 float32 runs with TF32 off (torch.backends.{cuda.matmul,cudnn}.allow_tf32 = False) so
 all three compute in full float32.
 
@@ -437,7 +438,7 @@ def to_markdown(meta, dw_rows, pw_rows, bnact_rows=()):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/bsnas_out"),
-                    help="output directory (gpu_bench.md, gpu_bench.json)")
+                    help="output directory (gpu_ops.md, gpu_ops.json)")
     ap.add_argument("--quick", action="store_true",
                     help="k=3 only, two pointwise shapes, 10 repeats")
     ap.add_argument("--reps", type=int, default=None, help="timed repeats (default 50, quick 10)")
@@ -492,9 +493,9 @@ def main():
     def write():
         meta["wall_s"] = time.monotonic() - t_start
         md = to_markdown(meta, dw_rows, pw_rows, bnact_rows)
-        with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
+        with open(os.path.join(args.out, "gpu_ops.md"), "w") as f:
             f.write(md + "\n")
-        with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+        with open(os.path.join(args.out, "gpu_ops.json"), "w") as f:
             json.dump(dict(meta=meta, dwconv=dw_rows, bnact=bnact_rows, pwconv=pw_rows), f,
                       indent=1)
         return md

@@ -1,4 +1,4 @@
-"""Issue 5 benchmarks: data loading and the supernet training step.
+"""Training benchmarks: data loading and the supernet training step.
 
 1. Data: images/s of the DALI pipeline against the torchvision loader over the digits
    training set, same workers, same augmentations (random-resized-crop, flip,
@@ -10,7 +10,8 @@
 
 Usage: python benchmarks/bench_training.py [--space tiny] [--batch 64] [--steps 30]
        [--device cpu|cuda] [--threads N] [--keep-freed-memory] [--out FILE.md]
-Only ratios measured in the same run are meaningful on a shared machine.
+Only ratios measured in the same run are meaningful on a shared machine. `make bench`
+writes the table to benchmarks/results/training.md.
 """
 from __future__ import annotations
 

@@ -4,6 +4,9 @@
 #
 #     bash benchmarks/gpu_check.sh            # outputs in ${OUT:-/tmp/bsnas_out}
 #
+# The tables are written under the names they have in benchmarks/results/
+# (gpu_ops.md, gpu_block.md, gpu_profile.md, gpu_bn_act.md): copy them there.
+#
 # Stages: device/version info; in-place CUDA build (sm_90); bsnas.cuda_compiled(); the
 # CUDA test files (one process each); the small "smoke" CUDA tests under
 # compute-sanitizer memcheck (when compute-sanitizer is found), then the training-path
@@ -124,12 +127,12 @@ bench_t=$((DEADLINE - now))
 bench_t=$((bench_t > 240 ? 240 : bench_t))
 TAIL_LINES=5 run_stage bench 240 "$OUT/bench.log" \
   "$PY" benchmarks/bench_gpu.py --out "$OUT" --budget "$((bench_t > 45 ? bench_t - 30 : 15))"
-if [[ -f "$OUT/gpu_bench.md" ]]; then
-  echo "=== benchmark summary ($OUT/gpu_bench.md has the full tables)"
+if [[ -f "$OUT/gpu_ops.md" ]]; then
+  echo "=== benchmark summary ($OUT/gpu_ops.md has the full tables)"
   # Everything before the first per-configuration table: header and geometric means.
-  awk '/^## masked_dwconv2d$/ {exit} {print}' "$OUT/gpu_bench.md"
-  awk '/^## bn_act_dwconv2d: summary/ {p=1} /^## bn_act_dwconv2d \(/ {p=0} p' "$OUT/gpu_bench.md"
-  awk '/^## masked_pwconv2d: summary/ {p=1} /^## masked_pwconv2d \(/ {p=0} p' "$OUT/gpu_bench.md"
+  awk '/^## masked_dwconv2d$/ {exit} {print}' "$OUT/gpu_ops.md"
+  awk '/^## bn_act_dwconv2d: summary/ {p=1} /^## bn_act_dwconv2d \(/ {p=0} p' "$OUT/gpu_ops.md"
+  awk '/^## masked_pwconv2d: summary/ {p=1} /^## masked_pwconv2d \(/ {p=0} p' "$OUT/gpu_ops.md"
 fi
 
 # The spring block against slicing / masking (and compiled slicing when time allows).
@@ -138,7 +141,7 @@ block_t=$((DEADLINE - now))
 if ((block_t > 40)); then
   compile_flag=$([[ $block_t -gt 150 ]] && echo --compile || true)
   run_stage block $((block_t > 150 ? 150 : block_t)) "$OUT/block.log" \
-    "$PY" benchmarks/bench_block.py --device cuda --reps 20 $compile_flag --out "$OUT/block_bench.md"
+    "$PY" benchmarks/bench_block.py --device cuda --reps 20 $compile_flag --out "$OUT/gpu_block.md"
 else
   STAGES+=("block|skipped (no time left)|0|-")
 fi
@@ -147,7 +150,7 @@ fi
 # ops): tells host-bound layers from kernel-bound ones.
 now=$(date +%s)
 if ((DEADLINE - now > 30)); then
-  TAIL_LINES=12 run_stage profile 40 "$OUT/profile_block.md" \
+  TAIL_LINES=12 run_stage profile 40 "$OUT/gpu_profile.md" \
     "$PY" benchmarks/profile_block.py --top 15
 else
   STAGES+=("profile|skipped (no time left)|0|-")
@@ -157,7 +160,7 @@ fi
 now=$(date +%s)
 if ((DEADLINE - now > 25)); then
   TAIL_LINES=3 run_stage bn_act 30 "$OUT/bn_act.log" \
-    "$PY" benchmarks/bench_bn_act.py --device cuda --out "$OUT/bn_act_bench.md"
+    "$PY" benchmarks/bench_bn_act.py --device cuda --out "$OUT/gpu_bn_act.md"
 else
   STAGES+=("bn_act|skipped (no time left)|0|-")
 fi

@@ -1,4 +1,4 @@
-"""Issue 7: does broadening and shrinking rank architectures better?
+"""Ranking study: does broadening and shrinking rank architectures better?
 
 Measures the ranking correlation between a supernet's proxy accuracy and stand-alone
 training, the way FairNAS measured SPOS (Kendall tau 0.62) against FairNAS (0.95), on
@@ -50,8 +50,9 @@ changed), archs.json,
 standalone.json and proxy.json (caches, written atomically: an interrupted run resumes
 where it stopped; a changed recipe or setting gets new cache keys), supernets/<setting>-
 <hash>/ (trainer output, checkpoints: a supernet resumes mid-training), ranking.json,
-ranking.md, scatter_<setting>.png. ranking.md also goes into benchmarks/RESULTS.md
-between markers of its label (quick or default), leaving the rest of the file alone.
+ranking.md, scatter_<setting>.png. ranking.md also goes into benchmarks/results/ranking.md
+(`--results`) between markers of its label (quick or default), leaving the rest of the
+file alone.
 
 Usage: python benchmarks/ranking.py [--quick] [--jobs N] [--settings spos,broaden,bsnas]
 Runs torch single-threaded; `--jobs 2` trains two models at a time on an idle 2-core
@@ -90,8 +91,8 @@ from bsnas.space import load_space  # noqa: E402
 log = logging.getLogger("ranking")
 
 BASE_CONFIG = os.path.join(ROOT, "configs", "quickstart.yaml")
-RESULTS_MD = os.path.join(ROOT, "benchmarks", "RESULTS.md")
-SECTION = "## Ranking correlation (issue 7)"
+RESULTS_MD = os.path.join(ROOT, "benchmarks", "results", "ranking.md")
+SECTION = "## Ranking correlation"
 
 SPOS = ["broaden.warmup_epochs=0", "broaden.broaden_epochs=0", "shrink.enabled=false"]
 SETTINGS: dict[str, tuple[str, list[str]]] = {

@@ -11,7 +11,7 @@ ratio still compares timings of one run.
 One markdown table per (op, pass): rows = shape / kernel or pw kind / width / layout;
 columns = median time of ours (``masked``, ms), slicing/ours and masking/ours (ratios
 of medians; > 1 means ours is faster). Then a summary: min ratio vs slicing, min ratio
-vs masking at width 50 %, and how many cases meet the issue's CPU targets:
+vs masking at width 50 %, and how many cases meet the CPU targets:
 masked ops >= 1.0x slicing at every shape, >= 1.5x masking at width 50 %.
 A ratio that misses its target is marked with ``!``; a row whose measurements saw
 other processes use more than 0.25 cores on average (``extra_info.other_cpu``) is

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# CPU benchmark of the masked convolution ops (issue 2): runs
+# CPU benchmark of the masked convolution ops: runs
 # benchmarks/test_bench_ops.py with --benchmark-json into benchmarks/out/, then
 # benchmarks/ratio_table.py on it (markdown next to the JSON, and on stdout).
 #
-#   benchmarks/run_cpu_bench.sh              # full run: 900 benchmarks, ~7 min on the 2-core
-#                                            # dev box when it is quiet or with RT=1; without
+#   benchmarks/run_cpu_bench.sh              # full run: 900 benchmarks, ~7 min on a 2-vCPU
+#                                            # VM when it is quiet or with RT=1; without
 #                                            # RT it waits for quiet and can take much longer
 #   QUICK=1 benchmarks/run_cpu_bench.sh      # 8 groups / 24 benchmarks (~15 s when quiet)
 #   BSNAS_BENCH_N=64 benchmarks/run_cpu_bench.sh -k "dw and fwd-"   # extra args -> pytest
@@ -16,7 +16,10 @@
 # .venv/bin/python if present, else python),
 # BSNAS_BENCH_N / BSNAS_BENCH_TARGET_S / BSNAS_BENCH_MIN_ROUNDS / BSNAS_BENCH_MAX_ROUNDS
 # (see benchmarks/test_bench_ops.py). Outputs: benchmarks/out/cpu-{quick,full}-STAMP.{json,md}
-# and copies benchmarks/out/cpu-{quick,full}-latest.{json,md}.
+# and copies benchmarks/out/cpu-{quick,full}-latest.{json,md}. A full run without pytest
+# arguments also writes its table to benchmarks/results/cpu_ops.md (with
+# BSNAS_BENCH_STRIDES=2, arguments allowed: cpu_ops_stride2.md); TABLE=FILE names another
+# file, TABLE= (empty) none.
 # Groups measured while other processes were busy (see ratio_table.py --list-contended)
 # are rerun once into cpu-MODE-STAMP-rerun.json, whose groups replace the first run's
 # in the table (RERUN=0 turns this off).
@@ -73,3 +76,18 @@ fi
 cp "$json" "$outdir/cpu-$mode-latest.json"
 cp "$md" "$outdir/cpu-$mode-latest.md"
 echo "wrote $json and $md"
+
+# The stable results file: only a table that covers its whole benchmark replaces it.
+if [[ -z "${TABLE+set}" && "$mode" == full ]]; then
+    strides="${BSNAS_BENCH_STRIDES:-1}"
+    if [[ "$strides" == 1 && $# -eq 0 ]]; then
+        TABLE=benchmarks/results/cpu_ops.md
+    elif [[ "$strides" == 2 ]]; then
+        TABLE=benchmarks/results/cpu_ops_stride2.md
+    fi
+fi
+if [[ -n "${TABLE:-}" ]]; then
+    mkdir -p "$(dirname "$TABLE")"
+    cp "$md" "$TABLE"
+    echo "wrote $TABLE"
+fi

@@ -1,4 +1,4 @@
-"""CPU benchmarks of the masked variable-width convolution ops (issue 2).
+"""CPU benchmarks of the masked variable-width convolution ops.
 
 Each op (``masked_dwconv2d``, ``masked_pwconv2d``), forward (``fwd``) and
 forward + backward (``fwdbwd``: grads of the input and of the full weight), at
@@ -30,8 +30,8 @@ Not part of ``make test``: run it explicitly, e.g. ``benchmarks/run_cpu_bench.sh
 ``python -m pytest benchmarks/ --benchmark-json=out.json``.
 
 Environment:
-- ``BSNAS_BENCH_N``        batch size (default 8, sized for a 2-core dev box; the
-                           issue's reference is N=64).
+- ``BSNAS_BENCH_N``        batch size (default 8, sized for a 2-vCPU machine; the GPU
+                           benchmark's batch is 64).
 - ``BSNAS_BENCH_QUICK=1``  a handful of cases (well under a minute).
 - ``BSNAS_BENCH_STRIDES``  depthwise strides, "1" (default), "2" or "1,2".
 - ``BSNAS_BENCH_TARGET_S`` measured seconds aimed at per benchmark (default 0.5);
