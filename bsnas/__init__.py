@@ -1,7 +1,9 @@
-"""bsnas: BS-NAS, broadening-and-shrinking one-shot NAS with searchable channel numbers."""
-import torch  # noqa: F401  (loads libtorch, which bsnas._C links against)
+"""bsnas: BS-NAS, broadening-and-shrinking one-shot NAS with searchable channel numbers.
 
-from bsnas import _C
+Importing the package loads the compiled ops (`bsnas.extension`) and the model-level
+API below; training, search and the pipeline load only when imported.
+"""
+from bsnas.extension import _C, cuda_compiled
 from bsnas.ops import masked_dwconv2d, masked_pwconv2d
 from bsnas import cost
 from bsnas.arch import Arch, LayerChoice
@@ -13,8 +15,3 @@ from bsnas.supernet import Supernet
 __version__ = "0.1.0"
 __all__ = ["cuda_compiled", "masked_dwconv2d", "masked_pwconv2d"]
 __all__ += ["Arch", "EnabledSpace", "LayerChoice", "SearchSpace", "Supernet", "cost", "export", "load_space"]
-
-
-def cuda_compiled() -> bool:
-    """Whether the CUDA kernels were compiled into this build of bsnas._C."""
-    return bool(_C.cuda_compiled())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from bsnas import _C  # noqa: F401  (registers the ops)
+from bsnas.extension import _C  # noqa: F401  (registers the ops)
 from bsnas.ops.bn_act_dwconv import _act_code
 from bsnas.ops.masked_conv import _autocast, _format
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from bsnas import _C  # noqa: F401  (registers the ops)
+from bsnas.extension import _C  # noqa: F401  (registers the ops)
 from bsnas.ops.masked_conv import _autocast, _conv_out, _format
 
 __all__ = ["ACTIVATION_CODES", "bn_act_dwconv2d", "bn_train_act_dwconv2d"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from bsnas import _C  # noqa: F401  (registers the ops)
+from bsnas.extension import _C  # noqa: F401  (registers the ops)
 
 __all__ = ["bn_affine_from_sums", "bn_update_running_stats_"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from bsnas import _C  # noqa: F401  (registers the ops)
+from bsnas.extension import _C  # noqa: F401  (registers the ops)
 
 __all__ = ["channel_stats"]
 

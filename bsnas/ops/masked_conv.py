@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from bsnas import _C  # noqa: F401  (loads the library, registering the ops)
+from bsnas.extension import _C  # noqa: F401  (loads the library, registering the ops)
 
 __all__ = ["masked_dwconv2d", "masked_pwconv2d"]
 
