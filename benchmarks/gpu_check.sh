@@ -5,16 +5,22 @@
 #     bash benchmarks/gpu_check.sh            # outputs in ${OUT:-/tmp/bsnas_out}
 #
 # The tables are written under the names they have in benchmarks/results/
-# (gpu_ops.md, gpu_block.md, gpu_profile.md, gpu_bn_act.md): copy them there.
+# (gpu_ops.md, gpu_block.md, gpu_profile.md, gpu_bn_act.md): copy them there. The
+# depthwise op section is timed first into dw/gpu_ops.md, the other sections later into
+# gpu_ops.md; the quick block cases go to gpu_block_quick_*.md.
 #
-# Stages: device/version info; in-place CUDA build (sm_90); bsnas.cuda_compiled(); the
-# CUDA test files (one process each); the small "smoke" CUDA tests under
-# compute-sanitizer memcheck (when compute-sanitizer is found), then the training-path
-# kernels' float32 CUDA tests under memcheck; benchmarks/bench_gpu.py;
-# benchmarks/bench_block.py; benchmarks/profile_block.py; benchmarks/bench_bn_act.py.
+# Stages, the facts that matter first: device/version info; in-place CUDA build (sm_90);
+# bsnas.cuda_compiled(); the CUDA tests of the paths never run on a GPU (mbconv_train,
+# bn_train_act_dwconv2d, the channel-stats gradient, non-finite propagation) in one
+# process, with compute-sanitizer memcheck of them alongside; the spring block on
+# representative cases (float32 NCHW, bfloat16 channels_last; training and inference);
+# the block profile; the depthwise op benchmark; then the other CUDA tests, memcheck of
+# the small op tests, the full block table, the other op sections and bn_act.
 # Every stage runs under `timeout`, bounded so that the whole script ends within about 8
-# minutes; a failed stage is recorded and the next one still runs. Exits non-zero if any
-# stage failed.
+# minutes; a stage that runs out of time leaves what it measured, a failed stage is
+# recorded and the next one still runs. Exits non-zero if any stage failed.
+# torch.compile baselines take minutes to compile: run them in a separate, short call,
+#     python3 benchmarks/bench_block.py --device cuda --quick --compile --out /tmp/c.md
 # The summary table is printed last.
 set -euo pipefail
 
@@ -82,68 +88,43 @@ ok = bsnas.cuda_compiled() and torch.cuda.is_available()
 print("bsnas.cuda_compiled() =", bsnas.cuda_compiled(), "; cuda available =", torch.cuda.is_available())
 sys.exit(0 if ok else 1)'
 
-# BSNAS_REQUIRE_CUDA=1: the CUDA tests error out instead of skipping on a broken setup.
-# One pytest process per file (faulthandler on), so that a crash in one file still
-# leaves the others' results; the stage fails if any file failed.
-CUDA_TEST_FILES="tests/test_ops_cuda.py tests/test_spring_block_cuda.py tests/test_bn_from_sums.py
-  tests/test_channel_stats.py tests/test_bn_act.py tests/test_bn_train_act_dwconv.py
-  tests/test_mbconv_train.py"
-run_stage pytest_cuda 150 "$OUT/pytest_cuda.log" \
-  env BSNAS_REQUIRE_CUDA=1 PY="$PY" FILES="$CUDA_TEST_FILES" bash -c '
-    rc=0
-    for f in $FILES; do
-      echo "--- $f"
-      "$PY" -X faulthandler -m pytest -q -rs -p no:cacheprovider "$f" || { rc=1; echo "--- $f FAILED"; }
-    done
-    exit $rc'
-
 SANITIZER="$(command -v compute-sanitizer || true)"
 if [[ -z "$SANITIZER" && -x "$CUDA_HOME/bin/compute-sanitizer" ]]; then
   SANITIZER="$CUDA_HOME/bin/compute-sanitizer"
 fi
+
+# The paths that have never run on a GPU come first, in one pytest process
+# (BSNAS_REQUIRE_CUDA=1: a broken setup errors instead of skipping), with memcheck of
+# the same tests running alongside on the same card.
+NEW_TESTS="tests/test_mbconv_train.py tests/test_bn_train_act_dwconv.py
+  tests/test_channel_stats.py tests/test_nonfinite.py"
+NEW_K="cuda"
+memcheck_pid=""
 if [[ -n "$SANITIZER" ]]; then
   # No caching allocator: every tensor is its own allocation, so memcheck sees any
   # access past a tensor's end.
-  run_stage memcheck 120 "$OUT/memcheck.log" \
-    env BSNAS_REQUIRE_CUDA=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    "$SANITIZER" --tool memcheck --error-exitcode 1 --target-processes all \
-    "$PY" -m pytest -q -x -p no:cacheprovider tests/test_ops_cuda.py -k "smoke and not float16"
-  # The training-path kernels (bn_train_act_dwconv2d, mbconv_train, the channel-stats
-  # gradient) under memcheck too: float32 only, their small random shapes.
-  run_stage memcheck_train 90 "$OUT/memcheck_train.log" \
-    env BSNAS_REQUIRE_CUDA=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    "$SANITIZER" --tool memcheck --error-exitcode 1 --target-processes all \
-    "$PY" -m pytest -q -x -p no:cacheprovider tests/test_bn_train_act_dwconv.py \
-    tests/test_mbconv_train.py tests/test_channel_stats.py \
-    -k "(cuda_matches_reference and dtype0) or (grad_add_cuda and float32)"
-else
-  STAGES+=("memcheck|skipped (compute-sanitizer not found)|0|-")
-  echo "=== memcheck: compute-sanitizer not found, skipped"
+  ( env BSNAS_REQUIRE_CUDA=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout --kill-after=10 150 \
+      "$SANITIZER" --tool memcheck --error-exitcode 1 --target-processes all \
+      "$PY" -m pytest -q -x -p no:cacheprovider $NEW_TESTS -k "$NEW_K and not float16" \
+      >"$OUT/memcheck_new.log" 2>&1; echo $? >"$OUT/memcheck_new.rc" ) &
+  memcheck_pid=$!
 fi
+run_stage pytest_new 150 "$OUT/pytest_new.log" \
+  env BSNAS_REQUIRE_CUDA=1 "$PY" -X faulthandler -m pytest -q -rs -p no:cacheprovider \
+  $NEW_TESTS -k "$NEW_K"
 
-# The benchmark stops starting measurements at its --budget and reports what it has.
+# Representative block cases, training and inference each: float32 NCHW and bfloat16
+# channels_last over every third proxyless layer at widths 25/50/100 %.
 now=$(date +%s)
-bench_t=$((DEADLINE - now))
-bench_t=$((bench_t > 240 ? 240 : bench_t))
-TAIL_LINES=5 run_stage bench 240 "$OUT/bench.log" \
-  "$PY" benchmarks/bench_gpu.py --out "$OUT" --budget "$((bench_t > 45 ? bench_t - 30 : 15))"
-if [[ -f "$OUT/gpu_ops.md" ]]; then
-  echo "=== benchmark summary ($OUT/gpu_ops.md has the full tables)"
-  # Everything before the first per-configuration table: header and geometric means.
-  awk '/^## masked_dwconv2d$/ {exit} {print}' "$OUT/gpu_ops.md"
-  awk '/^## bn_act_dwconv2d: summary/ {p=1} /^## bn_act_dwconv2d \(/ {p=0} p' "$OUT/gpu_ops.md"
-  awk '/^## masked_pwconv2d: summary/ {p=1} /^## masked_pwconv2d \(/ {p=0} p' "$OUT/gpu_ops.md"
-fi
-
-# The spring block against slicing / masking (and compiled slicing when time allows).
-now=$(date +%s)
-block_t=$((DEADLINE - now))
-if ((block_t > 40)); then
-  compile_flag=$([[ $block_t -gt 150 ]] && echo --compile || true)
-  run_stage block $((block_t > 150 ? 150 : block_t)) "$OUT/block.log" \
-    "$PY" benchmarks/bench_block.py --device cuda --reps 20 $compile_flag --out "$OUT/gpu_block.md"
+if ((DEADLINE - now > 40)); then
+  run_stage block_f32_nchw 60 "$OUT/gpu_block_quick_f32_nchw.md.log" \
+    "$PY" benchmarks/bench_block.py --device cuda --quick --reps 20 \
+    --out "$OUT/gpu_block_quick_f32_nchw.md"
+  run_stage block_bf16_cl 60 "$OUT/gpu_block_quick_bf16_cl.md.log" \
+    "$PY" benchmarks/bench_block.py --device cuda --quick --reps 20 --dtype bfloat16 \
+    --channels-last --out "$OUT/gpu_block_quick_bf16_cl.md"
 else
-  STAGES+=("block|skipped (no time left)|0|-")
+  STAGES+=("block_quick|skipped (no time left)|0|-")
 fi
 
 # Where the block's time goes (launches, kernel time, wall time per call; top host-time
@@ -156,7 +137,67 @@ else
   STAGES+=("profile|skipped (no time left)|0|-")
 fi
 
-# bn_act against the addcmul + relu6 composite it replaced in the block.
+if [[ -n "$memcheck_pid" ]]; then
+  wait "$memcheck_pid" || true
+  rc=$(cat "$OUT/memcheck_new.rc" 2>/dev/null || echo 1)
+  tail -n 8 "$OUT/memcheck_new.log" | sed 's/^/    /'
+  if [[ "$rc" == 0 ]]; then
+    STAGES+=("memcheck_new|ok|-|$OUT/memcheck_new.log")
+  else
+    STAGES+=("memcheck_new|FAILED (rc=$rc)|-|$OUT/memcheck_new.log")
+    FAILED=1
+  fi
+else
+  STAGES+=("memcheck_new|skipped (compute-sanitizer not found)|0|-")
+fi
+
+# The depthwise op against cuDNN on sliced weights (bench_gpu stops starting
+# measurements at its --budget and reports what it has).
+now=$(date +%s)
+left=$((DEADLINE - now))
+if ((left > 45)); then
+  dw_t=$((left > 120 ? 120 : left))
+  mkdir -p "$OUT/dw"
+  TAIL_LINES=5 run_stage bench_dw "$dw_t" "$OUT/bench_dw.log" \
+    "$PY" benchmarks/bench_gpu.py --only dw --out "$OUT/dw" --budget "$((dw_t - 20))"
+else
+  STAGES+=("bench_dw|skipped (no time left)|0|-")
+fi
+
+# The rest: the other CUDA test files (one process each, so a crash leaves the others'
+# results), memcheck of the small op tests, the full block table, the other op sections.
+REST_TEST_FILES="tests/test_ops_cuda.py tests/test_spring_block_cuda.py tests/test_bn_from_sums.py
+  tests/test_bn_act.py"
+run_stage pytest_rest 120 "$OUT/pytest_rest.log" \
+  env BSNAS_REQUIRE_CUDA=1 PY="$PY" FILES="$REST_TEST_FILES" bash -c '
+    rc=0
+    for f in $FILES; do
+      echo "--- $f"
+      "$PY" -X faulthandler -m pytest -q -rs -p no:cacheprovider "$f" || { rc=1; echo "--- $f FAILED"; }
+    done
+    exit $rc'
+if [[ -n "$SANITIZER" ]]; then
+  run_stage memcheck 90 "$OUT/memcheck.log" \
+    env BSNAS_REQUIRE_CUDA=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    "$SANITIZER" --tool memcheck --error-exitcode 1 --target-processes all \
+    "$PY" -m pytest -q -x -p no:cacheprovider tests/test_ops_cuda.py -k "smoke and not float16"
+fi
+now=$(date +%s)
+block_t=$((DEADLINE - now))
+if ((block_t > 40)); then
+  run_stage block $((block_t > 120 ? 120 : block_t)) "$OUT/block.log" \
+    "$PY" benchmarks/bench_block.py --device cuda --reps 20 --out "$OUT/gpu_block.md"
+else
+  STAGES+=("block|skipped (no time left)|0|-")
+fi
+now=$(date +%s)
+left=$((DEADLINE - now))
+if ((left > 45)); then
+  TAIL_LINES=5 run_stage bench_ops "$left" "$OUT/bench.log" \
+    "$PY" benchmarks/bench_gpu.py --only bnact pw --out "$OUT" --budget "$((left - 20))"
+else
+  STAGES+=("bench_ops|skipped (no time left)|0|-")
+fi
 now=$(date +%s)
 if ((DEADLINE - now > 25)); then
   TAIL_LINES=3 run_stage bn_act 30 "$OUT/bn_act.log" \
