@@ -30,9 +30,7 @@ from baselines import use_baseline  # noqa: E402
 
 from bsnas.data import (Augment, dali_available, make_loader, prepare_digits,  # noqa: E402
                         scan_image_folder)
-from bsnas.enabled import EnabledSpace  # noqa: E402
-from bsnas.sampler import PathSampler  # noqa: E402
-from bsnas.space import load_space  # noqa: E402
+from bsnas.space import EnabledSpace, PathSampler, load_space  # noqa: E402
 from bsnas.supernet import Supernet  # noqa: E402
 
 

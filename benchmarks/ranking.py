@@ -83,10 +83,9 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from bsnas import cost  # noqa: E402
-from bsnas.arch import Arch  # noqa: E402
 from bsnas.checkpoint import save_json_atomic  # noqa: E402
 from bsnas.config import Config, load_config  # noqa: E402
-from bsnas.space import load_space  # noqa: E402
+from bsnas.space import Arch, load_space  # noqa: E402
 
 log = logging.getLogger("ranking")
 

@@ -6,11 +6,9 @@ API below; training, search and the pipeline load only when imported.
 from bsnas.extension import _C, cuda_compiled
 from bsnas.ops import masked_dwconv2d, masked_pwconv2d
 from bsnas import cost
-from bsnas.arch import Arch, LayerChoice
-from bsnas.enabled import EnabledSpace
-from bsnas.export import export
-from bsnas.space import SearchSpace, load_space
+from bsnas.space import Arch, EnabledSpace, LayerChoice, SearchSpace, load_space
 from bsnas.supernet import Supernet
+from bsnas.export import export
 
 __version__ = "0.1.0"
 __all__ = ["cuda_compiled", "masked_dwconv2d", "masked_pwconv2d"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from bsnas.enabled import EnabledSpace
+from bsnas.space import EnabledSpace
 
 
 class BroadeningSchedule:

@@ -141,8 +141,8 @@ def _run_export(args: argparse.Namespace) -> int:
     import torch
 
     from bsnas import cost
-    from bsnas.arch import Arch
     from bsnas.export import export
+    from bsnas.space import Arch
     from bsnas.supernet import Supernet
     net, _ = Supernet.from_checkpoint(args.checkpoint)
     arch = net.space.validate(Arch.load(args.arch))
@@ -163,7 +163,7 @@ def add_export(sub) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="supernet checkpoint you trust (read as a full pickle): a dict with 'space' "
                         "and 'model' (see bsnas.supernet)")
-    p.add_argument("--arch", required=True, help="architecture JSON file (see bsnas.arch)")
+    p.add_argument("--arch", required=True, help="architecture JSON file (see bsnas.space.arch)")
     p.add_argument("--out", required=True, help="output file, e.g. model.pt")
     p.set_defaults(func=_run_export)
 
@@ -240,8 +240,8 @@ def add_search(sub) -> None:
 
 
 def _run_retrain(args: argparse.Namespace) -> int:
-    from bsnas.arch import Arch
     from bsnas.retrain import retrain
+    from bsnas.space import Arch
     _single_process("retrain")
     cfg = _config(args)
     out = args.out or os.path.join(cfg.out_dir, "retrain")

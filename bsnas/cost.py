@@ -19,8 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from bsnas.arch import SKIP, Arch, kernel_size
-from bsnas.space import SearchSpace
+from bsnas.space import SKIP, Arch, SearchSpace, kernel_size
 
 __all__ = ["conv_out", "flops", "latency", "load_latency_table", "params"]
 

@@ -20,7 +20,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from bsnas.arch import SKIP, Arch
+from bsnas.space import SKIP, Arch
 from bsnas.supernet import Supernet
 
 __all__ = ["StaticNet", "export", "static_block", "static_fixed", "static_twin"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from bsnas.arch import Arch
 from bsnas.evaluate import evaluate_path
+from bsnas.space import Arch
 
 __all__ = ["PathEvaluator", "materialize"]
 

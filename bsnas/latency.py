@@ -35,9 +35,8 @@ import torch
 from torch import nn
 
 from bsnas import cost
-from bsnas.arch import SKIP
 from bsnas.export import export, static_block, static_fixed
-from bsnas.space import SearchSpace, as_rng, load_space
+from bsnas.space import SKIP, SearchSpace, as_rng, load_space
 from bsnas.supernet import Supernet
 
 __all__ = ["evaluate_table", "kendall_tau", "main", "measure_table", "pearson", "resolve_device",

@@ -20,8 +20,7 @@ import os
 import shutil
 from typing import Any
 
-from bsnas.arch import SKIP, Arch, kernel_size
-from bsnas.space import SearchSpace, load_space
+from bsnas.space import SKIP, Arch, SearchSpace, kernel_size, load_space
 
 __all__ = ["plot_shrink_heatmap", "turned_off", "write_report"]
 

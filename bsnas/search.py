@@ -24,7 +24,7 @@ a `fitness(arch) -> float` callable (higher is better) and `Constraints`.
 path after BN recalibration as the fitness (`bsnas.fitness.PathEvaluator`), and
 `write_outputs` writes the results:
 
-    best_arch.json      the best architecture (`bsnas.arch` JSON; `bsnas export --arch`)
+    best_arch.json      the best architecture (`bsnas.space.arch` JSON; `bsnas export --arch`)
     search_result.json  its costs and top-1, the settings, counts
     candidates.csv      every evaluated candidate: arch (JSON), macs, params,
                         latency_ms, top1, generation
@@ -45,9 +45,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from bsnas import cost
-from bsnas.arch import SKIP, Arch, LayerChoice
 from bsnas.checkpoint import save_json_atomic
-from bsnas.enabled import EnabledSpace
+from bsnas.space import SKIP, Arch, EnabledSpace, LayerChoice
 
 __all__ = ["Candidate", "Constraints", "Evolution", "EvolutionParams", "SearchResult",
            "pareto_front", "search_checkpoint", "search_supernet", "write_outputs"]
@@ -262,7 +261,7 @@ class Evolution:
         c = self.constraints
         bounds = [("macs", c.max_macs, "search.max_macs"), ("params", c.max_params, "search.max_params"),
                   ("latency_ms", c.max_latency_ms, "search.max_latency_ms")]
-        base = self.space.sample(random.Random(0), self.enabled)
+        base = self.enabled.sample(random.Random(0))
         for key, bound, name in bounds:
             if bound is None:
                 continue
@@ -278,7 +277,7 @@ class Evolution:
 
     # ------------------------------------------------------------------ operators
     def _random_arch(self, rng: random.Random) -> Arch:
-        return self.space.sample(rng, self.enabled)
+        return self.enabled.sample(rng)
 
     def _random_choice(self, rng: random.Random, i: int) -> LayerChoice:
         ops, widths = self.enabled.ops(i), self.enabled.widths(i)

@@ -46,10 +46,9 @@ from typing import Callable, Sequence
 import torch
 
 from bsnas import collectives
-from bsnas.arch import SKIP, Arch
 from bsnas.checkpoint import save_json_atomic
-from bsnas.enabled import EnabledSpace
 from bsnas.fitness import PathEvaluator
+from bsnas.space import SKIP, Arch, EnabledSpace
 
 __all__ = ["CandidateScore", "PathResult", "Shrinker", "choose_drops", "score_candidates"]
 
@@ -209,7 +208,7 @@ class Shrinker:
         """`samples` paths drawn uniformly from `enabled`, a function of (seed, epoch)
         and the enabled space only."""
         rng = random.Random(f"{self.seed}:shrink:{epoch}")
-        return [enabled.space.sample(rng, enabled) for _ in range(self.samples)]
+        return [enabled.sample(rng) for _ in range(self.samples)]
 
     @staticmethod
     def measure(paths: Sequence[Arch], evaluate: Callable[[Arch], dict], rank: int = 0,

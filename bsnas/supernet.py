@@ -35,10 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bsnas.arch import SKIP, Arch, LayerChoice, kernel_size
-from bsnas.enabled import EnabledSpace
 from bsnas.nn import SpringBlock
-from bsnas.space import FirstBlockSpec, LayerSpec, SearchSpace, load_space
+from bsnas.space import (SKIP, Arch, EnabledSpace, FirstBlockSpec, LayerChoice, LayerSpec, SearchSpace,
+                         kernel_size, load_space)
 
 __all__ = ["FixedBlock", "SearchableLayer", "Supernet", "make_activation"]
 

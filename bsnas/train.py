@@ -26,15 +26,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bsnas import collectives, host_memory
-from bsnas.arch import SKIP, Arch, LayerChoice, kernel_size
 from bsnas.broaden import BroadeningSchedule
 from bsnas.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from bsnas.config import Config
 from bsnas.data import Augment, make_loader, prepare_digits, scan_image_folder, split_holdout
-from bsnas.enabled import EnabledSpace
 from bsnas.evaluate import evaluate_path
-from bsnas.sampler import PathSampler
-from bsnas.space import load_space
+from bsnas.space import SKIP, Arch, EnabledSpace, LayerChoice, PathSampler, kernel_size, load_space
 from bsnas.supernet import Supernet
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from bsnas import cost
-from bsnas.arch import Arch
 from bsnas.checkpoint import latest_checkpoint
 from bsnas.cli import main
+from bsnas.space import Arch
 from bsnas.supernet import Supernet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,11 +8,9 @@ import os
 import pytest
 
 from bsnas import cost
-from bsnas.arch import SKIP, Arch, LayerChoice
-from bsnas.enabled import EnabledSpace
 from bsnas.search import (Candidate, Constraints, Evolution, EvolutionParams, check_same_split,
                           pareto_front, write_outputs)
-from bsnas.space import load_space
+from bsnas.space import SKIP, Arch, EnabledSpace, LayerChoice, load_space
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,9 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from bsnas.arch import SKIP
-from bsnas.enabled import EnabledSpace
 from bsnas.shrink import (LOG_NAME, PathResult, Shrinker, apply_drops, choose_drops, drop_target,
                           score_candidates)
-from bsnas.space import load_space
+from bsnas.space import SKIP, EnabledSpace, load_space
 from bsnas.supernet import Supernet
 
 

@@ -13,9 +13,7 @@ import torch
 from bsnas.broaden import BroadeningSchedule
 from bsnas.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from bsnas.config import load_config
-from bsnas.enabled import EnabledSpace
-from bsnas.sampler import PathSampler
-from bsnas.space import load_space
+from bsnas.space import EnabledSpace, PathSampler, load_space
 from bsnas.train import Trainer, lr_lambda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 
-from bsnas.arch import SKIP, Arch, LayerChoice
-from bsnas.enabled import EnabledSpace
+from bsnas.space.arch import SKIP, Arch, LayerChoice
+from bsnas.space.enabled import EnabledSpace
 
 
 class PathSampler:

@@ -13,10 +13,11 @@ JSON-serialisable dict that goes into checkpoints::
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
-from bsnas.arch import SKIP, Arch
-from bsnas.space import SearchSpace
+from bsnas.space.arch import SKIP, Arch
+from bsnas.space.space import SearchSpace
 
 __all__ = ["EnabledSpace"]
 
@@ -54,6 +55,12 @@ class EnabledSpace:
         """Number of architectures in the enabled space (exact)."""
         return math.prod(len(self.kernel_ops(i)) * len(self._widths[i]) + (SKIP in self._ops[i])
                          for i in range(self.num_layers))
+
+    def sample(self, rng: random.Random | int | None = None) -> Arch:
+        """Draw an arch of the enabled space: per layer, an op uniformly among the enabled
+        ops, then for a kernel op a width uniformly among the enabled widths. `rng` is a
+        `random.Random`, an int seed or None (fresh entropy)."""
+        return self.space.draw(rng, self.ops, self.widths)
 
     def contains(self, arch: Arch) -> bool:
         """Whether `arch` lies in the enabled space."""

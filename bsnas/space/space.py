@@ -35,14 +35,9 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
-import yaml
-
-from bsnas.arch import SKIP, Arch, LayerChoice, kernel_size
-
-if TYPE_CHECKING:  # only for annotations; enabled.py imports this module
-    from bsnas.enabled import EnabledSpace
+from bsnas.space.arch import SKIP, Arch, LayerChoice, kernel_size
 
 __all__ = [
     "ACTIVATIONS", "DEFAULTS", "PRESETS_DIR", "FirstBlockSpec", "HeadSpec", "LayerSpec", "SearchSpace",
@@ -50,7 +45,7 @@ __all__ = [
 ]
 
 #: Where the preset spaces live: `<repo>/configs/spaces/<name>.yaml`.
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "spaces"
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "spaces"
 
 #: Defaults of the optional keys (the only place they are written down).
 DEFAULTS: dict[str, Any] = {
@@ -260,21 +255,30 @@ class SearchSpace:
                 raise ValueError(f"{layer.where()}: width {c.width} not in the width grid {list(layer.widths)}")
         return arch
 
-    def sample(self, rng: random.Random | int | None = None,
-               enabled: "EnabledSpace | None" = None) -> Arch:
-        """Draw an arch: per layer, an op uniformly among the enabled ops, then for a
-        kernel op a width uniformly among the enabled widths. `rng` is a
-        `random.Random`, an int seed or None (fresh entropy); `enabled` defaults to the
-        whole space."""
-        rng = as_rng(rng)
+    def sample(self, rng: random.Random | int | None = None, enabled=None) -> Arch:
+        """Draw an arch: per layer, an op uniformly among the layer's ops, then for a
+        kernel op a width uniformly among its widths. `rng` is a `random.Random`, an int
+        seed or None (fresh entropy). `enabled`, an `EnabledSpace` of this space,
+        restricts the draw to its enabled choices (the same as `enabled.sample(rng)`)."""
         if enabled is not None:
-            _check_enabled(self, enabled)
+            if enabled.space != self:
+                raise ValueError(f"enabled set is for space {enabled.space.name!r}, not this space "
+                                 f"{self.name!r}")
+            return enabled.sample(rng)
+        return self.draw(rng, lambda i: self.layers[i].ops, lambda i: self.layers[i].widths)
+
+    def draw(self, rng: random.Random | int | None, ops: Callable[[int], tuple[str, ...]],
+             widths: Callable[[int], tuple[int, ...]]) -> Arch:
+        """An arch with, per layer i, an op drawn uniformly from `ops(i)` and, for a
+        kernel op, a width (channels) drawn uniformly from `widths(i)`; the one drawing
+        order behind `sample` and `EnabledSpace.sample`."""
+        rng = as_rng(rng)
         out = []
         for layer in self.layers:
-            ops = enabled.ops(layer.index) if enabled is not None else layer.ops
-            widths = enabled.widths(layer.index) if enabled is not None else layer.widths
-            op = ops[rng.randrange(len(ops))]
-            out.append(LayerChoice(op) if op == SKIP else LayerChoice(op, widths[rng.randrange(len(widths))]))
+            layer_ops, layer_widths = ops(layer.index), widths(layer.index)
+            op = layer_ops[rng.randrange(len(layer_ops))]
+            out.append(LayerChoice(op) if op == SKIP else
+                       LayerChoice(op, layer_widths[rng.randrange(len(layer_widths))]))
         return Arch(self.name, out)
 
     def uniform(self, op: str, width: str | float = "max") -> Arch:
@@ -342,11 +346,6 @@ class SearchSpace:
                          f"stride {l.stride} ops {','.join(l.ops)} widths {l.widths[0]}..{l.widths[-1]} "
                          f"({len(l.widths)})")
         return "\n".join(lines)
-
-
-def _check_enabled(space: SearchSpace, enabled: "EnabledSpace") -> None:
-    if enabled.space != space:
-        raise ValueError(f"enabled set is for space {enabled.space.name!r}, not this space {space.name!r}")
 
 
 def as_rng(rng: random.Random | int | None) -> random.Random:
@@ -510,6 +509,7 @@ def load_space(spec: "str | os.PathLike | dict | SearchSpace") -> SearchSpace:
                              f"nor a YAML file")
     elif not path.is_file():
         raise ValueError(f"space file {str(spec)!r} does not exist")
+    import yaml  # here, not at the top: `import bsnas` does not need it
     try:
         with open(path) as f:
             d = yaml.safe_load(f)
