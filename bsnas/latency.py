@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from bsnas import cost
-from bsnas.export import export, static_block, static_fixed
+from bsnas.export import export
+from bsnas.nn.static import static_block, static_fixed
 from bsnas.space import SKIP, SearchSpace, as_rng, load_space
 from bsnas.supernet import Supernet
 

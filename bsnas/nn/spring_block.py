@@ -21,10 +21,10 @@ from torch.nn.utils.weight_norm import WeightNorm
 from bsnas.nn.batchnorm import DynamicBatchNorm2d
 from bsnas.nn.masked_conv import MaskedDepthwiseConv2d, MaskedPointwiseConv2d
 from bsnas.nn.module_state import state
+from bsnas.nn.static import ACTIVATIONS, StaticMBConv
 from bsnas.ops import ACTIVATION_CODES, mbconv_folded, mbconv_train
 from bsnas.ops.masked_conv import _format
 
-ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU, "hswish": nn.Hardswish}
 
 
 def _act_fn(name: str):
@@ -337,27 +337,3 @@ class SpringBlock(nn.Module):
         s.train(self.training)
         return s
 
-
-class StaticMBConv(nn.Module):
-    """A fixed-width inverted-residual block of plain torch.nn layers (the static twin of
-    a SpringBlock). Submodule names match the SpringBlock's."""
-
-    def __init__(self, in_channels: int, out_channels: int, width: int, kernel_size: int,
-                 stride: int, activation: str = "relu6"):
-        super().__init__()
-        self.residual = stride == 1 and in_channels == out_channels
-        self.expand = nn.Conv2d(in_channels, width, 1, bias=False)
-        self.expand_bn = nn.BatchNorm2d(width)
-        self.expand_act = ACTIVATIONS[activation]()
-        self.depthwise = nn.Conv2d(width, width, kernel_size, stride, kernel_size // 2,
-                                   groups=width, bias=False)
-        self.depthwise_bn = nn.BatchNorm2d(width)
-        self.depthwise_act = ACTIVATIONS[activation]()
-        self.project = nn.Conv2d(width, out_channels, 1, bias=False)
-        self.project_bn = nn.BatchNorm2d(out_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.expand_act(self.expand_bn(self.expand(x)))
-        h = self.depthwise_act(self.depthwise_bn(self.depthwise(h)))
-        h = self.project_bn(self.project(h))
-        return h + x if self.residual else h
