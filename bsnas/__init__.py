@@ -5,7 +5,7 @@ API below; training, search and the pipeline load only when imported.
 """
 from bsnas.extension import _C, cuda_compiled
 from bsnas.ops import masked_dwconv2d, masked_pwconv2d
-from bsnas import cost
+from bsnas.profiler import cost
 from bsnas.space import Arch, EnabledSpace, LayerChoice, SearchSpace, load_space
 from bsnas.supernet import Supernet
 from bsnas.export import export

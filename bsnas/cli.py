@@ -77,7 +77,7 @@ def _add_measure_args(p: argparse.ArgumentParser, when: str) -> None:
 
 
 def _measure_table(args: argparse.Namespace) -> dict:
-    from bsnas.latency import measure_table
+    from bsnas.profiler.latency import measure_table
     return measure_table(args.space, args.device, batch_size=args.batch_size,
                          resolution=args.resolution, warmup=args.warmup, repeats=args.repeats,
                          rounds=args.rounds, progress=None if args.quiet else _log)
@@ -96,7 +96,7 @@ def _run_latency_table(args: argparse.Namespace) -> int:
 def add_latency_table(sub) -> None:
     p = sub.add_parser("latency-table", help="measure the latency of every (layer, op, width) choice",
                        description="Measure every (layer, op, width) choice of a space on this device "
-                                   "and write a JSON latency table (see bsnas.latency).")
+                                   "and write a JSON latency table (see bsnas.profiler.latency).")
     _add_measure_args(p, "of the timed inputs")
     p.add_argument("--out", default=None, help="output JSON (default latency-<space>-<device>.json)")
     p.set_defaults(func=_run_latency_table)
@@ -106,8 +106,8 @@ def add_latency_table(sub) -> None:
 
 
 def _run_latency_report(args: argparse.Namespace) -> int:
-    from bsnas.cost import load_latency_table
-    from bsnas.latency import evaluate_table
+    from bsnas.profiler.cost import load_latency_table
+    from bsnas.profiler.latency import evaluate_table
     _set_threads(args)
     table = load_latency_table(args.table) if args.table else _measure_table(args)
     report = evaluate_table(args.space, table, archs=args.archs, seed=args.seed, device=args.device,
@@ -140,8 +140,8 @@ def add_latency_report(sub) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     import torch
 
-    from bsnas import cost
     from bsnas.export import export
+    from bsnas.profiler import cost
     from bsnas.space import Arch
     from bsnas.supernet import Supernet
     net, _ = Supernet.from_checkpoint(args.checkpoint)

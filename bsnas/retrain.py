@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsnas import cost
 from bsnas.checkpoint import load_checkpoint, save_json_atomic
 from bsnas.evaluate import evaluate
 from bsnas.export import export
-from bsnas.latency import time_module
 from bsnas.nn import recalibrate_bn
+from bsnas.profiler import cost
+from bsnas.profiler.latency import time_module
 from bsnas.space import Arch, load_space
 from bsnas.supernet import Supernet
 from bsnas.train import (Dist, append_csv_row, build_data, lr_lambda, param_groups, pick_device,

@@ -44,8 +44,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from bsnas import cost
 from bsnas.checkpoint import save_json_atomic
+from bsnas.profiler import cost
 from bsnas.space import SKIP, Arch, EnabledSpace, LayerChoice
 
 __all__ = ["Candidate", "Constraints", "Evolution", "EvolutionParams", "SearchResult",
@@ -63,9 +63,9 @@ STATE_FORMAT = "bsnas-search-state/1"
 @dataclass(frozen=True)
 class Constraints:
     """Upper bounds on an architecture's cost; None = unconstrained. `max_macs`
-    multiply-accumulates per image at the space's resolution (`bsnas.cost.flops`),
+    multiply-accumulates per image at the space's resolution (`bsnas.profiler.cost.flops`),
     `max_params` parameters, `max_latency_ms` the sum of `latency_table` (a loaded
-    `bsnas.latency` table, `bsnas.cost.latency`). A table without a latency bound only
+    `bsnas.profiler.latency` table, `bsnas.profiler.cost.latency`). A table without a latency bound only
     adds the predicted latency to the outputs."""
     max_macs: float | None = None
     max_params: float | None = None

@@ -12,7 +12,7 @@ import torch
 
 from bsnas import cost, load_space
 from bsnas.cli import main as cli_main
-from bsnas.latency import evaluate_table, kendall_tau, measure_table, pearson, time_module
+from bsnas.profiler.latency import evaluate_table, kendall_tau, measure_table, pearson, time_module
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"warmup": 1, "repeats": 2, "rounds": 1}
@@ -124,10 +124,10 @@ def test_cli_latency_table(tmp_path, capsys):
 
 
 def test_module_entry_point_report(tmp_path, table):
-    """`python -m bsnas.latency` with an existing table: the report the lead runs."""
+    """`python -m bsnas latency-report` with an existing table: the report the lead runs."""
     (tmp_path / "table.json").write_text(json.dumps(table))
     out = tmp_path / "report.json"
-    res = subprocess.run([sys.executable, "-m", "bsnas.latency", "--space", "tiny", "--archs", "3",
+    res = subprocess.run([sys.executable, "-m", "bsnas", "latency-report", "--space", "tiny", "--archs", "3",
                           "--warmup", "0", "--repeats", "1", "--rounds", "1", "--threads", "1",
                           "--table", str(tmp_path / "table.json"),
                           "--out", str(out), "--quiet"],

@@ -14,13 +14,13 @@ kept. Skip costs 0. The table is JSON::
      "fixed_ms": {"stem": 0.05, "head": 0.03},
      "layers": [{"k3": {"16": 0.04, "32": 0.05, ...}, "k5": {...}, "skip": 0.0}, ...]}
 
-`bsnas.cost.latency(table, arch)` sums it for an arch (milliseconds).
+`bsnas.profiler.cost.latency(table, arch)` sums it for an arch (milliseconds).
 
 `evaluate_table(space, table, archs=N)` measures N random architectures end to end (the
 exported model) and reports Pearson's r and Kendall's tau-b between predicted and
 measured latency. Command line::
 
-    python -m bsnas.latency --space tiny --archs 50 --out report.json [--table T.json]
+    python -m bsnas latency-report --space tiny --archs 50 --out report.json [--table T.json]
     python -m bsnas latency-table --space tiny --device cpu --out table.json
 """
 from __future__ import annotations
@@ -34,14 +34,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from bsnas import cost
 from bsnas.export import export
 from bsnas.nn.static import static_block, static_fixed
+from bsnas.profiler import cost
 from bsnas.space import SKIP, SearchSpace, as_rng, load_space
 from bsnas.supernet import Supernet
 
-__all__ = ["evaluate_table", "kendall_tau", "main", "measure_table", "pearson", "resolve_device",
-           "time_module"]
+__all__ = ["evaluate_table", "kendall_tau", "measure_table", "pearson", "resolve_device", "time_module"]
 
 TABLE_FORMAT = "bsnas-latency-table/1"
 
@@ -252,14 +251,3 @@ def evaluate_table(space: SearchSpace | str, table: dict[str, Any], archs: int =
         "rows": rows,
     }
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m bsnas.latency ...`: the same as `python -m bsnas latency-report ...`."""
-    import sys
-
-    from bsnas.cli import main as cli_main
-    return cli_main(["latency-report", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

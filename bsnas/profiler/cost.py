@@ -9,7 +9,8 @@ Both are exact for every architecture and run at tens of thousands of archs per 
 per-layer costs are tabulated once per (space, resolution) and an arch costs one lookup
 per layer.
 
-`latency(table, arch)` sums a latency table measured by `bsnas.latency` (milliseconds).
+`latency(table, arch)` sums a latency table measured by `bsnas.profiler.latency`
+(milliseconds).
 """
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def params(space: SearchSpace, arch: Arch) -> int:
 
 
 def load_latency_table(table: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
-    """A latency table (see `bsnas.latency.measure_table` for its format) from a dict or
+    """A latency table (see `bsnas.profiler.latency.measure_table` for its format) from a dict or
     a JSON file, checked for the keys `latency` needs."""
     if not isinstance(table, dict):
         path = os.fspath(table)
