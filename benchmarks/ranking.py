@@ -34,7 +34,7 @@ this project's own code, the `tiny` space and the built-in digits data set.
    `--setting NAME:key=value,key=value` adds a setting (the base plus those
    overrides), e.g. `--setting bsnas-loss:shrink.score=loss`.
 4. Proxy: every one of the K architectures evaluated in every trained supernet on the
-   held-out split after BN recalibration (`bsnas.fitness.PathEvaluator`, as shrinking
+   held-out split after BN recalibration (`bsnas.evaluator.PathEvaluator`, as shrinking
    and search do), including the architectures that shrinking turned off (the
    supernet still holds their weights; the table counts them).
 5. Statistics against stand-alone validation top-1: Kendall tau-b and Spearman rho with
@@ -286,7 +286,7 @@ def _data(cfg: Config, space):
 def train_standalone(cfg_dict: dict, recipe: dict, arch_dict: dict, seed: int) -> dict:
     """Train one architecture from scratch with `recipe`; its held-out and validation
     accuracy. Runs in a worker process or in-process."""
-    from bsnas.evaluate import evaluate
+    from bsnas.evaluator import evaluate
     from bsnas.nn.static import static_twin
     from bsnas.retrain import reinitialize, train_epoch
     from bsnas.supernet import Supernet
@@ -322,7 +322,7 @@ def train_standalone(cfg_dict: dict, recipe: dict, arch_dict: dict, seed: int) -
 def train_supernet(cfg_dict: dict, arch_dicts: list[dict], done: list[str]) -> dict:
     """Train (or resume) one supernet setting, then measure the architectures whose
     keys are not in `done` on the held-out split after BN recalibration."""
-    from bsnas.fitness import PathEvaluator
+    from bsnas.evaluator import PathEvaluator
     from bsnas.shrink import Shrinker
     from bsnas.train import Trainer
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsnas.checkpoint import load_checkpoint, save_json_atomic
-from bsnas.evaluate import evaluate
+from bsnas.evaluator import evaluate
 from bsnas.export import export
 from bsnas.nn import recalibrate_bn
 from bsnas.profiler import cost

@@ -21,7 +21,7 @@ a `fitness(arch) -> float` callable (higher is better) and `Constraints`.
   random generator seeded by (seed, g) and the evaluated candidates are restored.
 
 `search_supernet` / `search_checkpoint` run it with the held-out top-1 of a supernet
-path after BN recalibration as the fitness (`bsnas.fitness.PathEvaluator`), and
+path after BN recalibration as the fitness (`bsnas.evaluator.PathEvaluator`), and
 `write_outputs` writes the results:
 
     best_arch.json      the best architecture (`bsnas.space.arch` JSON; `bsnas export --arch`)
@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from bsnas.checkpoint import save_json_atomic
+from bsnas.evaluator import PathEvaluator
 from bsnas.profiler import cost
 from bsnas.space import SKIP, Arch, EnabledSpace, LayerChoice
 
@@ -489,8 +490,6 @@ def search_supernet(cfg, supernet, enabled: EnabledSpace, data, out_dir: str, re
     recalibration on `data.calib` as the fitness (`data` as `bsnas.train.build_data`
     makes it), with the settings of `cfg.search` and seed `cfg.seed`; writes the
     outputs into `out_dir` and returns the result."""
-    from bsnas.fitness import PathEvaluator
-
     params = EvolutionParams.from_config(cfg.search)
     constraints = Constraints.from_config(cfg.search)
     evaluator = PathEvaluator(supernet, data.calib, data.holdout)

@@ -5,7 +5,7 @@ From epoch `start` on, every `interval` epochs, `Shrinker`:
 1. samples `samples` paths uniformly from the enabled space, from a random generator
    seeded by (seed, epoch), so every DDP rank draws the same paths without talking;
 2. measures each distinct path on the held-out split after BN recalibration
-   (`bsnas.fitness.PathEvaluator`), sharded across ranks (`paths[rank::world]`) and
+   (`bsnas.evaluator.PathEvaluator`), sharded across ranks (`paths[rank::world]`) and
    all-gathered, so every rank ends with the same, complete results;
 3. scores every enabled (layer, op) and (layer, width) by the mean accuracy (or loss)
    of the sampled paths that used it (`score_candidates`): a width is used by a path
@@ -47,7 +47,7 @@ import torch
 
 from bsnas import collectives
 from bsnas.checkpoint import save_json_atomic
-from bsnas.fitness import PathEvaluator
+from bsnas.evaluator import PathEvaluator
 from bsnas.space import SKIP, Arch, EnabledSpace
 
 __all__ = ["CandidateScore", "PathResult", "Shrinker", "choose_drops", "score_candidates"]

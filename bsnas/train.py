@@ -30,7 +30,7 @@ from bsnas.broaden import BroadeningSchedule
 from bsnas.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from bsnas.config import Config
 from bsnas.data import Augment, make_loader, prepare_digits, scan_image_folder, split_holdout
-from bsnas.evaluate import evaluate_path
+from bsnas.evaluator import evaluate_path
 from bsnas.space import SKIP, Arch, EnabledSpace, LayerChoice, PathSampler, kernel_size, load_space
 from bsnas.supernet import Supernet
 
