@@ -323,7 +323,7 @@ def train_supernet(cfg_dict: dict, arch_dicts: list[dict], done: list[str]) -> d
     """Train (or resume) one supernet setting, then measure the architectures whose
     keys are not in `done` on the held-out split after BN recalibration."""
     from bsnas.evaluator import PathEvaluator
-    from bsnas.shrink import Shrinker
+    from bsnas.strategy.shrinking import Shrinker
     from bsnas.train import Trainer
 
     torch.set_num_threads(1)

@@ -216,7 +216,7 @@ def add_train(sub) -> None:
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from bsnas.search import search_checkpoint
+    from bsnas.strategy.evolution import search_checkpoint
     _single_process("search")
     cfg = _config(args)
     out = args.out or os.path.join(cfg.out_dir, "search")
@@ -231,7 +231,8 @@ def add_search(sub) -> None:
     p = sub.add_parser("search", help="evolutionary search on a supernet checkpoint",
                        description="SPOS-style evolutionary search over the enabled space stored in a "
                                    "training checkpoint, with the held-out top-1 after BN recalibration "
-                                   "as fitness and the search.* constraints (see bsnas.search).")
+                                   "as fitness and the search.* constraints (see "
+                                   "bsnas.strategy.evolution).")
     p.add_argument("--checkpoint", required=True, help="training checkpoint (ckpt-*.pt) you trust")
     _add_config_args(p)
     p.add_argument("--out", default=None, help="output folder (default <out_dir>/search)")

@@ -2,8 +2,8 @@
 from the files the run wrote (so it can be rebuilt at any time):
 
     config.json, epochs.csv, train_log.csv   supernet training (bsnas.train)
-    shrink_log.json                          shrinking decisions (bsnas.shrink)
-    search/search_result.json, pareto.png    evolutionary search (bsnas.search)
+    shrink_log.json                          shrinking decisions (bsnas.strategy.shrinking)
+    search/search_result.json, pareto.png    evolutionary search (bsnas.strategy.evolution)
     retrain/retrain.json                     the retrained architecture (bsnas.retrain)
 
 Plots: the training curves (`bsnas.train.plot_curves`), a layer x op heat map of the

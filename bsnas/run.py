@@ -4,8 +4,9 @@ it briefly, and write the report.
 
 Everything goes into `cfg.out_dir`:
 
-    ckpt-*.pt, epochs.csv, train_log.csv, shrink_log.json, ...   training (bsnas.train, bsnas.shrink)
-    search/         best_arch.json, candidates.csv, pareto.csv/png (bsnas.search)
+    ckpt-*.pt, epochs.csv, train_log.csv, shrink_log.json, ...   training (bsnas.train,
+                                                                  bsnas.strategy.shrinking)
+    search/         best_arch.json, candidates.csv, pareto.csv/png (bsnas.strategy.evolution)
     model.pt        the best architecture exported with inherited weights (bsnas.export)
     retrain/        retrain.json, model.pt (bsnas.retrain)
     report/         report.md and its plots (bsnas.report)
@@ -27,8 +28,8 @@ from bsnas.checkpoint import latest_checkpoint, save_json_atomic
 from bsnas.export import export
 from bsnas.report import write_report
 from bsnas.retrain import retrain
-from bsnas.search import Constraints, EvolutionParams, search_supernet
-from bsnas.shrink import Shrinker
+from bsnas.strategy.evolution import Constraints, EvolutionParams, search_supernet
+from bsnas.strategy.shrinking import Shrinker
 from bsnas.train import Trainer
 
 __all__ = ["build_trainer", "run"]

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from bsnas import cost
-from bsnas.search import (Candidate, Constraints, Evolution, EvolutionParams, check_same_split,
-                          pareto_front, write_outputs)
 from bsnas.space import SKIP, Arch, EnabledSpace, LayerChoice, load_space
+from bsnas.strategy.evolution import (Candidate, Constraints, Evolution, EvolutionParams, check_same_split,
+                                      pareto_front, write_outputs)
 
 
 @pytest.fixture(scope="module")

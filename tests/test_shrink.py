@@ -12,9 +12,9 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from bsnas.shrink import (LOG_NAME, PathResult, Shrinker, apply_drops, choose_drops, drop_target,
-                          score_candidates)
 from bsnas.space import SKIP, EnabledSpace, load_space
+from bsnas.strategy.shrinking import (LOG_NAME, PathResult, Shrinker, apply_drops, choose_drops,
+                                      drop_target, score_candidates)
 from bsnas.supernet import Supernet
 
 
