@@ -76,7 +76,8 @@ def scan_image_folder(root: str, classes: tuple[str, ...] | None = None,
 def split_holdout(images: ImageList, holdout: int, seed: int) -> tuple[ImageList, ImageList]:
     """Split off `holdout` images of the training set, chosen by `seed`, for shrinking
     and search (the validation set is never used to choose anything). Returns
-    (train, holdout), each in file order."""
+    (train, holdout), each in the original order. Works on any image set with `len()`
+    and `subset(indices)`: an `ImageList` or in-memory `TensorImages`."""
     if not 0 <= holdout < len(images):
         raise ValueError(f"data.holdout must be in [0, {len(images)}) for {len(images)} "
                          f"training images, got {holdout}")
