@@ -117,10 +117,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None,
                    help="table file (default: benchmarks/results/ for full float32 runs; '' = none)")
     p.add_argument("--keep-freed-memory", action="store_true",
-                   help="CPU: keep freed memory for reuse, as training runs do (bsnas.host_memory)")
+                   help="CPU: keep freed memory for reuse, as training runs do (bsnas.train.host_memory)")
     a = p.parse_args(argv)
     if a.keep_freed_memory:
-        from bsnas.host_memory import keep_freed_memory
+        from bsnas.train.host_memory import keep_freed_memory
         keep_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)

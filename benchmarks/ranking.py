@@ -12,7 +12,7 @@ this project's own code, the `tiny` space and the built-in digits data set.
    trained from scratch with one fixed recipe (SGD with Nesterov momentum, cosine decay
    to 0, label smoothing and weight decay from the base config's `train.*`; learning
    rate `--standalone-lr` per 256 images; `--standalone-epochs` epochs) on the training
-   loader of `bsnas.train.build_data` (the held-out split stays out), then measured on
+   loader of `bsnas.train.runtime.build_data` (the held-out split stays out), then measured on
    the held-out split and the validation set. `--noise-archs` of them (the lowest,
    middle and highest MACs) are trained again with other seeds (model initialisation,
    dropout, batch order and augmentation; the data split never changes) to show the
@@ -83,9 +83,9 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from bsnas import cost  # noqa: E402
-from bsnas.checkpoint import save_json_atomic  # noqa: E402
 from bsnas.config import Config, load_config  # noqa: E402
 from bsnas.space import Arch, load_space  # noqa: E402
+from bsnas.train.checkpoint import save_json_atomic  # noqa: E402
 
 log = logging.getLogger("ranking")
 
@@ -276,7 +276,7 @@ _DATA: dict = {}
 
 def _data(cfg: Config, space):
     """`build_data` once per process and data config."""
-    from bsnas.train import Dist, build_data
+    from bsnas.train.runtime import Dist, build_data
     key = digest({"data": cfg.data.to_dict(), "seed": cfg.seed, "space": space.to_dict()})
     if key not in _DATA:
         _DATA[key] = build_data(cfg, space, torch.device("cpu"), Dist())
@@ -290,7 +290,7 @@ def train_standalone(cfg_dict: dict, recipe: dict, arch_dict: dict, seed: int) -
     from bsnas.nn.static import static_twin
     from bsnas.retrain import reinitialize, train_epoch
     from bsnas.supernet import Supernet
-    from bsnas.train import lr_lambda, param_groups, seed_everything
+    from bsnas.train.runtime import lr_lambda, param_groups, seed_everything
 
     torch.set_num_threads(1)
     tic, cpu = time.perf_counter(), time.process_time()
@@ -324,7 +324,7 @@ def train_supernet(cfg_dict: dict, arch_dicts: list[dict], done: list[str]) -> d
     keys are not in `done` on the held-out split after BN recalibration."""
     from bsnas.evaluator import PathEvaluator
     from bsnas.strategy.shrinking import Shrinker
-    from bsnas.train import Trainer
+    from bsnas.train.trainer import Trainer
 
     torch.set_num_threads(1)
     tic, cpu = time.perf_counter(), time.process_time()

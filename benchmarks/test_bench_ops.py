@@ -37,7 +37,7 @@ Environment:
 - ``BSNAS_BENCH_TARGET_S`` measured seconds aimed at per benchmark (default 0.5);
                            rounds = clamp(target / time of one call, MIN, MAX).
 - ``BSNAS_BENCH_MIN_ROUNDS`` / ``BSNAS_BENCH_MAX_ROUNDS`` (defaults 3 / 50).
-- ``BSNAS_BENCH_KEEP_FREED=1`` keep freed memory for reuse (``bsnas.host_memory``, as
+- ``BSNAS_BENCH_KEEP_FREED=1`` keep freed memory for reuse (``bsnas.train.host_memory``, as
                            training runs do): glibc otherwise maps every output of 32 MB
                            and more afresh, and page faults then dominate the 112x112
                            calls of every method alike.
@@ -96,7 +96,7 @@ RT = os.environ.get("BSNAS_BENCH_RT", "0") not in ("", "0")
 RT_GAP = float(os.environ.get("BSNAS_BENCH_RT_GAP", "0.3"))
 KEEP_FREED = os.environ.get("BSNAS_BENCH_KEEP_FREED", "0") not in ("", "0")
 if KEEP_FREED:
-    from bsnas.host_memory import keep_freed_memory
+    from bsnas.train.host_memory import keep_freed_memory
     KEEP_FREED = keep_freed_memory()
 STRIDES = [int(v) for v in os.environ.get("BSNAS_BENCH_STRIDES", "1").split(",") if v.strip()]
 if not STRIDES or any(v not in (1, 2) for v in STRIDES):

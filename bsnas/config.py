@@ -14,7 +14,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",             # auto | cpu | cuda
     "deterministic": False,       # deterministic algorithms (exact resume on CPU)
-    "keep_freed_memory": True,    # CPU, glibc: reuse freed memory (bsnas.host_memory)
+    "keep_freed_memory": True,    # CPU, glibc: reuse freed memory (bsnas.train.host_memory)
     "out_dir": "runs/default",
     "data": {
         "dataset": "digits",      # digits (built in) | folder (an ImageNet-layout tree)

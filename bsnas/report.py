@@ -140,7 +140,7 @@ def _read_csv(path: str) -> list[dict]:
 def write_report(run_dir: str, out_dir: str | None = None) -> str:
     """Write `report.md` and its PNGs into `out_dir` (default `<run_dir>/report`) from
     the files of the run in `run_dir`; returns the path of report.md."""
-    from bsnas.train import plot_curves
+    from bsnas.train.trainer import plot_curves
 
     out_dir = out_dir or os.path.join(run_dir, "report")
     os.makedirs(out_dir, exist_ok=True)

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsnas.checkpoint import load_checkpoint, save_json_atomic
 from bsnas.evaluator import evaluate
 from bsnas.export import export
 from bsnas.nn import recalibrate_bn
@@ -33,8 +32,9 @@ from bsnas.profiler import cost
 from bsnas.profiler.latency import time_module
 from bsnas.space import Arch, load_space
 from bsnas.supernet import Supernet
-from bsnas.train import (Dist, append_csv_row, build_data, lr_lambda, param_groups, pick_device,
-                         seed_everything)
+from bsnas.train.checkpoint import load_checkpoint, save_json_atomic
+from bsnas.train.runtime import (Dist, append_csv_row, build_data, lr_lambda, param_groups, pick_device,
+                                 seed_everything)
 
 __all__ = ["measure_latency", "reinitialize", "retrain"]
 
@@ -96,7 +96,7 @@ def retrain(cfg, arch: Arch, checkpoint: str | None = None, out_dir: str | None 
     """Retrain `arch` with the settings of `cfg` (see the module doc) and write the
     outputs into `out_dir` (default `<cfg.out_dir>/retrain`); returns the report dict.
     Weights are inherited from `supernet`, or else from the `checkpoint` file, when
-    `cfg.retrain.inherit`; `data` (as `bsnas.train.build_data` makes it) is built from
+    `cfg.retrain.inherit`; `data` (as `bsnas.train.runtime.build_data` makes it) is built from
     `cfg` when not given."""
     tic = time.perf_counter()
     r, t = cfg.retrain, cfg.train

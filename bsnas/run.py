@@ -24,13 +24,13 @@ from typing import Callable
 
 import torch
 
-from bsnas.checkpoint import latest_checkpoint, save_json_atomic
 from bsnas.export import export
 from bsnas.report import write_report
 from bsnas.retrain import retrain
 from bsnas.strategy.evolution import Constraints, EvolutionParams, search_supernet
 from bsnas.strategy.shrinking import Shrinker
-from bsnas.train import Trainer
+from bsnas.train.checkpoint import latest_checkpoint, save_json_atomic
+from bsnas.train.trainer import Trainer
 
 __all__ = ["build_trainer", "run"]
 

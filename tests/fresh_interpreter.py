@@ -1,5 +1,5 @@
 """Test scripts run in a fresh Python interpreter, for process-wide settings that must
-not leak into the test session (bsnas.host_memory's malloc thresholds)."""
+not leak into the test session (bsnas.train.host_memory's malloc thresholds)."""
 import os
 import platform
 import subprocess
@@ -7,7 +7,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Linux with glibc's malloc: where bsnas.host_memory.keep_freed_memory applies.
+# Linux with glibc's malloc: where bsnas.train.host_memory.keep_freed_memory applies.
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 

@@ -1,4 +1,4 @@
-"""bsnas.host_memory: freed memory kept for reuse on glibc. Each case runs in a fresh
+"""bsnas.train.host_memory: freed memory kept for reuse on glibc. Each case runs in a fresh
 interpreter (the setting is process-wide and must not leak into the test session)."""
 import json
 
@@ -11,8 +11,8 @@ from fresh_interpreter import GLIBC, run_python
 _PROBE = """
 import json, resource, sys
 import torch
-from bsnas import host_memory
-from bsnas.train import Dist, pick_device
+from bsnas.train import host_memory
+from bsnas.train.runtime import Dist, pick_device
 applied = None
 if sys.argv[1] == "call":
     applied = host_memory.keep_freed_memory()

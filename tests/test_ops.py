@@ -360,7 +360,7 @@ import torch
 import torch.nn.functional as F
 import bsnas
 from bsnas import masked_dwconv2d
-from bsnas.host_memory import keep_freed_memory
+from bsnas.train.host_memory import keep_freed_memory
 
 assert keep_freed_memory()
 assert bsnas._C.cpu_llc_bytes() == 32 << 20  # LLC_32MIB
@@ -408,7 +408,7 @@ def test_dwconv_streamed_large_output(k):
     the cache (the float64 cases, 35 MB) are also prefetched row by row; all with the
     thresholds read against 32 MiB (LLC_32MIB). A freshly mapped result (last page not
     resident) is written with plain stores. In a fresh interpreter with freed memory kept
-    (bsnas.host_memory), each case runs twice, the second time into the resident block
+    (bsnas.train.host_memory), each case runs twice, the second time into the resident block
     the first call freed. Forward and input gradient against F.conv2d; float64 too (8
     values a vector: 48 channels fill whole lines, 37 do not)."""
     _run_with_freed_memory_kept(_STREAMED_CASES, str(k))
@@ -432,7 +432,7 @@ import torch
 import torch.nn.functional as F
 import bsnas
 from bsnas import masked_pwconv2d
-from bsnas.host_memory import keep_freed_memory
+from bsnas.train.host_memory import keep_freed_memory
 
 assert keep_freed_memory()
 assert bsnas._C.cpu_llc_bytes() == 32 << 20  # LLC_32MIB

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from bsnas import cost
-from bsnas.checkpoint import latest_checkpoint
 from bsnas.cli import main
 from bsnas.space import Arch
 from bsnas.supernet import Supernet
+from bsnas.train.checkpoint import latest_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")

@@ -10,11 +10,11 @@ import time
 import pytest
 import torch
 
-from bsnas.broaden import BroadeningSchedule
-from bsnas.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from bsnas.config import load_config
 from bsnas.space import EnabledSpace, PathSampler, load_space
 from bsnas.train import Trainer, lr_lambda
+from bsnas.train.broadening import BroadeningSchedule
+from bsnas.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

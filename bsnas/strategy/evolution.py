@@ -44,10 +44,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from bsnas.checkpoint import save_json_atomic
 from bsnas.evaluator import PathEvaluator
 from bsnas.profiler import cost
 from bsnas.space import SKIP, Arch, EnabledSpace, LayerChoice
+from bsnas.supernet import Supernet
+from bsnas.train.checkpoint import load_checkpoint, save_json_atomic
+from bsnas.train.runtime import Dist, build_data, pick_device
 
 __all__ = ["Candidate", "Constraints", "Evolution", "EvolutionParams", "SearchResult",
            "pareto_front", "search_checkpoint", "search_supernet", "write_outputs"]
@@ -487,7 +489,7 @@ def write_outputs(result: SearchResult, out_dir: str) -> dict[str, str]:
 def search_supernet(cfg, supernet, enabled: EnabledSpace, data, out_dir: str, resume: bool = False,
                     tag: Any = None, progress: Callable[[str], None] | None = None) -> SearchResult:
     """Search `enabled` with the held-out top-1 of `supernet` paths after BN
-    recalibration on `data.calib` as the fitness (`data` as `bsnas.train.build_data`
+    recalibration on `data.calib` as the fitness (`data` as `bsnas.train.runtime.build_data`
     makes it), with the settings of `cfg.search` and seed `cfg.seed`; writes the
     outputs into `out_dir` and returns the result."""
     params = EvolutionParams.from_config(cfg.search)
@@ -533,10 +535,6 @@ def search_checkpoint(cfg, checkpoint: str, out_dir: str | None = None, resume: 
     """`bsnas search`: load the supernet and the enabled space from a training
     checkpoint, build the data of `cfg` (same held-out split as training, checked) and
     run `search_supernet`; outputs go to `out_dir` (default `<cfg.out_dir>/search`)."""
-    from bsnas.checkpoint import load_checkpoint
-    from bsnas.supernet import Supernet
-    from bsnas.train import Dist, build_data, pick_device
-
     device = pick_device(cfg.device, Dist(), cfg.keep_freed_memory)
     ckpt = load_checkpoint(checkpoint, map_location=device)
     check_same_split(cfg, ckpt.get("config"))

@@ -45,10 +45,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from bsnas import collectives
-from bsnas.checkpoint import save_json_atomic
 from bsnas.evaluator import PathEvaluator
 from bsnas.space import SKIP, Arch, EnabledSpace
+from bsnas.train import collectives
+from bsnas.train.checkpoint import save_json_atomic
 
 __all__ = ["CandidateScore", "PathResult", "Shrinker", "choose_drops", "score_candidates"]
 
@@ -164,7 +164,7 @@ def enabled_digest(enabled: EnabledSpace) -> str:
 
 class Shrinker:
     """The shrinking schedule and decision rule (see the module doc); a
-    `bsnas.train.Trainer` epoch hook: `trainer.epoch_hooks.append(Shrinker(...))`.
+    `bsnas.train.trainer.Trainer` epoch hook: `trainer.epoch_hooks.append(Shrinker(...))`.
 
     `start`, `interval`: decisions after epochs start, start + interval, ... (epochs
     counted as completed epochs, so `start=6` decides after the sixth epoch);
