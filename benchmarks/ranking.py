@@ -8,7 +8,7 @@ this project's own code, the `tiny` space and the built-in digits data set.
    range: 4,000 uniform samples sorted by MACs, cut into K equal-count bins, one
    architecture drawn at random from each bin (seeded).
 2. Stand-alone training: each architecture exported as a plain model
-   (`bsnas.nn.static.static_twin`) with fresh weights (`bsnas.retrain.reinitialize`),
+   (`bsnas.nn.static.static_twin`) with fresh weights (`bsnas.pipeline.retrain.reinitialize`),
    trained from scratch with one fixed recipe (SGD with Nesterov momentum, cosine decay
    to 0, label smoothing and weight decay from the base config's `train.*`; learning
    rate `--standalone-lr` per 256 images; `--standalone-epochs` epochs) on the training
@@ -288,7 +288,7 @@ def train_standalone(cfg_dict: dict, recipe: dict, arch_dict: dict, seed: int) -
     accuracy. Runs in a worker process or in-process."""
     from bsnas.evaluator import evaluate
     from bsnas.nn.static import static_twin
-    from bsnas.retrain import reinitialize, train_epoch
+    from bsnas.pipeline.retrain import reinitialize, train_epoch
     from bsnas.supernet import Supernet
     from bsnas.train.runtime import lr_lambda, param_groups, seed_everything
 

@@ -190,7 +190,7 @@ def _single_process(command: str) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from bsnas.run import build_trainer
+    from bsnas.pipeline.run import build_trainer
     trainer = build_trainer(_config(args), args.resume)
     try:
         last = trainer.fit()
@@ -216,11 +216,12 @@ def add_train(sub) -> None:
 
 
 def _run_search(args: argparse.Namespace) -> int:
+    from bsnas.pipeline.plots import plot_pareto
     from bsnas.strategy.evolution import search_checkpoint
     _single_process("search")
     cfg = _config(args)
     out = args.out or os.path.join(cfg.out_dir, "search")
-    result = search_checkpoint(cfg, args.checkpoint, out, args.resume)
+    result = search_checkpoint(cfg, args.checkpoint, out, args.resume, plot=plot_pareto)
     b = result.best
     print(f"best of {len(result.candidates)} candidates: {b.arch} (held-out top-1 {b.top1:.4f}, "
           f"{b.macs / 1e6:.2f}M MACs, {b.params:,} params); wrote {os.path.join(out, 'best_arch.json')}")
@@ -241,7 +242,7 @@ def add_search(sub) -> None:
 
 
 def _run_retrain(args: argparse.Namespace) -> int:
-    from bsnas.retrain import retrain
+    from bsnas.pipeline.retrain import retrain
     from bsnas.space import Arch
     _single_process("retrain")
     cfg = _config(args)
@@ -258,7 +259,7 @@ def add_retrain(sub) -> None:
                        description="Train an exported architecture from scratch or fine-tune its weights "
                                    "inherited from a supernet checkpoint (retrain.inherit); writes "
                                    "retrain.json with validation top-1/top-5, MACs, parameters and the "
-                                   "latency measured on this device (see bsnas.retrain).")
+                                   "latency measured on this device (see bsnas.pipeline.retrain).")
     p.add_argument("--arch", required=True, help="architecture JSON (e.g. search/best_arch.json)")
     _add_config_args(p)
     p.add_argument("--checkpoint", default=None, help="supernet checkpoint to inherit weights from")
@@ -267,7 +268,7 @@ def add_retrain(sub) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> int:
-    from bsnas.run import run
+    from bsnas.pipeline.run import run
     tic = time.perf_counter()
     summary = run(_config(args), args.resume, progress=_log)
     print(f"done in {time.perf_counter() - tic:.0f}s: best {summary['best']['macs'] / 1e6:.2f}M MACs, "
@@ -281,7 +282,7 @@ def add_run(sub) -> None:
     p = sub.add_parser("run", help="the whole pipeline: train, search, export, retrain, report",
                        description="Train the supernet (broadening + shrinking), search it, export the "
                                    "best architecture, retrain it briefly and write <out_dir>/report/"
-                                   "report.md (see bsnas.run).")
+                                   "report.md (see bsnas.pipeline.run).")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.set_defaults(func=_run_run)

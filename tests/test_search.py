@@ -8,6 +8,7 @@ import os
 import pytest
 
 from bsnas import cost
+from bsnas.pipeline.plots import plot_pareto
 from bsnas.space import SKIP, Arch, EnabledSpace, LayerChoice, load_space
 from bsnas.strategy.evolution import (Candidate, Constraints, Evolution, EvolutionParams, check_same_split,
                                       pareto_front, write_outputs)
@@ -205,7 +206,7 @@ def test_pareto_front_and_outputs(space, tmp_path):
     enabled = _small(space)
     result = Evolution(enabled, _match_fitness(_target(space, enabled)), EvolutionParams(
         population=8, generations=3, top_k=3, mutants=3, crossovers=3), seed=0).run()
-    paths = write_outputs(result, str(tmp_path))
+    paths = write_outputs(result, str(tmp_path), plot=plot_pareto)
     for name in ("best_arch.json", "search_result.json", "candidates.csv", "pareto.csv", "pareto.png"):
         assert os.path.getsize(paths[name]) > 0
     assert Arch.load(paths["best_arch.json"]) == result.best.arch

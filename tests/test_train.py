@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from bsnas.config import load_config
+from bsnas.pipeline.run import build_trainer
 from bsnas.space import EnabledSpace, PathSampler, load_space
-from bsnas.train import Trainer, lr_lambda
 from bsnas.train.broadening import BroadeningSchedule
 from bsnas.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from bsnas.train.runtime import lr_lambda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +41,7 @@ def test_short_run_writes_logs_and_checkpoints(cache, tmp_path):
     cfg = load_config(None, _overrides(cache, out, **{"train.eval_every": 2,
                                                      "train.keep_checkpoints": 2,
                                                      "train.checkpoint_every": 5}))
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)  # the trainer of `bsnas train`: it also plots the curves
     summary = trainer.fit()
     assert summary["epoch"] == 2 and summary["val_top1"] >= 0
     for name in ("train_log.csv", "epochs.csv", "summary.json", "broadening.csv",

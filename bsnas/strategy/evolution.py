@@ -28,7 +28,9 @@ path after BN recalibration as the fitness (`bsnas.evaluator.PathEvaluator`), an
     search_result.json  its costs and top-1, the settings, counts
     candidates.csv      every evaluated candidate: arch (JSON), macs, params,
                         latency_ms, top1, generation
-    pareto.csv / .png   the accuracy-MACs Pareto front
+    pareto.csv          the accuracy-MACs Pareto front
+    pareto.png          its plot, drawn by the `plot` the caller passes
+                        (`bsnas.pipeline.plots.plot_pareto`)
     search_state.json   the resumable state
 """
 from __future__ import annotations
@@ -433,39 +435,14 @@ def _write_csv(path: str, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def plot_pareto(result: SearchResult, path: str) -> str | None:
-    """Top-1 against MACs of every candidate (coloured by generation), the Pareto front
-    and the best; PNG at `path` (None when matplotlib is missing)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except Exception:  # noqa: BLE001
-        return None
-    cands, front, best = result.candidates, result.pareto, result.best
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sc = ax.scatter([c.macs / 1e6 for c in cands], [100 * c.top1 for c in cands],
-                    c=[c.generation for c in cands], cmap="viridis", s=14, alpha=0.7)
-    bar = fig.colorbar(sc, ax=ax, label="generation")
-    bar.locator = matplotlib.ticker.MaxNLocator(integer=True)
-    bar.update_ticks()
-    ax.step([c.macs / 1e6 for c in front], [100 * c.top1 for c in front], where="post",
-            color="tab:red", lw=1.5, label="Pareto front")
-    ax.scatter([best.macs / 1e6], [100 * best.top1], marker="*", s=200, color="tab:red",
-               edgecolor="k", zorder=5, label="best")
-    ax.set(xlabel="MACs (M)", ylabel="held-out top-1 % (supernet)",
-           title=f"evolutionary search: {len(cands)} candidates")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+#: Draws a search result's PNG: `plot(result, path)` -> the path written, or None.
+PlotFn = Callable[[SearchResult, str], "str | None"]
 
 
-def write_outputs(result: SearchResult, out_dir: str) -> dict[str, str]:
-    """Write best_arch.json, search_result.json, candidates.csv, pareto.csv and
-    pareto.png into `out_dir`; returns their paths by name."""
+def write_outputs(result: SearchResult, out_dir: str, plot: PlotFn | None = None) -> dict[str, str]:
+    """Write best_arch.json, search_result.json, candidates.csv, pareto.csv and, with
+    `plot` (e.g. `bsnas.pipeline.plots.plot_pareto`), pareto.png into `out_dir`; returns
+    their paths by name."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, name) for name in
              ("best_arch.json", "search_result.json", "candidates.csv", "pareto.csv", "pareto.png")}
@@ -478,7 +455,7 @@ def write_outputs(result: SearchResult, out_dir: str) -> dict[str, str]:
     save_json_atomic(summary, paths["search_result.json"])
     _write_csv(paths["candidates.csv"], [c.row() for c in result.candidates])
     _write_csv(paths["pareto.csv"], [c.row() for c in result.pareto])
-    if plot_pareto(result, paths["pareto.png"]) is None:
+    if plot is None or plot(result, paths["pareto.png"]) is None:
         del paths["pareto.png"]
     return paths
 
@@ -487,11 +464,12 @@ def write_outputs(result: SearchResult, out_dir: str) -> dict[str, str]:
 
 
 def search_supernet(cfg, supernet, enabled: EnabledSpace, data, out_dir: str, resume: bool = False,
-                    tag: Any = None, progress: Callable[[str], None] | None = None) -> SearchResult:
+                    tag: Any = None, progress: Callable[[str], None] | None = None,
+                    plot: PlotFn | None = None) -> SearchResult:
     """Search `enabled` with the held-out top-1 of `supernet` paths after BN
     recalibration on `data.calib` as the fitness (`data` as `bsnas.train.runtime.build_data`
     makes it), with the settings of `cfg.search` and seed `cfg.seed`; writes the
-    outputs into `out_dir` and returns the result."""
+    outputs into `out_dir` (`write_outputs`, with `plot`) and returns the result."""
     params = EvolutionParams.from_config(cfg.search)
     constraints = Constraints.from_config(cfg.search)
     evaluator = PathEvaluator(supernet, data.calib, data.holdout)
@@ -501,7 +479,7 @@ def search_supernet(cfg, supernet, enabled: EnabledSpace, data, out_dir: str, re
     log.info("search over %s: population %d, %d generations, constraints: %s", enabled,
              params.population, params.generations, constraints.describe())
     result = evo.run(resume, progress)
-    write_outputs(result, out_dir)
+    write_outputs(result, out_dir, plot)
     b = result.best
     log.info("search done in %.1fs: %d candidates; best %s: held-out top-1 %.4f, %.2fM MACs, %d params",
              result.seconds, len(result.candidates), b.arch, b.top1, b.macs / 1e6, b.params)
@@ -531,10 +509,12 @@ def check_same_split(cfg, trained: dict | None) -> None:
 
 
 def search_checkpoint(cfg, checkpoint: str, out_dir: str | None = None, resume: bool = False,
-                      progress: Callable[[str], None] | None = None) -> SearchResult:
+                      progress: Callable[[str], None] | None = None,
+                      plot: PlotFn | None = None) -> SearchResult:
     """`bsnas search`: load the supernet and the enabled space from a training
     checkpoint, build the data of `cfg` (same held-out split as training, checked) and
-    run `search_supernet`; outputs go to `out_dir` (default `<cfg.out_dir>/search`)."""
+    run `search_supernet` (with `plot`); outputs go to `out_dir` (default
+    `<cfg.out_dir>/search`)."""
     device = pick_device(cfg.device, Dist(), cfg.keep_freed_memory)
     ckpt = load_checkpoint(checkpoint, map_location=device)
     check_same_split(cfg, ckpt.get("config"))
@@ -543,4 +523,4 @@ def search_checkpoint(cfg, checkpoint: str, out_dir: str | None = None, resume: 
     tag = {"checkpoint_step": ckpt.get("step"), "checkpoint_epoch": ckpt.get("epoch"),
            "space": supernet.space.name}
     return search_supernet(cfg, supernet, enabled, data, out_dir or os.path.join(cfg.out_dir, "search"),
-                           resume, tag, progress)
+                           resume, tag, progress, plot)

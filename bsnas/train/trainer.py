@@ -1,16 +1,17 @@
 """The supernet trainer (`bsnas train --config C`): single-path sampling over the enabled
 space, the broadening schedule, SGD with warm-up and cosine/linear decay, optional
 strict-fairness sampling and bf16 autocast, DDP through torchrun, atomic checkpoints
-that resume exactly, and progress/CSV/TensorBoard/PNG logging. Process set-up (devices,
+that resume exactly, and progress/CSV/TensorBoard logging. Process set-up (devices,
 seeding, data, schedules) lives in `bsnas.train.runtime`.
 
 Data flow: config -> space -> supernet -> Trainer. Shrinking plugs in through
-`Trainer.epoch_hooks` (called after every epoch with the trainer and the epoch), so
-this module does not know about it.
+`Trainer.epoch_hooks` (called after every epoch with the trainer and the epoch), and
+whatever follows training (the pipeline's plot of the curves) through
+`Trainer.finish_hooks` (called once training ends, with the trainer), so this module
+knows about neither.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -97,6 +98,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, warmup, t.schedule))
         self.epoch_hooks: list = []   # callables (trainer, epoch) after each epoch
+        self.finish_hooks: list = []  # callables (trainer) once training ends, on every rank
         self.history: list[dict] = []  # one row per epoch
         self.extra_state: dict = {}   # checkpointed state of hooks, by name
         self.step = 0
@@ -308,7 +310,8 @@ class Trainer:
         if self.dist.main:
             with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
-            plot_curves(self.out_dir)
+        for hook in self.finish_hooks:
+            hook(self)
         if self._writer:
             self._writer.close()
 
@@ -317,40 +320,3 @@ class Trainer:
         gathered = [torch.empty_like(flat) for _ in range(self.dist.world_size)]
         collectives.all_gather(gathered, flat)
         return all(torch.equal(gathered[0], g) for g in gathered[1:])
-
-
-def plot_curves(out_dir: str) -> str | None:
-    """training_curves.png from train_log.csv and epochs.csv (matplotlib, headless)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:  # noqa: BLE001
-        return None
-    steps, losses = [], []
-    path = os.path.join(out_dir, "train_log.csv")
-    if os.path.exists(path):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                steps.append(int(row["step"]))
-                losses.append(float(row["loss"]))
-    epochs, val, held = [], [], []
-    path = os.path.join(out_dir, "epochs.csv")
-    if os.path.exists(path):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                epochs.append(int(row["epoch"]))
-                val.append(100 * float(row["val_top1"]))
-                held.append(100 * float(row["holdout_top1"]))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    a.plot(steps, losses, lw=1)
-    a.set(xlabel="step", ylabel="training loss (sampled path)", title="supernet training")
-    b.plot(epochs, held, marker="o", label="held-out")
-    b.plot(epochs, val, marker="s", label="validation")
-    b.set(xlabel="epoch", ylabel="top-1 % (largest path)", title="largest enabled path")
-    b.legend()
-    fig.tight_layout()
-    out = os.path.join(out_dir, "training_curves.png")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out

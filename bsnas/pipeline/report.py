@@ -4,12 +4,12 @@ from the files the run wrote (so it can be rebuilt at any time):
     config.json, epochs.csv, train_log.csv   supernet training (bsnas.train)
     shrink_log.json                          shrinking decisions (bsnas.strategy.shrinking)
     search/search_result.json, pareto.png    evolutionary search (bsnas.strategy.evolution)
-    retrain/retrain.json                     the retrained architecture (bsnas.retrain)
+    retrain/retrain.json                     the retrained architecture (bsnas.pipeline.retrain)
 
-Plots: the training curves (`bsnas.train.plot_curves`), a layer x op heat map of the
-epoch at which shrinking turned each op off (and a layer x width one), and the
-accuracy-MACs Pareto front of the search. Missing pieces (e.g. shrinking disabled) are
-reported as such.
+Plots (`bsnas.pipeline.plots`): the training curves, a layer x op heat map of the epoch
+at which shrinking turned each op off (and a layer x width one), and the accuracy-MACs
+Pareto front of the search. Missing pieces (e.g. shrinking disabled) are reported as
+such.
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import os
 import shutil
 from typing import Any
 
-from bsnas.space import SKIP, Arch, SearchSpace, kernel_size, load_space
+from bsnas.pipeline.plots import plot_curves, plot_shrink_heatmap
+from bsnas.space import Arch, SearchSpace, load_space
 
-__all__ = ["plot_shrink_heatmap", "turned_off", "write_report"]
+__all__ = ["write_report"]
 
 
 def _load_json(path: str) -> Any:
@@ -30,86 +31,6 @@ def _load_json(path: str) -> Any:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def turned_off(shrink_log: dict | None) -> dict[tuple[int, str, Any], int]:
-    """`{(layer, "op"|"width", name): epoch}` of every candidate a decision turned off."""
-    out = {}
-    for d in (shrink_log or {}).get("decisions", []):
-        for s in d["dropped"]:
-            out[(s["layer"], s["kind"], s["name"])] = d["epoch"]
-    return out
-
-
-def _op_order(space: SearchSpace) -> list[str]:
-    ops = {op for layer in space.layers for op in layer.ops}
-    return sorted((op for op in ops if op != SKIP), key=kernel_size) + ([SKIP] if SKIP in ops else [])
-
-
-def plot_shrink_heatmap(space: SearchSpace, shrink_log: dict | None, path: str,
-                        last_epoch: int | None = None) -> str | None:
-    """Two heat maps: layer x op and layer x width option, coloured by the epoch at which
-    shrinking turned the candidate off; white "on" cells were never turned off, grey
-    cells are not candidates of the layer. PNG at `path` (None without matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-        import numpy as np
-    except Exception:  # noqa: BLE001
-        return None
-    off = turned_off(shrink_log)
-    ops = _op_order(space)
-    n_w = max(len(layer.widths) for layer in space.layers)
-    epochs = [e for e in off.values()]
-    vmax = max(epochs + [last_epoch or 1])
-    vmin = min(epochs + [vmax])
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
-    panels = []
-    for kind, columns, cell in (
-            ("op", ops, lambda layer, j: ops[j] if ops[j] in layer.ops else None),
-            ("width", list(range(n_w)),
-             lambda layer, j: layer.widths[j] if j < len(layer.widths) else None)):
-        grid = np.full((space.num_layers, len(columns)), np.nan)
-        labels = [["" for _ in columns] for _ in space.layers]
-        absent = np.zeros_like(grid, dtype=bool)
-        for layer in space.layers:
-            for j in range(len(columns)):
-                name = cell(layer, j)
-                if name is None:
-                    absent[layer.index, j] = True
-                    continue
-                epoch = off.get((layer.index, kind, name))
-                if epoch is not None:
-                    grid[layer.index, j] = epoch
-                text = str(name) if kind == "width" else ""
-                labels[layer.index][j] = f"{text}\n" * (kind == "width") + (
-                    f"off@{epoch}" if epoch is not None else "on")
-        panels.append((kind, columns, grid, labels, absent))
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * (len(ops) + n_w), 1.2 + 0.55 * space.num_layers),
-                             gridspec_kw={"width_ratios": [len(ops), n_w]})
-    for ax, (kind, columns, grid, labels, absent) in zip(axes, panels):
-        im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-        ax.imshow(np.ma.masked_where(~absent, absent.astype(float)), cmap="Greys", vmin=0, vmax=2,
-                  aspect="auto")
-        for i in range(grid.shape[0]):
-            for j in range(grid.shape[1]):
-                if not absent[i, j]:
-                    ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=7,
-                            color="black" if math.isnan(grid[i, j]) else "white")
-        ax.set_xticks(range(len(columns)))
-        ax.set_xticklabels(columns if kind == "op" else [f"w{j + 1}" for j in columns])
-        ax.set_yticks(range(space.num_layers))
-        ax.set_yticklabels([f"L{layer.index} (s{layer.stage})" for layer in space.layers])
-        ax.set_title(f"epoch each {kind} was turned off" if kind == "op" else
-                     "epoch each width option was turned off (w1 = narrowest)", fontsize=9)
-    bar = fig.colorbar(im, ax=axes, label="epoch turned off", shrink=0.8)
-    bar.locator = matplotlib.ticker.MaxNLocator(integer=True)
-    bar.update_ticks()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def _fmt_int(n: float) -> str:
@@ -140,8 +61,6 @@ def _read_csv(path: str) -> list[dict]:
 def write_report(run_dir: str, out_dir: str | None = None) -> str:
     """Write `report.md` and its PNGs into `out_dir` (default `<run_dir>/report`) from
     the files of the run in `run_dir`; returns the path of report.md."""
-    from bsnas.train.trainer import plot_curves
-
     out_dir = out_dir or os.path.join(run_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
     config = _load_json(os.path.join(run_dir, "config.json"))

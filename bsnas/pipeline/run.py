@@ -6,10 +6,11 @@ Everything goes into `cfg.out_dir`:
 
     ckpt-*.pt, epochs.csv, train_log.csv, shrink_log.json, ...   training (bsnas.train,
                                                                   bsnas.strategy.shrinking)
+    training_curves.png                                          (bsnas.pipeline.plots)
     search/         best_arch.json, candidates.csv, pareto.csv/png (bsnas.strategy.evolution)
     model.pt        the best architecture exported with inherited weights (bsnas.export)
-    retrain/        retrain.json, model.pt (bsnas.retrain)
-    report/         report.md and its plots (bsnas.report)
+    retrain/        retrain.json, model.pt (bsnas.pipeline.retrain)
+    report/         report.md and its plots (bsnas.pipeline.report)
     run.json        seconds per phase and the headline numbers
 
 `resume=True` continues an interrupted run: training from its newest checkpoint, the
@@ -25,21 +26,30 @@ from typing import Callable
 import torch
 
 from bsnas.export import export
-from bsnas.report import write_report
-from bsnas.retrain import retrain
+from bsnas.pipeline.plots import plot_curves, plot_pareto
+from bsnas.pipeline.report import write_report
+from bsnas.pipeline.retrain import retrain
 from bsnas.strategy.evolution import Constraints, EvolutionParams, search_supernet
 from bsnas.strategy.shrinking import Shrinker
 from bsnas.train.checkpoint import latest_checkpoint, save_json_atomic
 from bsnas.train.trainer import Trainer
 
-__all__ = ["build_trainer", "run"]
+__all__ = ["build_trainer", "plot_training_curves", "run"]
 
 log = logging.getLogger(__name__)
 
 
+def plot_training_curves(trainer: Trainer) -> None:
+    """Finish hook of the trainer: training_curves.png in its output folder (main rank)."""
+    if trainer.dist.main:
+        plot_curves(trainer.out_dir)
+
+
 def build_trainer(cfg, resume: bool = False) -> Trainer:
-    """A `Trainer` for `cfg` with the `Shrinker` hook when `cfg.shrink.enabled`."""
+    """A `Trainer` for `cfg` that plots its curves when training ends, with the
+    `Shrinker` hook when `cfg.shrink.enabled`."""
     trainer = Trainer(cfg, resume)
+    trainer.finish_hooks.append(plot_training_curves)
     if cfg.shrink.enabled:
         s = cfg.shrink
         if trainer.dist.main and s.start < cfg.broaden.warmup_epochs + cfg.broaden.broaden_epochs:
@@ -76,7 +86,7 @@ def run(cfg, resume: bool = False, progress: Callable[[str], None] | None = None
     say(f"[2/4] evolutionary search over {trainer.enabled.size():.3e} architectures")
     tag = {"checkpoint_step": trainer.step, "checkpoint_epoch": trainer.epoch, "space": trainer.space.name}
     result = search_supernet(cfg, trainer.supernet, trainer.enabled, trainer.data,
-                             os.path.join(out, "search"), resume, tag)
+                             os.path.join(out, "search"), resume, tag, plot=plot_pareto)
     best = result.best
     seconds["search"] = time.perf_counter() - tic
 
