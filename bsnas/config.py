@@ -48,7 +48,7 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 0,    # steps; 0 = only at epoch ends
         "keep_checkpoints": 3,
         "log_every": 20,          # steps between CSV rows
-        "progress": True,         # a progress bar per epoch
+        "progress": True,         # a progress bar per epoch (tqdm, when stderr is a terminal)
         "eval_every": 1,          # epochs between evaluations of the largest path; 0 = never
     },
     "broaden": {

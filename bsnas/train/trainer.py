@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from bsnas.config import Config
 from bsnas.evaluator import evaluate_path
@@ -39,30 +40,6 @@ log = logging.getLogger(__name__)
 
 def _short(arch) -> str:
     return ",".join(str(c) for c in arch.layers)
-
-
-class Progress:
-    """One line per epoch, redrawn in place on a terminal, printed every `every` steps
-    otherwise."""
-
-    def __init__(self, enabled: bool, total: int, epoch: int, every: int):
-        self.enabled, self.total, self.epoch, self.every = enabled, total, epoch, every
-        self.tty = sys.stderr.isatty()
-
-    def update(self, i: int, text: str) -> None:
-        if not self.enabled:
-            return
-        width = 24
-        done = int(width * i / max(1, self.total))
-        line = f"epoch {self.epoch:3d} [{'#' * done}{'.' * (width - done)}] {i}/{self.total} {text}"
-        if self.tty:
-            print("\r" + line[:200], end="", file=sys.stderr, flush=True)
-        elif i % self.every == 0 or i == self.total:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            print(file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- trainer
@@ -244,34 +221,40 @@ class Trainer:
         self._finish()
         return self.history[-1] if self.history else {}
 
+    def _progress_bar(self) -> tqdm:
+        """The epoch's progress bar (tqdm, on stderr): shown with `train.progress` on the
+        main rank when stderr is a terminal, silent otherwise (logs and CI output)."""
+        show = self.cfg.train.progress and self.dist.main and sys.stderr.isatty()
+        return tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch:3d}",
+                    unit="step", file=sys.stderr, dynamic_ncols=True, disable=not show)
+
     def _run_epoch(self) -> None:
         t, loader = self.cfg.train, self.data.train
         loader.set_epoch(self.epoch)
-        progress = Progress(t.progress and self.dist.main, self.steps_per_epoch, self.epoch,
-                            t.log_every)
         losses, tic, seen = [], time.perf_counter(), 0
-        for x, y in loader.iterate(self.batch_in_epoch):
-            epoch_float = self.epoch + self.batch_in_epoch / self.steps_per_epoch
-            out = self.train_step(x, y, epoch_float)
-            self.batch_in_epoch += 1
-            seen += y.numel() * self.dist.world_size
-            losses.append(out["loss"])
-            rate = seen / max(1e-9, time.perf_counter() - tic)
-            lr = self.scheduler.get_last_lr()[0]
-            progress.update(self.batch_in_epoch, f"loss {out['loss']:.3f} lr {lr:.4f} "
-                            f"{rate:.0f} img/s path {_short(out['path'])}")
-            if self.step % t.log_every == 0:
-                self._csv("train_log.csv", {
-                    "step": self.step, "epoch": round(epoch_float, 4), "loss": out["loss"],
-                    "top1": out["top1"], "lr": lr, "images_per_s": round(rate, 1),
-                    "path": _short(out["path"])})
-                if self._writer:
-                    self._writer.add_scalar("train/loss", out["loss"], self.step)
-                    self._writer.add_scalar("train/lr", lr, self.step)
-            if t.checkpoint_every and self.step % t.checkpoint_every == 0 \
-                    and self.batch_in_epoch < self.steps_per_epoch:
-                self.save()
-        progress.close()
+        with self._progress_bar() as bar:
+            for x, y in loader.iterate(self.batch_in_epoch):
+                epoch_float = self.epoch + self.batch_in_epoch / self.steps_per_epoch
+                out = self.train_step(x, y, epoch_float)
+                self.batch_in_epoch += 1
+                seen += y.numel() * self.dist.world_size
+                losses.append(out["loss"])
+                rate = seen / max(1e-9, time.perf_counter() - tic)
+                lr = self.scheduler.get_last_lr()[0]
+                bar.set_postfix_str(f"loss {out['loss']:.3f} lr {lr:.4f} {rate:.0f} img/s "
+                                    f"path {_short(out['path'])}", refresh=False)
+                bar.update(1)
+                if self.step % t.log_every == 0:
+                    self._csv("train_log.csv", {
+                        "step": self.step, "epoch": round(epoch_float, 4), "loss": out["loss"],
+                        "top1": out["top1"], "lr": lr, "images_per_s": round(rate, 1),
+                        "path": _short(out["path"])})
+                    if self._writer:
+                        self._writer.add_scalar("train/loss", out["loss"], self.step)
+                        self._writer.add_scalar("train/lr", lr, self.step)
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0 \
+                        and self.batch_in_epoch < self.steps_per_epoch:
+                    self.save()
         row = {"epoch": self.epoch + 1, "step": self.step,
                "train_loss": float(np.mean(losses)) if losses else float("nan"),
                "enabled_size": self.enabled.size()}
