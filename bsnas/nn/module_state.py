@@ -1,9 +1,8 @@
 """Fast reads of a module's parameters and buffers on hot forward paths.
 
-`module.weight` goes through nn.Module.__getattr__ (about 0.7 us on the dev box, against
-0.06 us for a dict lookup); the spring block's training step made 28 such lookups, a
-few percent of its host time, which bounds a GPU step at 28x28 and below. The forward
-paths of SpringBlock and DynamicBatchNorm2d read `module._modules` and `state(...)`
+`module.weight` goes through nn.Module.__getattr__, about ten times the cost of a dict
+lookup, and host time bounds a GPU step at 28x28 and below (docs/performance.md). The
+forward paths of SpringBlock and DynamicBatchNorm2d read `module._modules` and `state(...)`
 instead.
 """
 from __future__ import annotations

@@ -157,12 +157,8 @@ class SpringBlock(nn.Module):
                    for bn in (m["expand_bn"], m["depthwise_bn"]))
 
     #: On CPU the fused training path computes in channels_last, converting an NCHW
-    #: input on the way in and the output back. Measured 2026-11-28 on the dev box
-    #: (batch 16, k5, 2 threads, the proxyless stage shapes, widths 25/50/100%): before
-    #: the NCHW BN-activation backward was vectorised, the step through channels_last
-    #: took 0.54x-0.75x of the NCHW time on 7x7-14x14 planes; after it, 0.75x-1.08x
-    #: (median about 0.95x, conversions included), and a supernet step is faster in
-    #: channels_last for every implementation (benchmarks/RESULTS.md).
+    #: input on the way in and the output back: the channels_last kernels are the
+    #: faster ones there, conversions included (docs/performance.md).
     CPU_TRAIN_CHANNELS_LAST = True
 
     def _train_in_channels_last(self, x: torch.Tensor) -> bool:
@@ -264,11 +260,7 @@ class SpringBlock(nn.Module):
 
     #: On CPU, NCHW inputs whose output planes are narrower than this run the folded op
     #: in channels_last (converted in and out): its NCHW depthwise pays a per-plane cost
-    #: on small planes. Measured 2026-11-28 on the dev box (batch 16, k5, 2 threads,
-    #: round-robin medians, the proxyless shapes with 14- and 7-wide outputs, widths
-    #: 25-100%): 1.28x-2.63x of eager slicing this way, against 0.88x-1.33x for the eager
-    #: path these planes took before; channels_last inputs take the op directly (1.18x-
-    #: 1.61x, eager 0.99x-1.32x). Wider NCHW planes: the op in NCHW, 1.6x-4.4x.
+    #: on small planes (measurements in docs/performance.md).
     CPU_FOLDED_NCHW_MIN_WIDTH = 16
 
     def _fold_in_channels_last(self, x: torch.Tensor) -> bool:

@@ -4,10 +4,7 @@ glibc's malloc hands large blocks (from 128 KiB, its threshold adapting up to 32
 straight to the system with mmap and returns them with munmap when freed, and trims the
 top of its heap back to the system too. A training step allocates and frees the same
 activation-sized tensors every step, so every step then faults every page of them back
-in: on the dev box (AMD EPYC VM, 2 vCPUs) allocating and filling a 40 MB tensor took
-10.8 ms that way and 0.27 ms once freed memory was kept, and a channels_last spring
-block training step (56x56, 24->144->24, batch 16) went from 44 to 32 ms (slicing
-baseline: 86 to 52 ms). `keep_freed_memory` makes glibc keep freed memory in the heap
+in (measured effect in docs/performance.md). `keep_freed_memory` makes glibc keep freed memory in the heap
 for reuse (the resident size then stays at the step's peak). jemalloc, tcmalloc and
 mimalloc keep freed memory already; with one of them preloaded this changes nothing that
 is used.
