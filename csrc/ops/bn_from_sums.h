@@ -3,12 +3,14 @@
 // shared by the CPU loops and the CUDA kernels (cuda/bn_from_sums_kernel.cu). With n
 // values per channel, sum s and sum of squares q:
 //
-//   mean = s / n,  var = max(q / n - mean^2, 0)       (biased, as BN normalises with)
+//   mean = s / n,  var = clamp_min(q / n - mean^2, 0)   (biased, as BN normalises with)
 //   scale = weight / sqrt(var + eps),  shift = bias - mean * scale
 //   BN(x) = x * scale + shift
 //
 // All in double. The backward is the chain rule through exactly these lines (the clamp
-// passes no gradient where q / n - mean^2 < 0, as torch's clamp_min).
+// passes no gradient where q / n - mean^2 < 0 or is NaN, as torch's clamp_min). NaN and
+// Inf sums propagate as in F.batch_norm: a NaN or +-Inf value in a channel makes its
+// variance NaN (Inf - Inf), and so its scale, shift and running variance.
 #include <cmath>
 #include <cstdint>
 
@@ -24,13 +26,13 @@ namespace bsnas::bn_sums {
 
 struct Moments {
   double mean, var;
-  bool clamped;  // q / n - mean^2 was negative (rounding on a constant channel)
+  bool clamped;  // q / n - mean^2 was negative (rounding on a constant channel) or NaN
 };
 
 BSNAS_HD Moments moments(double s, double q, double n) {
   const double mean = s / n;
   const double raw = q / n - mean * mean;
-  return {mean, raw > 0.0 ? raw : 0.0, raw < 0.0};
+  return {mean, raw < 0.0 ? 0.0 : raw, !(raw >= 0.0)};  // NaN stays NaN (clamp_min)
 }
 
 BSNAS_HD void affine(double s, double q, double n, double w, double b, double eps,

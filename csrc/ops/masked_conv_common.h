@@ -51,21 +51,32 @@ BSNAS_HD int64_t out_index_for_input(int64_t i, int64_t off, int64_t stride,
 // Activations the fused kernels apply (codes shared with bsnas/ops/bn_act_dwconv.py).
 enum ActCode : int64_t { kActIdentity = 0, kActReLU = 1, kActReLU6 = 2 };
 
+// NaN propagates, as F.relu / F.relu6 (clamp) give it: each comparison is false for
+// NaN, which then falls through (the SIMD form is one max / min with v as the operand
+// returned on unordered compares).
 template <typename T>
 BSNAS_HD T activate(T v, int64_t act) {
   if (act == kActIdentity) return v;
-  v = v > T(0) ? v : T(0);
-  if (act == kActReLU6) v = v < T(6) ? v : T(6);
+  v = v < T(0) ? T(0) : v;
+  if (act == kActReLU6) v = v > T(6) ? T(6) : v;
   return v;
 }
 
-// Whether d act / d u is 1 (else 0) at u, as the autograd of F.relu / F.relu6 defines
-// it: 0 at the kinks u == 0 and u == 6 (and for NaN).
+// Whether d act / d u is 1 (else 0) at u, as the autograd of F.relu / F.relu6 on the
+// device at hand defines it: 0 at the kinks u == 0 and u == 6 and past them. At u = NaN
+// ReLU passes the gradient (threshold_backward: u <= 0 ? 0 : g, CPU and CUDA); ReLU6
+// passes it on CUDA (hardtanh_backward: u <= 0 || u >= 6 ? 0 : g) and not on CPU, whose
+// vectorised hardtanh_backward is (u > 0) & (u < 6) (only its scalar tail, under 16
+// values a loop, passes it).
 template <typename T>
 BSNAS_HD bool act_passes(T u, int64_t act) {
   if (act == kActIdentity) return true;
-  if (act == kActReLU) return u > T(0);
+  if (act == kActReLU) return !(u <= T(0));
+#if defined(__CUDA_ARCH__)
+  return !(u <= T(0) || u >= T(6));
+#else
   return u > T(0) && u < T(6);
+#endif
 }
 
 // The memory format every op of this extension computes in and returns: channels_last
