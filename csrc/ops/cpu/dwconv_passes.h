@@ -517,6 +517,8 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
 // other input pixel of the row. window_positions runs it on the tensor itself, so each
 // input-gradient pixel costs at most ((K+1)/2)^2 multiply-adds instead of K^2 over a
 // zero-spread copy of gy (block_pass with spread 2). One task per image x input row.
+// The sub-kernels' all-zero row (odd parity) and column (kw = K) are skipped, not
+// multiplied: 0 * gy is NaN where gy is NaN or Inf, and no real tap reads that gy.
 // Returns false (doing nothing) for any other geometry.
 template <typename T>
 bool phase_input_grad(const DwGeometry& g, const T* gy, const T* w, T* gx) {
@@ -526,18 +528,19 @@ bool phase_input_grad(const DwGeometry& g, const T* gy, const T* w, T* gx) {
     constexpr int64_t V = kLanes<T>, ks2 = KS * KS;
     const int64_t C = g.C, nb = num_blocks<T>(C), H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo;
     const int64_t pad = g.pad, lanes = std::min(V, C), oimage = Ho * Wo * C;
-    // sub[bi][a][b][u][v][lane] = w[c][kh][kw], c = end_aligned_block(bi) + lane, kh = a +
-    // 2 (KS - 1 - u), kw = b + 2 (KS - 1 - v); 0 where kh or kw >= K or c >= C.
+    // sub[bi][a][b][u][v - b][lane] = w[c][kh][kw], c = end_aligned_block(bi) + lane, kh =
+    // a + 2 (KS - 1 - u), kw = b + 2 (KS - 1 - v), rows of KS - b taps (column parity 1
+    // drops v = 0, where kw = K); 0 where kh >= K (row u = 0 of parity 1) or c >= C.
     std::vector<T> sub(static_cast<size_t>(nb * 4 * ks2 * V), T(0));
     for (int64_t bi = 0; bi < nb; ++bi)
       for (int64_t l = 0; l < lanes; ++l)
         for (int a = 0; a < 2; ++a)
           for (int b = 0; b < 2; ++b)
             for (int u = 0; u < KS; ++u)
-              for (int v = 0; v < KS; ++v) {
+              for (int v = b; v < KS; ++v) {
                 const int kh = a + 2 * (KS - 1 - u), kw = b + 2 * (KS - 1 - v);
-                if (kh < K && kw < K)
-                  sub[(((bi * 4 + a * 2 + b) * KS + u) * KS + v) * V + l] =
+                if (kh < K)
+                  sub[((bi * 4 + a * 2 + b) * ks2 + u * (KS - b) + v - b) * V + l] =
                       w[(end_aligned_block(bi, nb, C, V) + l) * K * K + kh * K + kw];
               }
     at::parallel_for(0, g.N * H, grain(W * C * ks2), [&](int64_t tb, int64_t te) {
@@ -548,12 +551,13 @@ bool phase_input_grad(const DwGeometry& g, const T* gy, const T* w, T* gx) {
         auto [u0, u1] = taps_inside(r0, Ho, KS, 1);
         u0 = std::max<int64_t>(u0, a);  // odd rows: sub-kernel row 0 is all zero
         T* grow = gx + ((n * H + ih) * W) * C;
-        for (int b = 0; b < 2; ++b) {
+        // Column parity b: KW = KS - b taps a row, from sub-kernel column b on.
+        const auto parity = [&]<int b, int KW>() {
           const int64_t iwb = ((b - pad) % 2 + 2) % 2;  // first column of parity b
-          if (iwb >= W) continue;
-          const int64_t cnt = (W - iwb + 1) / 2, cw0 = (iwb + pad - b) / 2 - (KS - 1);
+          if (iwb >= W) return;
+          const int64_t cnt = (W - iwb + 1) / 2, cw0 = (iwb + pad - b) / 2 - (KS - 1) + b;
           for_blocks(cnt, [&](int64_t t0, auto R) {
-            constexpr int RV = decltype(R)::value, NI = RV - 1 + KS;
+            constexpr int RV = decltype(R)::value, NI = RV - 1 + KW;
             const int64_t c0 = cw0 + t0;  // gy column of window slot 0
             for (int64_t bi = 0; bi < nb; ++bi) {
               const int64_t ch0 = end_aligned_block(bi, nb, C, V);
@@ -561,12 +565,14 @@ bool phase_input_grad(const DwGeometry& g, const T* gy, const T* w, T* gx) {
               const T* src = gy + n * oimage + ((r0 + u0) * Wo + c0) * C + ch0;
               const RunStore<T> dst{grow + (iwb + 2 * t0) * C + ch0, 2 * C, lanes};
               with_window_slots<NI>(c0, Wo, lanes, V, [&](auto M, const int64_t* sl) {
-                window_positions<RV, KS, 1, decltype(M)::value>(src, C, Wo * C, u0, u1, taps,
+                window_positions<RV, KW, 1, decltype(M)::value>(src, C, Wo * C, u0, u1, taps,
                                                                 sl, dst);
               });
             }
           });
-        }
+        };
+        parity.template operator()<0, KS>();
+        parity.template operator()<1, KS - 1>();
       }
     });
   };
