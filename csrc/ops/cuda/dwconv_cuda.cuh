@@ -406,17 +406,19 @@ __device__ __forceinline__ void point_weight_grad(const Loads& ld,
   }
 }
 
-// acc[kh * KS + kw] += sum over the kStrip outputs j of a strip of gv[j] * x(ih0 + kh,
-// iw0 + j * ST + kw) (fixed k, stride ST, dilation 1); gv[j] = 0 for outputs past the
-// row's end. `xb` is the flat index of the input's (n, c, 0, 0), (sh, sw) the element
-// strides of an input row and column.
+// acc[kh * KS + kw] += sum over the outputs j < nv (<= kStrip: those before the row's
+// end) of a strip of gv[j] * x(ih0 + kh, iw0 + j * ST + kw) (fixed k, stride ST,
+// dilation 1). Outputs past the row's end are skipped, not multiplied by a zero
+// gradient: 0 * x is NaN where x is NaN or Inf. `xb` is the flat index of the input's
+// (n, c, 0, 0), (sh, sw) the element strides of an input row and column.
 template <int KS, int ST, typename index_t, typename Loads, typename acc_t>
 __device__ __forceinline__ void strip_weight_grad(const Loads& ld,
                                                   const typename Loads::Chan& ch,
                                                   const Dims<index_t>& d,
-                                                  const acc_t (&gv)[kStrip], index_t xb,
-                                                  index_t sh, index_t sw, index_t ih0,
-                                                  index_t iw0, acc_t (&acc)[KS * KS]) {
+                                                  const acc_t (&gv)[kStrip], index_t nv,
+                                                  index_t xb, index_t sh, index_t sw,
+                                                  index_t ih0, index_t iw0,
+                                                  acc_t (&acc)[KS * KS]) {
 #pragma unroll
   for (int kh = 0; kh < KS; ++kh) {
     const index_t ih = ih0 + kh;
@@ -427,7 +429,8 @@ __device__ __forceinline__ void strip_weight_grad(const Loads& ld,
     for (int kw = 0; kw < KS; ++kw) {
       acc_t s = 0;
 #pragma unroll
-      for (int j = 0; j < kStrip; ++j) s += gv[j] * xs[j * ST + kw];
+      for (int j = 0; j < kStrip; ++j)
+        if (j < nv) s += gv[j] * xs[j * ST + kw];
       acc[kh * KS + kw] += s;
     }
   }
@@ -488,8 +491,8 @@ __global__ void __launch_bounds__(kThreads)
         acc_t gv[kStrip];
 #pragma unroll
         for (int j = 0; j < kStrip; ++j) gv[j] = ow0 + j < d.Wo ? ld.g(ch, gb + ow0 + j) : acc_t(0);
-        strip_weight_grad<KS, ST>(ld, ch, d, gv, nc * HW, d.W, index_t(1), oh * ST - d.pad,
-                                  ow0 * ST - d.pad, acc);
+        strip_weight_grad<KS, ST>(ld, ch, d, gv, d.Wo - ow0, nc * HW, d.W, index_t(1),
+                                  oh * ST - d.pad, ow0 * ST - d.pad, acc);
       } else {
         point_weight_grad<KS>(ld, ch, d, ld.g(ch, nc * HoWo + r), nc * HW, d.W, index_t(1),
                               oh * d.stride - d.pad, oq * d.stride - d.pad, ph, pw, acc);
@@ -562,8 +565,8 @@ __global__ void __launch_bounds__(kTileThreads)
 #pragma unroll
           for (int j = 0; j < kStrip; ++j)
             gv[j] = ow0 + j < d.Wo ? ld.g(ch, gb + (ow0 + j) * d.C) : acc_t(0);
-          strip_weight_grad<KS, ST>(ld, ch, d, gv, n * HWC + c, WC, d.C, oh * ST - d.pad,
-                                    ow0 * ST - d.pad, acc);
+          strip_weight_grad<KS, ST>(ld, ch, d, gv, d.Wo - ow0, n * HWC + c, WC, d.C,
+                                    oh * ST - d.pad, ow0 * ST - d.pad, acc);
         } else {
           point_weight_grad<KS>(ld, ch, d, ld.g(ch, p * d.C + c), n * HWC + c, WC, d.C,
                                 oh * d.stride - d.pad, oq * d.stride - d.pad, ph, pw, acc);
