@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "bn_train_act_dwconv2d.h"
+#include "masked_conv_common.h"
 #include "mbconv_train.h"
 #include "op_handles.h"
 
@@ -253,11 +254,22 @@ struct ChannelStats : torch::autograd::Function<ChannelStats> {
     static const auto op = handle<StatsSig>("bsnas::channel_stats");
     auto [sum, sumsq] = op.call(z);
     ctx->save_for_backward({z});
+    // An unused output's gradient stays undefined: z * 0 would be NaN where z is NaN or
+    // Inf, where the gradient of the sums that are used is finite.
+    ctx->set_materialize_grads(false);
     return {sum, sumsq};
   }
-  // grad_z = grad_sum[c] + 2 z grad_sumsq[c]: one pass over z.
+  // grad_z = grad_sum[c] + 2 z grad_sumsq[c]: one pass over z (either term alone where
+  // the other output is unused).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool has_sum = grads[0].defined(), has_sq = grads[1].defined();
+    if (!has_sum && !has_sq) return {at::Tensor()};
     const at::Tensor z = ctx->get_saved_variables()[0];
+    if (!has_sq) {
+      const at::Tensor gs = as_dtype(grads[0], z.scalar_type()).view({1, -1, 1, 1});
+      return {gs.expand(z.sizes()).contiguous(compute_format(z))};
+    }
+    if (!has_sum) return {z.mul(as_dtype(grads[1].mul(2), z.scalar_type()).view({1, -1, 1, 1}))};
     const auto [gs, gq] = stats_grad_terms(z, grads[0], grads[1]);
     return {at::addcmul(gs, z, gq)};
   }
