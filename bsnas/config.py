@@ -4,7 +4,9 @@ Unknown keys, wrong types and out-of-range values raise ValueError naming the ke
 from __future__ import annotations
 
 import copy
+import math
 import os
+import re
 from typing import Any
 
 import yaml
@@ -30,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
         "ratio": [0.75, 1.3333],  # random-resized-crop aspect ratio
         "flip": True,
         "crop_fraction": 0.875,   # eval: resize to size / crop_fraction, centre crop
-        "verify": True,           # read every image header before training
+        "verify": True,           # decode every image fully before training
         "calib_batches": 10,      # training batches for BN recalibration of a path
     },
     "train": {
@@ -50,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 20,          # steps between CSV rows
         "progress": True,         # a progress bar per epoch (tqdm, when stderr is a terminal)
         "eval_every": 1,          # epochs between evaluations of the largest path; 0 = never
+        "nonfinite": "stop",      # NaN/inf loss, gradient or BN statistic: stop | skip_step
     },
     "broaden": {
         "warmup_epochs": 10.0,    # every spring block at its largest width
@@ -92,6 +95,7 @@ CHOICES = {
     "data.loader": ("auto", "dali", "torch"),
     "train.schedule": ("cosine", "linear"),
     "train.sampling": ("uniform", "fair"),
+    "train.nonfinite": ("stop", "skip_step"),
     "shrink.score": ("accuracy", "loss"),
 }
 
@@ -129,15 +133,29 @@ class Config(dict):
                 for k, v in self.items()}
 
 
+def _finite(key: str, value):
+    """`value`, or ValueError when it is a NaN or an infinity (also spelled as a string)."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"config key '{key}' must be a finite number, got {value!r}")
+    return value
+
+
 def _check_type(key: str, default, value):
     if value is None:
         return value
     if default is None:
         want = NULLABLE.get(key)
         if want is not None and (isinstance(value, bool) or not isinstance(value, want)):
+            if isinstance(want, tuple):
+                _finite(key, value)
             kind = "a number" if isinstance(want, tuple) else f"of type {want.__name__}"
             raise ValueError(f"config key '{key}' must be {kind}, got {value!r}")
-        return value
+        return _finite(key, value) if isinstance(value, float) else value
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"config key '{key}' must be true or false, got {value!r}")
@@ -148,8 +166,9 @@ def _check_type(key: str, default, value):
             raise ValueError(f"config key '{key}' must be an integer, got {value!r}")
     elif isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _finite(key, value)
             raise ValueError(f"config key '{key}' must be a number, got {value!r}")
-        return float(value)
+        return _finite(key, float(value))
     elif isinstance(default, str):
         if not isinstance(value, str):
             raise ValueError(f"config key '{key}' must be a string, got {value!r}")
@@ -215,12 +234,47 @@ def _wrap(d: dict) -> Config:
     return Config({k: _wrap(v) if isinstance(v, dict) else v for k, v in d.items()})
 
 
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load, with YAML 1.2's floats: `1e30` and `2e6` are numbers (YAML 1.1
+    reads an exponent without a dot as a string)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml_problem(e: yaml.YAMLError) -> tuple[str, str]:
+    """(" at line L, column C" or "", the problem) of a YAML error, on one line."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    return where, " ".join(str(problem).split())
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`train.lr=0.05` -> ("train.lr", 0.05); the value is parsed as YAML."""
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like key.sub=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {text!r}: the value of '{key.strip()}' is not valid YAML: "
+                         f"{_yaml_problem(e)[1]}") from None
+    return key.strip(), value
+
+
+def _read_yaml_file(path: str):
+    """The YAML document in `path`; ValueError naming the file (and line) when it is not
+    valid YAML or not text."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=_Loader)
+    except yaml.YAMLError as e:
+        where, problem = _yaml_problem(e)
+        raise ValueError(f"config file {path!r}: YAML syntax error{where}: {problem}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -232,8 +286,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         if not os.path.isfile(path):
             raise ValueError(f"config file {path!r} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        data = _read_yaml_file(path) or {}
         _merge(cfg, data)
         space = cfg["space"]
         if isinstance(space, str) and space.endswith((".yaml", ".yml")) and not os.path.isabs(space):

@@ -18,7 +18,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -30,6 +29,7 @@ from bsnas.supernet import Supernet
 from bsnas.train import collectives
 from bsnas.train.broadening import BroadeningSchedule
 from bsnas.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from bsnas.train.nonfinite import FiniteGuard, NonFiniteError
 from bsnas.train.runtime import (append_csv_row, build_data, init_distributed, lr_lambda, param_groups,
                                  pick_device, rng_state, seed_everything, set_rng_state)
 
@@ -58,6 +58,7 @@ class Trainer:
         self.supernet = Supernet(self.space).to(self.device)
         if cfg.train.channels_last:
             self.supernet.to(memory_format=torch.channels_last)
+        self.guard = FiniteGuard(self.supernet)  # after every .to(): it holds the buffers
         self.enabled = EnabledSpace(self.space)
         self.sampler = PathSampler(self.enabled, cfg.seed)
         self.broadening = BroadeningSchedule(self.enabled, cfg.broaden.warmup_epochs,
@@ -81,6 +82,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
+        self._epoch_sums = self._new_epoch_sums()
         self._stages = self.broadening.stages(0.0)
         self.out_dir = cfg.out_dir
         if self.dist.main:
@@ -98,11 +100,21 @@ class Trainer:
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
             stages=list(self._stages), history=self.history, rng=rng_state(),
-            extra_state=self.extra_state, config=self.cfg.to_dict())
+            extra_state=self.extra_state, config=self.cfg.to_dict(),
+            epoch_sums=dict(self._epoch_sums))
+
+    @staticmethod
+    def _new_epoch_sums() -> dict:
+        """Running sums of the current epoch (checkpointed: a resumed epoch's mean
+        training loss covers the whole epoch)."""
+        return {"loss": 0.0, "steps": 0, "skipped": 0}
 
     def save(self) -> str | None:
         if not self.dist.main:
             return None
+        bad = self.guard.check_state()
+        if bad is not None:  # a checkpoint never holds NaN/inf
+            raise NonFiniteError(f"not writing the checkpoint of step {self.step}: non-finite {bad}")
         path = save_checkpoint(self.state(), self.out_dir, self.step,
                                self.cfg.train.keep_checkpoints)
         log.info("checkpoint %s (epoch %d, step %d)", path, self.epoch, self.step)
@@ -124,6 +136,7 @@ class Trainer:
         self._stages = tuple(ckpt["stages"])
         self.history = ckpt["history"]
         self.extra_state = ckpt.get("extra_state", {})
+        self._epoch_sums = dict(ckpt.get("epoch_sums") or self._new_epoch_sums())
         set_rng_state(ckpt["rng"])
         log.info("resumed from %s at epoch %d, batch %d (step %d)", path, self.epoch,
                  self.batch_in_epoch, self.step)
@@ -186,6 +199,8 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch_float: float) -> dict:
         self._broaden(epoch_float)
         paths = self._paths(epoch_float)
+        if self.cfg.train.nonfinite == "skip_step":
+            self.guard.snapshot()  # the BN statistics a skipped step puts back
         self.supernet.train()
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.train.channels_last:
@@ -202,11 +217,34 @@ class Trainer:
             loss_sum += loss.item()
             correct += (logits.argmax(1) == y).sum().item()
         self._sync_gradients()
-        self.optimizer.step()
+        bad = self._check_finite(loss_sum)
+        if bad is None:
+            self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         return {"loss": loss_sum / len(paths), "top1": correct / (len(paths) * y.numel()),
-                "path": paths[-1]}
+                "path": paths[-1], "skipped": bad}
+
+    def _check_finite(self, loss: float) -> str | None:
+        """None when this step's loss, gradients and BN statistics are all finite (one
+        fused check). Otherwise, by `train.nonfinite`: raise NonFiniteError naming the
+        step and the first bad tensor (stop), or put the BN statistics back, drop the
+        gradients and return that name (skip_step: the caller skips the update)."""
+        # Under torchrun every rank decides alike: the loss, the gradients and the step's BN
+        # statistics were averaged over the ranks before, so a NaN on one is on all.
+        bad = self.guard.check(loss)
+        if bad is None:
+            return None
+        step = self.step + 1
+        if self.cfg.train.nonfinite == "stop":
+            raise NonFiniteError(
+                f"non-finite {bad} at step {step} (epoch {self.epoch + 1}, batch "
+                f"{self.batch_in_epoch + 1}): stopped before the update, no checkpoint holds it "
+                f"(train.nonfinite=skip_step skips such steps)")
+        self.guard.restore()
+        self.optimizer.zero_grad(set_to_none=True)
+        log.warning("step %d: update skipped: non-finite %s", step, bad)
+        return bad
 
     def fit(self) -> dict:
         """Train until `train.epochs`; returns the last epoch's summary."""
@@ -231,14 +269,18 @@ class Trainer:
     def _run_epoch(self) -> None:
         t, loader = self.cfg.train, self.data.train
         loader.set_epoch(self.epoch)
-        losses, tic, seen = [], time.perf_counter(), 0
+        sums, tic, seen = self._epoch_sums, time.perf_counter(), 0
         with self._progress_bar() as bar:
             for x, y in loader.iterate(self.batch_in_epoch):
                 epoch_float = self.epoch + self.batch_in_epoch / self.steps_per_epoch
                 out = self.train_step(x, y, epoch_float)
                 self.batch_in_epoch += 1
                 seen += y.numel() * self.dist.world_size
-                losses.append(out["loss"])
+                if out["skipped"]:
+                    sums["skipped"] += 1
+                else:
+                    sums["loss"] += out["loss"]
+                    sums["steps"] += 1
                 rate = seen / max(1e-9, time.perf_counter() - tic)
                 lr = self.scheduler.get_last_lr()[0]
                 bar.set_postfix_str(f"loss {out['loss']:.3f} lr {lr:.4f} {rate:.0f} img/s "
@@ -256,8 +298,9 @@ class Trainer:
                         and self.batch_in_epoch < self.steps_per_epoch:
                     self.save()
         row = {"epoch": self.epoch + 1, "step": self.step,
-               "train_loss": float(np.mean(losses)) if losses else float("nan"),
-               "enabled_size": self.enabled.size()}
+               "train_loss": sums["loss"] / sums["steps"] if sums["steps"] else float("nan"),
+               "skipped_steps": sums["skipped"], "enabled_size": self.enabled.size()}
+        self._epoch_sums = self._new_epoch_sums()
         every = t.eval_every
         if every and ((self.epoch + 1) % every == 0 or self.epoch + 1 == t.epochs):
             row.update(self._evaluate_largest())
