@@ -19,11 +19,13 @@ DEFAULTS: dict[str, Any] = {
     "keep_freed_memory": True,    # CPU, glibc: reuse freed memory (bsnas.train.host_memory)
     "out_dir": "runs/default",
     "data": {
-        "dataset": "digits",      # digits (built in) | folder (an ImageNet-layout tree)
-        "root": None,             # folder with train/ and val/ (dataset: folder)
+        "dataset": "digits",      # digits (built in) | folder (an ImageNet-layout tree) | fashion_mnist
+        "root": None,             # folder with train/ and val/ (folder); the four idx files
+                                  # (fashion_mnist, default /usr/share/datasets/fashion-mnist)
         "cache_dir": None,        # where the digits tree is written (default ~/.cache/bsnas)
         "loader": "auto",         # auto (DALI when importable) | dali | torch
         "holdout": 300,           # training images held out for shrinking and search
+        "train_limit": None,      # use only this many training images (a seeded subset); None = all
         "batch_size": 64,         # per process
         "eval_batch_size": 256,
         "workers": 2,
@@ -32,8 +34,10 @@ DEFAULTS: dict[str, Any] = {
         "ratio": [0.75, 1.3333],  # random-resized-crop aspect ratio
         "flip": True,
         "crop_fraction": 0.875,   # eval: resize to size / crop_fraction, centre crop
+        "padding": 2,             # in-memory images (fashion_mnist): pad-and-crop shift, pixels
         "verify": True,           # decode every image fully before training
-        "calib_batches": 10,      # training batches for BN recalibration of a path
+        "calib_images": 2000,     # training images for BN recalibration of a path (at most all)
+        "calib_batches": None,    # if set: calib_batches x batch_size images instead
     },
     "train": {
         "epochs": 120,
@@ -91,7 +95,7 @@ DEFAULTS: dict[str, Any] = {
 
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
-    "data.dataset": ("digits", "folder"),
+    "data.dataset": ("digits", "folder", "fashion_mnist"),
     "data.loader": ("auto", "dali", "torch"),
     "train.schedule": ("cosine", "linear"),
     "train.sampling": ("uniform", "fair"),
@@ -103,12 +107,12 @@ POSITIVE = {"data.batch_size", "data.eval_batch_size", "train.epochs", "train.lr
             "train.keep_checkpoints", "train.log_every", "search.population",
             "search.generations", "search.top_k", "shrink.interval", "shrink.samples",
             "data.calib_batches", "search.max_tries", "retrain.lr",
-            "shrink.min_ops", "shrink.min_widths"}
+            "shrink.min_ops", "shrink.min_widths", "data.calib_images", "data.train_limit"}
 NON_NEGATIVE = {"data.holdout", "data.workers", "train.weight_decay", "train.momentum",
                 "train.label_smoothing", "train.warmup_epochs", "train.checkpoint_every",
                 "train.eval_every",
                 "broaden.warmup_epochs", "broaden.broaden_epochs", "shrink.start",
-                "shrink.drop_fraction", "search.mutants",
+                "shrink.drop_fraction", "data.padding", "search.mutants",
                 "search.crossovers", "search.mutation_prob",
                 "retrain.epochs"}
 
@@ -116,7 +120,8 @@ NON_NEGATIVE = {"data.holdout", "data.workers", "train.weight_decay", "train.mom
 # Keys whose default is None (= unset), with the type a set value must have.
 NULLABLE = {"data.root": str, "data.cache_dir": str, "data.size": int,
             "search.max_macs": (int, float), "search.max_params": (int, float),
-            "search.max_latency_ms": (int, float), "search.latency_table": str}
+            "search.max_latency_ms": (int, float), "search.latency_table": str,
+            "data.train_limit": int, "data.calib_batches": int}
 
 
 class Config(dict):

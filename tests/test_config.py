@@ -47,3 +47,19 @@ def test_shipped_configs_load():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_data_keys_of_in_memory_datasets():
+    cfg = load_config(None, ["data.dataset=fashion_mnist"])
+    assert cfg.data.root is None  # build_data reads /usr/share/datasets/fashion-mnist then
+    assert cfg.data.calib_images == 2000 and cfg.data.calib_batches is None
+    assert cfg.data.train_limit is None and cfg.data.padding == 2
+    assert load_config(None, ["data.calib_batches=3", "data.train_limit=500"]).data.calib_batches == 3
+    for override, message in (("data.calib_images=0", "'data.calib_images' must be > 0"),
+                              ("data.train_limit=0", "'data.train_limit' must be > 0"),
+                              ("data.train_limit=1.5", "'data.train_limit' must be of type int"),
+                              ("data.calib_batches=0", "'data.calib_batches' must be > 0"),
+                              ("data.padding=-1", "'data.padding' must be >= 0"),
+                              ("data.dataset=mnist", "'data.dataset' must be one of")):
+        with pytest.raises(ValueError, match=message):
+            load_config(None, [override])

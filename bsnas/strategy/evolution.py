@@ -488,7 +488,7 @@ def search_supernet(cfg, supernet, enabled: EnabledSpace, data, out_dir: str, re
 
 #: Config keys that decide which training images are held out: a search must use the
 #: training run's values, or its fitness would be measured on images it trained on.
-SPLIT_KEYS = ("seed", "data.dataset", "data.holdout")
+SPLIT_KEYS = ("seed", "data.dataset", "data.holdout", "data.train_limit")
 
 
 def check_same_split(cfg, trained: dict | None) -> None:

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from bsnas.config import Config
-from bsnas.data import Augment, make_loader, prepare_digits, scan_image_folder, split_holdout
+from bsnas.data import (Augment, TensorAugment, load_fashion_mnist, make_loader, prepare_digits,
+                        scan_image_folder, split_holdout)
 from bsnas.train import host_memory
 
 __all__ = ["DataSplits", "Dist", "append_csv_row", "build_data", "init_distributed", "lr_lambda",
@@ -109,22 +110,52 @@ class DataSplits:
 
 
 def build_data(cfg: Config, space, device, d: Dist) -> DataSplits:
+    """The loaders of a run (`DataSplits`) for `cfg.data` and `space`.
+
+    Datasets: `digits` (built in, written once as an image tree), `folder` (an image tree
+    at `data.root` with train/ and val/), `fashion_mnist` (the four idx files at
+    `data.root`, default /usr/share/datasets/fashion-mnist, held in memory; its t10k
+    set is the validation set). `data.train_limit` images of the training set (a
+    seeded subset) are used when set; `data.holdout` of them are held out (seeded by
+    `seed`) for shrinking and search. BN recalibration uses a fixed seeded subset of
+    the rest: `data.calib_images` images, or `calib_batches x batch_size` when
+    `data.calib_batches` is set, at most all of them. ValueError when the data does
+    not fit the space (classes, channels, resolution) or a split is too large."""
     c = cfg.data
-    root = prepare_digits(c.cache_dir) if c.dataset == "digits" else c.root
-    train = scan_image_folder(os.path.join(root, "train"), verify=c.verify)
-    val = scan_image_folder(os.path.join(root, "val"), classes=train.classes, verify=c.verify)
+    if c.dataset == "fashion_mnist":
+        train = load_fashion_mnist(c.root, "train")
+        val = load_fashion_mnist(c.root, "test")
+        if space.resolution != train.size[0] or (c.size is not None and c.size != train.size[0]):
+            raise ValueError(f"Fashion-MNIST images are {train.size[0]}x{train.size[1]}, but space "
+                             f"{space.name!r} has resolution {space.resolution} (data.size: {c.size}); "
+                             f"in-memory images are not resized")
+        aug = TensorAugment(c.padding, c.flip)
+        channels = train.channels
+    else:
+        root = prepare_digits(c.cache_dir) if c.dataset == "digits" else c.root
+        train = scan_image_folder(os.path.join(root, "train"), verify=c.verify)
+        val = scan_image_folder(os.path.join(root, "val"), classes=train.classes, verify=c.verify)
+        aug = Augment(c.size or space.resolution, tuple(c.scale), tuple(c.ratio), c.flip,
+                      c.crop_fraction)
+        channels = 3  # image files are decoded as RGB
     if len(train.classes) != space.classes:
         raise ValueError(f"the data has {len(train.classes)} classes but space "
                          f"{space.name!r} has {space.classes}")
+    if channels != space.in_channels:
+        raise ValueError(f"the data has {channels} channel(s) per image but space "
+                         f"{space.name!r} has in_channels {space.in_channels}")
+    if c.train_limit is not None and c.train_limit < len(train):
+        train = split_holdout(train, c.train_limit, cfg.seed + 2)[1]
     train, holdout = split_holdout(train, c.holdout, cfg.seed)
-    size = c.size or space.resolution
-    aug = Augment(size, tuple(c.scale), tuple(c.ratio), c.flip, c.crop_fraction)
     common = dict(backend=c.loader, seed=cfg.seed, workers=c.workers, device=device)
     shard = dict(rank=d.rank, world_size=d.world_size)
     # BN recalibration always uses the same training images (a seeded subset), so a
     # path's fitness is a deterministic function of the weights.
-    calib = split_holdout(train, min(len(train) - 1, c.calib_batches * c.batch_size),
-                          cfg.seed + 1)[1]
+    n_calib = c.calib_images if c.calib_batches is None else c.calib_batches * c.batch_size
+    calib = train if n_calib >= len(train) else split_holdout(train, n_calib, cfg.seed + 1)[1]
+    if d.main:
+        log.info("data %s: %d training images, %d held out, %d for BN recalibration, %d validation",
+                 c.dataset, len(train), len(holdout), len(calib), len(val))
     return DataSplits(
         train=make_loader(train, c.batch_size, aug, True, **common, **shard),
         calib=make_loader(calib, c.batch_size, aug, True, shuffle=False, drop_last=False,
