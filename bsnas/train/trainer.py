@@ -30,6 +30,7 @@ from bsnas.train import collectives
 from bsnas.train.broadening import BroadeningSchedule
 from bsnas.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from bsnas.train.nonfinite import FiniteGuard, NonFiniteError
+from bsnas.train.rank_sync import step_bn_stats
 from bsnas.train.runtime import (append_csv_row, build_data, init_distributed, lr_lambda, param_groups,
                                  pick_device, rng_state, seed_everything, set_rng_state)
 
@@ -183,18 +184,23 @@ class Trainer:
             return self.sampler.fair(self.step, allowed)
         return [self.sampler.uniform(self.step, allowed)]
 
-    def _sync_gradients(self) -> None:
-        # Every rank trained the same path, so the same parameters hold gradients.
+    def _sync_step(self, paths, loss_sum: float, correct: float) -> tuple[float, float]:
+        """Average over the ranks, in one all-reduce, what this step left different on
+        each: the gradients, the BN running statistics the step updated
+        (`step_bn_stats`) and the step's loss sum and correct count, which are returned
+        (the logged loss and top-1 are then the means over all ranks' images)."""
         if self.dist.world_size <= 1:
-            return
+            return loss_sum, correct
+        # Every rank trained the same paths (the sampler is seeded by the step), so the
+        # same parameters hold gradients and the same BN entries were updated.
+        # BN statistics are averaged rather than broadcast from rank 0 (DDP's
+        # broadcast_buffers): every rank's images then count, as in the gradient, and
+        # they ride in the gradients' all-reduce, where a broadcast is one more collective.
         grads = [p.grad for p in self.supernet.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        collectives.all_reduce(flat)
-        flat /= self.dist.world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        metrics = torch.tensor([loss_sum, correct], dtype=grads[0].dtype, device=grads[0].device)
+        collectives.all_reduce_mean_(grads + step_bn_stats(self.supernet, paths) + [metrics])
+        loss_sum, correct = metrics.tolist()
+        return loss_sum, correct
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch_float: float) -> dict:
         self._broaden(epoch_float)
@@ -216,7 +222,7 @@ class Trainer:
             loss.backward()
             loss_sum += loss.item()
             correct += (logits.argmax(1) == y).sum().item()
-        self._sync_gradients()
+        loss_sum, correct = self._sync_step(paths, loss_sum, correct)
         bad = self._check_finite(loss_sum)
         if bad is None:
             self.optimizer.step()
