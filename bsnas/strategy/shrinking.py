@@ -16,8 +16,9 @@ From epoch `start` on, every `interval` epochs, `Shrinker`:
    ops and `min_widths` widths per layer (`choose_drops`); a candidate without a score,
    or tied with its layer's best, is never dropped.
 
-Steps 3 and 4 are pure functions of the gathered results, hence identical on every
-rank; a hash of the enabled space is compared across ranks after every decision.
+Steps 3 and 4 run on rank 0 only, which broadcasts the decision record; the other ranks
+load its enabled space, so no rank relies on computing the same decision itself. A hash
+of the enabled space is then compared across ranks.
 
 Every decision, with all scores and path results, is kept in the trainer's
 checkpointed `extra_state["shrink"]` and written to `<out_dir>/shrink_log.json`
@@ -265,9 +266,16 @@ class Shrinker:
         with torch.random.fork_rng(devices=devices):
             evaluator = PathEvaluator(trainer.supernet, trainer.data.calib, trainer.data.holdout)
             results = self.measure(paths, evaluator, d.rank, d.world_size, device)
-        record = self.decide(trainer.enabled, results, epoch)
-        record["seconds"] = round(time.perf_counter() - tic, 3)
+        # Decided once, on rank 0, and broadcast: every rank keeps rank 0's record and
+        # enabled space even if its own scores differed in the last bit.
+        record = None
+        if d.rank == 0:
+            record = self.decide(trainer.enabled, results, epoch)
+            record["seconds"] = round(time.perf_counter() - tic, 3)
         if d.world_size > 1:
+            record = collectives.broadcast_object(record, 0, device)
+            if d.rank != 0:
+                trainer.enabled.load_state_dict(record["enabled"])
             _check_ranks_agree(trainer.enabled, device)
         state["decisions"].append(record)
         if d.rank == 0:
