@@ -68,10 +68,17 @@ DEFAULTS: dict[str, Any] = {
         "start": 60,              # epoch of the first decision
         "interval": 10,           # epochs between decisions
         "samples": 100,           # paths evaluated per decision
-        "drop_fraction": 0.2,     # of the enabled candidates, per decision
+        "mode": "evidence",       # evidence (z-test against the layer's best) | random (control)
+        "threshold": 2.0,         # turn off only candidates with z = gap / SE(gap) above this
+        "max_op_drops": 2,        # per decision, whole space, most evident first
+        "max_width_drops": 2,
+        "random_drops": None,     # random mode: [[n_ops, n_widths], ...] per decision
+                                  # (None: max_op_drops, max_width_drops)
         "min_ops": 1,
         "min_widths": 2,
         "score": "accuracy",      # accuracy | loss
+        "cost_aware": "none",     # none | per_macs (accuracy per MMAC) | protect_cheapest
+        "macs_cap": None,         # protect_cheapest's cap; None = search.max_macs
     },
     "search": {
         "population": 50,
@@ -101,18 +108,26 @@ CHOICES = {
     "train.sampling": ("uniform", "fair"),
     "train.nonfinite": ("stop", "skip_step"),
     "shrink.score": ("accuracy", "loss"),
+    "shrink.mode": ("evidence", "random"),
+    "shrink.cost_aware": ("none", "per_macs", "protect_cheapest"),
 }
+
+# Keys that no longer exist, with what replaced them (named in the error).
+REMOVED = {"shrink.drop_fraction": "shrink.threshold, shrink.max_op_drops and shrink.max_width_drops "
+                                   "(shrinking turns off candidates on evidence, not by a fraction)"}
 
 POSITIVE = {"data.batch_size", "data.eval_batch_size", "train.epochs", "train.lr",
             "train.keep_checkpoints", "train.log_every", "search.population",
             "search.generations", "search.top_k", "shrink.interval", "shrink.samples",
             "data.calib_batches", "search.max_tries", "retrain.lr",
-            "shrink.min_ops", "shrink.min_widths", "data.calib_images", "data.train_limit"}
+            "shrink.min_ops", "shrink.min_widths", "data.calib_images", "data.train_limit",
+            "shrink.macs_cap"}
 NON_NEGATIVE = {"data.holdout", "data.workers", "train.weight_decay", "train.momentum",
                 "train.label_smoothing", "train.warmup_epochs", "train.checkpoint_every",
                 "train.eval_every",
                 "broaden.warmup_epochs", "broaden.broaden_epochs", "shrink.start",
-                "shrink.drop_fraction", "data.padding", "search.mutants",
+                "shrink.threshold", "shrink.max_op_drops", "shrink.max_width_drops",
+                "data.padding", "search.mutants",
                 "search.crossovers", "search.mutation_prob",
                 "retrain.epochs"}
 
@@ -121,7 +136,8 @@ NON_NEGATIVE = {"data.holdout", "data.workers", "train.weight_decay", "train.mom
 NULLABLE = {"data.root": str, "data.cache_dir": str, "data.size": int,
             "search.max_macs": (int, float), "search.max_params": (int, float),
             "search.max_latency_ms": (int, float), "search.latency_table": str,
-            "data.train_limit": int, "data.calib_batches": int}
+            "data.train_limit": int, "data.calib_batches": int,
+            "shrink.macs_cap": (int, float), "shrink.random_drops": list}
 
 
 class Config(dict):
@@ -191,6 +207,8 @@ def _merge(base: dict, update: dict, prefix: str = "") -> None:
     for key, value in update.items():
         full = f"{prefix}{key}"
         if key not in base:
+            if full in REMOVED:
+                raise ValueError(f"config key '{full}' was removed; use {REMOVED[full]}")
             raise ValueError(f"unknown config key '{full}'")
         if isinstance(base[key], dict):
             _merge(base[key], value, full + ".")
@@ -222,8 +240,18 @@ def _validate(cfg: dict) -> None:
     for key in NON_NEGATIVE:
         if flat[key] is not None and flat[key] < 0:
             raise ValueError(f"config key '{key}' must be >= 0, got {flat[key]!r}")
-    if not 0 <= flat["shrink.drop_fraction"] < 1:
-        raise ValueError("config key 'shrink.drop_fraction' must be in [0, 1)")
+    drops = flat["shrink.random_drops"]
+    if drops is not None and not all(
+            isinstance(d, (list, tuple)) and len(d) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in d)
+            for d in drops):
+        raise ValueError(f"config key 'shrink.random_drops' must be a list of [n_ops, n_widths] "
+                         f"pairs of integers >= 0 (one per decision), got {drops!r}")
+    if drops is not None and flat["shrink.mode"] != "random":
+        raise ValueError("config key 'shrink.random_drops' is only used with shrink.mode: random")
+    if flat["shrink.cost_aware"] == "per_macs" and flat["shrink.score"] != "accuracy":
+        raise ValueError("config key 'shrink.cost_aware' per_macs needs shrink.score: accuracy "
+                         "(it scores paths by accuracy per MMAC)")
     if not 0 <= flat["search.mutation_prob"] <= 1:
         raise ValueError("config key 'search.mutation_prob' must be in [0, 1]")
     if flat["search.top_k"] > flat["search.population"]:

@@ -63,3 +63,26 @@ def test_data_keys_of_in_memory_datasets():
                               ("data.dataset=mnist", "'data.dataset' must be one of")):
         with pytest.raises(ValueError, match=message):
             load_config(None, [override])
+
+
+def test_shrink_keys():
+    cfg = load_config(None, [])
+    s = cfg.shrink
+    assert (s.mode, s.threshold, s.max_op_drops, s.max_width_drops) == ("evidence", 2.0, 2, 2)
+    assert s.random_drops is None and s.cost_aware == "none" and s.macs_cap is None
+    cfg = load_config(None, ["shrink.mode=random", "shrink.random_drops=[[1, 2], [0, 3]]"])
+    assert cfg.shrink.random_drops == [[1, 2], [0, 3]]
+    for override, message in (
+            ("shrink.drop_fraction=0.2", "'shrink.drop_fraction' was removed; use shrink.threshold"),
+            ("shrink.threshold=-1", "'shrink.threshold' must be >= 0"),
+            ("shrink.max_width_drops=-1", "'shrink.max_width_drops' must be >= 0"),
+            ("shrink.mode=greedy", "'shrink.mode' must be one of"),
+            ("shrink.cost_aware=cheap", "'shrink.cost_aware' must be one of"),
+            ("shrink.macs_cap=0", "'shrink.macs_cap' must be > 0"),
+            ("shrink.random_drops=[[1, 2]]", "only used with shrink.mode: random")):
+        with pytest.raises(ValueError, match=message):
+            load_config(None, [override])
+    with pytest.raises(ValueError, match="pairs of integers >= 0"):
+        load_config(None, ["shrink.mode=random", "shrink.random_drops=[[1, -2]]"])
+    with pytest.raises(ValueError, match="per_macs needs shrink.score: accuracy"):
+        load_config(None, ["shrink.cost_aware=per_macs", "shrink.score=loss"])

@@ -21,8 +21,8 @@ QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")
 def _reduced(out, cache):
     return [f"out_dir={out}", f"data.cache_dir={cache}", "data.verify=false", "data.holdout=600",
             "data.batch_size=64", "data.eval_batch_size=600", "data.calib_batches=1",
-            "train.epochs=1", "train.progress=false", "broaden.warmup_epochs=0.25",
-            "broaden.broaden_epochs=0.5", "shrink.start=1", "shrink.samples=4",
+            "train.epochs=2", "train.progress=false", "broaden.warmup_epochs=0.25",
+            "broaden.broaden_epochs=0.5", "shrink.start=1", "shrink.samples=10", "shrink.threshold=0",
             "search.population=3", "search.generations=2", "search.top_k=2", "search.mutants=1",
             "search.crossovers=1", "retrain.epochs=1"]
 
@@ -100,5 +100,5 @@ def test_search_retrain_and_train_commands_on_the_checkpoint(run, tmp_path, caps
 
     # the training run is complete: resuming it trains nothing and keeps the shrunk space
     assert main(["train", "--config", QUICKSTART, "--resume", *overrides]) == 0
-    assert "trained 1 epoch (" in capsys.readouterr().out
+    assert "trained 2 epochs (" in capsys.readouterr().out
     assert latest_checkpoint(out) == ckpt

@@ -121,18 +121,40 @@ def write_report(run_dir: str, out_dir: str | None = None) -> str:
     md += ["## Shrinking", ""]
     decisions = (shrink_log or {}).get("decisions", [])
     if not decisions:
-        md += ["No shrinking decisions were made (shrinking disabled, or the run ended before "
-               "`shrink.start`).", ""]
+        md += ["No shrinking decisions were made (shrinking disabled, or no decision was due before "
+               "the last epoch: none follows it).", ""]
     else:
         st = shrink_log["settings"]
-        md += [f"Every {st['interval']} epochs from epoch {st['start']}: {st['samples']} sampled paths, "
-               f"scored by {st['score']}; up to {100 * st['drop_fraction']:.0f}% of the enabled candidates "
-               f"turned off per decision (at least {st['min_ops']} ops and {st['min_widths']} widths kept per "
-               f"layer). Gap = how far a candidate's mean score is below its layer's best.", "",
-               "| after epoch | paths (distinct) | turned off (layer: candidate, gap) | space size |",
+        floors = f"at least {st['min_ops']} ops and {st['min_widths']} widths kept per layer"
+        if st.get("mode") == "random":
+            rule = (f"Every {st['interval']} epochs from epoch {st['start']}: the random control, "
+                    f"candidates turned off uniformly at random ({floors}).")
+        elif "threshold" in st:
+            per = " per MMAC" if st.get("cost_aware") == "per_macs" else ""
+            rule = (f"Every {st['interval']} epochs from epoch {st['start']}: {st['samples']} sampled paths, "
+                    f"scored by {st['score']}{per}; a candidate is turned off when its gap to its layer's "
+                    f"best is more than {st['threshold']:g} standard errors (z), at most "
+                    f"{st['max_op_drops']} ops and {st['max_width_drops']} widths per decision, most "
+                    f"evident first ({floors}"
+                    + ("; the cheapest architecture's candidates protected" if
+                       st.get("cost_aware") == "protect_cheapest" else "") + ").")
+        else:  # logs of the older fraction rule
+            rule = (f"Every {st['interval']} epochs from epoch {st['start']}: {st['samples']} sampled paths, "
+                    f"scored by {st['score']}; up to {100 * st['drop_fraction']:.0f}% of the enabled "
+                    f"candidates turned off per decision ({floors}).")
+        md += [rule + " Gap = how far a candidate's mean score is below its layer's best; z = gap / its "
+               "standard error.", "",
+               "| after epoch | paths (distinct) | turned off (layer: candidate, gap, z) | space size |",
                "|---|---|---|---|"]
+
+        def _one(s):
+            if s.get("gap") is None:
+                return f"L{s['layer']}: {s['name']}"
+            z = f", z {s['z']:.1f}" if s.get("z") is not None else ""
+            return f"L{s['layer']}: {s['name']} ({s['gap']:.3f}{z})"
+
         for d in decisions:
-            dropped = ", ".join(f"L{s['layer']}: {s['name']} ({s['gap']:.3f})" for s in d["dropped"]) or "none"
+            dropped = ", ".join(_one(s) for s in d["dropped"]) or "none"
             md.append(f"| {d['epoch']} | {d['samples']} ({d['distinct_paths']}) | {dropped} | "
                       f"{d['size_before']:.3e} -> {d['size_after']:.3e} |")
         md.append("")
