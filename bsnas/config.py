@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
         "crop_fraction": 0.875,   # eval: resize to size / crop_fraction, centre crop
         "padding": 2,             # in-memory images (fashion_mnist): pad-and-crop shift, pixels
         "verify": True,           # decode every image fully before training
+        "skip_unreadable": False, # leave out images that cannot be decoded (logged count)
         "calib_images": 2000,     # training images for BN recalibration of a path (at most all)
         "calib_batches": None,    # if set: calib_batches x batch_size images instead
     },

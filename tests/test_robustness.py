@@ -50,15 +50,16 @@ def _all_finite(ckpt) -> bool:
 
 
 def _inject_at(trainer, step, what):
-    """Make `what(trainer)` run after the backward pass of step `step` (1-based)."""
-    sync = trainer._sync_gradients
+    """Make `what(trainer)` run after the backward pass of step `step` (1-based), just
+    before the trainer checks the step's values."""
+    check = trainer.guard.check
 
-    def patched():
-        sync()
+    def patched(loss=None):
         if trainer.step + 1 == step:
             with torch.no_grad():
                 what(trainer)
-    trainer._sync_gradients = patched
+        return check(loss)
+    trainer.guard.check = patched
 
 
 def _first_grad(trainer):
@@ -236,3 +237,81 @@ def test_bad_config_file_is_one_line_naming_file_and_line(tmp_path, capsys, text
     assert "\n" not in err and message in err, err
     if "syntax" in message:
         assert repr(str(path)) in err
+
+
+# --------------------------------------------------------------------------- unreadable images
+
+
+def _image_tree(root, classes=10, per_class=4, size=40):
+    """`root/{train,val}/<c>/<i>.jpg`; returns the path of a training image cut short
+    after its (valid) header."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = os.path.join(root, split, f"c{c}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+    bad = os.path.join(root, "train", "c3", "1.jpg")
+    data = open(bad, "rb").read()
+    open(bad, "wb").write(data[: len(data) * 2 // 3])
+    with Image.open(bad) as im:  # the header still reads
+        assert im.size == (size, size)
+    return bad
+
+
+def test_verify_decodes_every_image(tmp_path):
+    from bsnas.data import scan_image_folder
+    bad = _image_tree(str(tmp_path))
+    with pytest.raises(ValueError) as e:
+        scan_image_folder(str(tmp_path / "train"))
+    assert f"1 unreadable image(s) under {str(tmp_path / 'train')!r}: {bad} (" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_skip_unreadable_at_the_scan_leaves_them_out_with_a_count(tmp_path, caplog):
+    from bsnas.data import scan_image_folder
+    bad = _image_tree(str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        images = scan_image_folder(str(tmp_path / "train"), skip_unreadable=True)
+    assert len(images) == 39 and bad not in images.files and images.skip_unreadable
+    assert any("left out 1 unreadable image(s) of 40" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_names_an_unreadable_image_without_verify(tmp_path, workers):
+    from bsnas.data import Augment, TorchLoader, scan_image_folder
+    bad = _image_tree(str(tmp_path))
+    images = scan_image_folder(str(tmp_path / "train"), verify=False)
+    loader = TorchLoader(images, 8, Augment(32), False, workers=workers)
+    with pytest.raises(ValueError) as e:
+        for _ in loader:
+            pass
+    assert str(e.value).startswith(f"image {bad} cannot be decoded (") and "\n" not in str(e.value)
+
+
+def test_loader_skips_unreadable_images_when_asked(tmp_path, caplog):
+    from bsnas.data import Augment, TorchLoader, scan_image_folder
+    bad = _image_tree(str(tmp_path))
+    images = scan_image_folder(str(tmp_path / "train"), verify=False, skip_unreadable=True)
+    loader = TorchLoader(images, 8, Augment(32), False, workers=0)
+    with caplog.at_level(logging.WARNING):
+        sizes = [len(y) for _, y in loader]
+    assert sum(sizes) == 39 and loader.skipped == 1
+    assert any("left 1 unreadable image(s) out of a batch" in r.getMessage() and bad in r.getMessage()
+               for r in caplog.records)
+
+
+def test_build_data_passes_skip_unreadable(tmp_path):
+    from bsnas.space import load_space
+    from bsnas.train.runtime import Dist, build_data
+    bad = _image_tree(str(tmp_path))
+    base = [f"data.root={tmp_path}", "data.dataset=folder", "data.holdout=5", "data.batch_size=8",
+            "data.workers=0", "data.loader=torch", "data.calib_batches=1"]
+    with pytest.raises(ValueError, match=f"unreadable image.*{bad}"):
+        build_data(load_config(None, base), load_space("tiny"), "cpu", Dist())
+    data = build_data(load_config(None, base + ["data.skip_unreadable=true"]), load_space("tiny"),
+                      "cpu", Dist())
+    assert len(data.train.dataset) + len(data.holdout.dataset) == 39

@@ -1,49 +1,62 @@
 """Image folders in the ImageNet layout (`<root>/<class>/<image>`): scanning, checks
-that fail before training starts, and the fixed held-out split of the training set."""
+that fail before training starts (every image decoded), and the fixed held-out split of
+the training set."""
 from __future__ import annotations
 
+import logging
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclass(frozen=True)
 class ImageList:
-    """Files with integer labels; `classes[label]` is the class folder name."""
+    """Files with integer labels; `classes[label]` is the class folder name.
+    `skip_unreadable`: loaders leave out (and log) an image that cannot be decoded
+    instead of stopping with an error naming it."""
     files: tuple[str, ...]
     labels: tuple[int, ...]
     classes: tuple[str, ...]
+    skip_unreadable: bool = False
 
     def __len__(self) -> int:
         return len(self.files)
 
     def subset(self, indices) -> "ImageList":
         return ImageList(tuple(self.files[i] for i in indices),
-                         tuple(self.labels[i] for i in indices), self.classes)
+                         tuple(self.labels[i] for i in indices), self.classes, self.skip_unreadable)
 
 
-def _unreadable(path: str) -> str | None:
+def unreadable(path: str) -> str | None:
+    """Why the image file at `path` cannot be used (one line), or None: it is decoded
+    fully, so a file cut short after a valid header is found too."""
     from PIL import Image
     try:
-        with Image.open(path) as im:  # parses the header only
+        with Image.open(path) as im:
             w, h = im.size
             if w < 1 or h < 1:
                 return "empty image"
+            im.load()  # the whole image, not only the header
     except Exception as e:  # noqa: BLE001  (any decoder error means unreadable)
-        return f"{type(e).__name__}: {e}"
+        return " ".join(f"{type(e).__name__}: {e}".split())
     return None
 
 
 def scan_image_folder(root: str, classes: tuple[str, ...] | None = None,
-                      verify: bool = True) -> ImageList:
+                      verify: bool = True, skip_unreadable: bool = False) -> ImageList:
     """List the images under `root/<class>/`, labelled by the sorted class names (or by
     the given `classes`, e.g. the training set's, for a validation folder).
 
-    Raises ValueError when the folder is missing, holds no class folders, a class
-    folder holds no images, a class is not among `classes`, or (with `verify`) an image
-    header cannot be read.
+    With `verify`, every image is decoded (in threads) before training starts.
+    Unreadable images raise ValueError naming them, or with `skip_unreadable` are left
+    out with a logged count (the loaders then also skip, rather than stop on, an image
+    that fails later). Raises ValueError when the folder is missing, holds no class
+    folders, a class folder holds no images, or a class is not among `classes`.
     """
     if not os.path.isdir(root):
         raise ValueError(f"data folder {root!r} does not exist")
@@ -66,11 +79,21 @@ def scan_image_folder(root: str, classes: tuple[str, ...] | None = None,
         files += [os.path.join(folder, f) for f in images]
         labels += [index[c]] * len(images)
     if verify:
-        bad = [(f, why) for f in files if (why := _unreadable(f)) is not None]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            reasons = list(pool.map(unreadable, files, chunksize=64))
+        bad = [(f, why) for f, why in zip(files, reasons) if why is not None]
         if bad:
-            shown = "; ".join(f"{f} ({why})" for f, why in bad[:5])
-            raise ValueError(f"{len(bad)} unreadable image(s) under {root!r}: {shown}")
-    return ImageList(tuple(files), tuple(labels), tuple(classes))
+            shown = "; ".join(f"{f} ({why})" for f, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+            if not skip_unreadable:
+                raise ValueError(f"{len(bad)} unreadable image(s) under {root!r}: {shown} "
+                                 f"(data.skip_unreadable=true leaves them out)")
+            keep = [i for i, why in enumerate(reasons) if why is None]
+            if not keep:
+                raise ValueError(f"every image under {root!r} is unreadable: {shown}")
+            log.warning("data.skip_unreadable: left out %d unreadable image(s) of %d under %s: %s",
+                        len(bad), len(files), root, shown)
+            files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+    return ImageList(tuple(files), tuple(labels), tuple(classes), skip_unreadable)
 
 
 def split_holdout(images: ImageList, holdout: int, seed: int) -> tuple[ImageList, ImageList]:

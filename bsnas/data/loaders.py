@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bsnas.data.folder import ImageList
+from bsnas.data.folder import ImageList, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,16 @@ class _ListDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
+        """(image tensor, label), or (None, (path, why)) when the file cannot be decoded:
+        the main process names it (an exception raised in a worker would arrive wrapped
+        in a traceback)."""
         from PIL import Image
-        with Image.open(self.images.files[i]) as im:
-            img = im.convert("RGB")
+        path = self.images.files[i]
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except Exception:  # noqa: BLE001  (any decoder error means unreadable)
+            return None, (path, unreadable(path) or "cannot be decoded")
         # Augmentation randomness from (seed, epoch, index) only: identical whatever the
         # worker count, and reproducible when an epoch is resumed part-way.
         with torch.random.fork_rng(devices=[]):
@@ -94,8 +101,21 @@ class _ListDataset(torch.utils.data.Dataset):
         return x, self.images.labels[i]
 
 
+def _collate(items):
+    """(images, labels, [(path, why) of the unreadable items]); images and labels are
+    None when no item of the batch was readable."""
+    good = [it for it in items if it[0] is not None]
+    bad = [it[1] for it in items if it[0] is None]
+    if not good:
+        return None, None, bad
+    x, y = torch.utils.data.default_collate(good)
+    return x, y, bad
+
+
 class TorchLoader:
-    """torchvision transforms + DataLoader; shards by rank like DistributedSampler."""
+    """torchvision transforms + DataLoader; shards by rank like DistributedSampler. An
+    image that cannot be decoded stops iteration with a ValueError naming the file, or,
+    when the image list has `skip_unreadable`, is left out of its batch (logged)."""
 
     backend = "torch"
 
@@ -119,6 +139,7 @@ class TorchLoader:
         self.drop_last = train if drop_last is None else drop_last
         self.shuffle = train if shuffle is None else shuffle
         self.epoch = 0
+        self.skipped = 0  # unreadable images left out so far (skip_unreadable)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = self.dataset.epoch = epoch
@@ -138,12 +159,30 @@ class TorchLoader:
         # Its own generator: creating the iterator must not draw from the global RNG,
         # or a resumed run would see different dropout masks than an uninterrupted one.
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches,
-                                             num_workers=self.workers,
+                                             num_workers=self.workers, collate_fn=_collate,
                                              pin_memory=self.device.type == "cuda",
                                              generator=torch.Generator().manual_seed(self.seed))
-        for x, y in loader:
+        for x, y, bad in loader:
+            if bad:
+                x, y = self._unreadable(x, y, bad)
             yield (x.to(self.device, non_blocking=True),
                    torch.as_tensor(y).to(self.device, non_blocking=True))
+
+    def _unreadable(self, x, y, bad: list[tuple[str, str]]):
+        """A batch with unreadable images: ValueError naming the first one, or with the
+        image list's `skip_unreadable` the batch without them (logged, counted in
+        `self.skipped`)."""
+        shown = "; ".join(f"{p} ({why})" for p, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        if not self.dataset.images.skip_unreadable:
+            path, why = bad[0]
+            raise ValueError(f"image {path} cannot be decoded ({why}); data.verify=true finds such "
+                             f"files before training, data.skip_unreadable=true leaves them out")
+        if x is None:
+            raise ValueError(f"every image of a batch is unreadable: {shown}")
+        self.skipped += len(bad)
+        log.warning("data.skip_unreadable: left %d unreadable image(s) out of a batch (%d so far): %s",
+                    len(bad), self.skipped, shown)
+        return x, y
 
     def __iter__(self):
         return self.iterate(0)

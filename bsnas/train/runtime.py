@@ -133,8 +133,10 @@ def build_data(cfg: Config, space, device, d: Dist) -> DataSplits:
         channels = train.channels
     else:
         root = prepare_digits(c.cache_dir) if c.dataset == "digits" else c.root
-        train = scan_image_folder(os.path.join(root, "train"), verify=c.verify)
-        val = scan_image_folder(os.path.join(root, "val"), classes=train.classes, verify=c.verify)
+        train = scan_image_folder(os.path.join(root, "train"), verify=c.verify,
+                                  skip_unreadable=c.skip_unreadable)
+        val = scan_image_folder(os.path.join(root, "val"), classes=train.classes, verify=c.verify,
+                                skip_unreadable=c.skip_unreadable)
         aug = Augment(c.size or space.resolution, tuple(c.scale), tuple(c.ratio), c.flip,
                       c.crop_fraction)
         channels = 3  # image files are decoded as RGB
