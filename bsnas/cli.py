@@ -16,8 +16,8 @@ train.epochs=3`. They log to stderr at INFO (rank 0 only under torchrun).
 Each command is one `add_<command>(subparsers)` function below that declares its
 arguments and sets `func` to the function that runs it; a new command (train, search,
 ...) is one more such function appended to `COMMANDS`. A command returns an exit
-status; ValueErrors (bad input) are printed as `bsnas <command>: error: ...` with
-exit status 2.
+status; ValueErrors (bad input, e.g. a damaged checkpoint) and OSErrors are printed on
+one line as `bsnas <command>: error: ...` with exit status 2.
 """
 from __future__ import annotations
 
@@ -138,18 +138,23 @@ def add_latency_report(sub) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    import torch
-
     from bsnas.export import export
     from bsnas.profiler import cost
     from bsnas.space import Arch
     from bsnas.supernet import Supernet
-    net, _ = Supernet.from_checkpoint(args.checkpoint)
+    from bsnas.train.checkpoint import CheckpointError, load_checkpoint, save_atomic
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a directory; give the model file, e.g. "
+                         f"{os.path.join(args.out, 'model.pt')}")
+    try:
+        net, _ = Supernet.from_checkpoint(load_checkpoint(args.checkpoint))
+    except RuntimeError as e:  # load_state_dict: one line with the first mismatch
+        first = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e))
+        raise CheckpointError(f"checkpoint {args.checkpoint}: its weights do not fit its space: "
+                              f"{first[:300]}") from None
     arch = net.space.validate(Arch.load(args.arch))
     model = export(net, arch)
-    parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
-    torch.save(model, args.out)
+    save_atomic(model, args.out)  # an existing file stays whole until the new one is
     print(f"wrote {args.out}: {arch.space} arch, {cost.params(net.space, arch):,} parameters, "
           f"{cost.flops(net.space, arch) / 1e6:.1f}M MACs at {net.space.resolution}x{net.space.resolution}")
     return 0
@@ -182,6 +187,19 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+_OVERWRITE_HELP = ("replace the run in out_dir: first delete the files bsnas writes there (ckpt-*.pt, "
+                   "config.json, the CSV logs, summary.json, shrink_log.json, run.json, model.pt, "
+                   "training_curves.png and the tensorboard/, search/, retrain/, report/ folders); "
+                   "other files are kept. Without it (or --resume), a fresh run refuses a folder "
+                   "that holds a run")
+
+
+def _add_resume_overwrite(p: argparse.ArgumentParser, resume_help: str) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help=resume_help)
+    group.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+
+
 def _single_process(command: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(f"`bsnas {command}` runs in one process; only `bsnas train` runs under torchrun")
@@ -191,7 +209,7 @@ def _run_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from bsnas.pipeline.run import build_trainer
-    trainer = build_trainer(_config(args), args.resume)
+    trainer = build_trainer(_config(args), args.resume, args.overwrite)
     try:
         last = trainer.fit()
     finally:
@@ -211,7 +229,7 @@ def add_train(sub) -> None:
                                    "the broadening schedule and, when shrink.enabled, shrinking. Also "
                                    "runs under `torchrun --nproc_per_node N -m bsnas train ...`.")
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    _add_resume_overwrite(p, "continue from the newest good checkpoint in out_dir")
     p.set_defaults(func=_run_train)
 
 
@@ -270,7 +288,7 @@ def add_retrain(sub) -> None:
 def _run_run(args: argparse.Namespace) -> int:
     from bsnas.pipeline.run import run
     tic = time.perf_counter()
-    summary = run(_config(args), args.resume, progress=_log)
+    summary = run(_config(args), args.resume, progress=_log, overwrite=args.overwrite)
     print(f"done in {time.perf_counter() - tic:.0f}s: best {summary['best']['macs'] / 1e6:.2f}M MACs, "
           f"held-out top-1 {summary['best']['top1']:.4f} in the supernet, validation top-1 "
           f"{summary['val_top1']:.4f} after retraining")
@@ -284,7 +302,7 @@ def add_run(sub) -> None:
                                    "best architecture, retrain it briefly and write <out_dir>/report/"
                                    "report.md (see bsnas.pipeline.run).")
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    _add_resume_overwrite(p, "continue an interrupted run")
     p.set_defaults(func=_run_run)
 
 
@@ -315,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"bsnas {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        # one line: bad input names what is wrong; the traceback is not for the user
+        text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"bsnas {args.command}: error: {text or type(e).__name__}", file=sys.stderr)
         return 2

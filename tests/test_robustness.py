@@ -239,6 +239,179 @@ def test_bad_config_file_is_one_line_naming_file_and_line(tmp_path, capsys, text
         assert repr(str(path)) in err
 
 
+# --------------------------------------------------------------------------- damaged checkpoints
+
+DAMAGED = "is damaged (truncated or not a bsnas checkpoint)"
+
+
+def _damage(path, how):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write({"empty": b"", "truncated": data[:len(data) // 2], "tail": data[:-10],
+                 "junk": b"not a checkpoint " * 20}[how])
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "tail", "junk"])
+def test_load_checkpoint_names_a_damaged_file(tmp_path, how):
+    from bsnas.train.checkpoint import CheckpointError
+    path = str(tmp_path / "ckpt-000000004.pt")
+    torch.save({"model": {"w": torch.zeros(100)}}, path)
+    _damage(path, how)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert isinstance(e.value, ValueError)
+    assert str(e.value).startswith(f"checkpoint {path} {DAMAGED}: ") and "\n" not in str(e.value)
+    torch.save([1, 2], path)
+    with pytest.raises(CheckpointError, match="it holds a list"):
+        load_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def trained(cache, tmp_path_factory):
+    """A finished 1-epoch run with a checkpoint every 2 steps (all kept)."""
+    out = str(tmp_path_factory.mktemp("trained") / "run")
+    trainer = _trainer(cache, out, **{"train.checkpoint_every": 2, "train.keep_checkpoints": 50})
+    trainer.fit()
+    return out, trainer.steps_per_epoch
+
+
+def _one_line_error(capsys, command):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"bsnas {command}: error: "), err
+    return err
+
+
+def test_commands_name_a_damaged_checkpoint(cache, trained, tmp_path, capsys):
+    out, _ = trained
+    bad = str(tmp_path / "ckpt-000000002.pt")
+    with open(list_checkpoints(out)[0], "rb") as f:
+        data = f.read()
+    with open(bad, "wb") as f:
+        f.write(data[: len(data) // 3])
+    arch = str(tmp_path / "arch.json")
+    from bsnas.space import load_space
+    load_space("tiny").sample(0).save(arch)
+    run_dir = str(tmp_path / "other")
+    commands = {
+        "export": ["export", "--checkpoint", bad, "--arch", arch, "--out", str(tmp_path / "m.pt")],
+        "search": ["search", "--checkpoint", bad, *_overrides(cache, run_dir)],
+        "retrain": ["retrain", "--arch", arch, "--checkpoint", bad, *_overrides(cache, run_dir)],
+    }
+    for command, argv in commands.items():
+        assert main(argv) == 2, command
+        assert f"checkpoint {bad} {DAMAGED}: " in _one_line_error(capsys, command)
+    assert not (tmp_path / "m.pt").exists()
+    # train --resume in a folder whose only checkpoint is damaged
+    os.makedirs(run_dir)
+    os.replace(bad, os.path.join(run_dir, "ckpt-000000002.pt"))
+    assert main(["train", "--resume", *_overrides(cache, run_dir)]) == 2
+    err = _one_line_error(capsys, "train")
+    assert f"no readable checkpoint in {run_dir}: checkpoint {run_dir}/ckpt-000000002.pt {DAMAGED}" in err
+
+
+def test_export_refuses_a_directory_as_out(trained, tmp_path, capsys):
+    out, _ = trained
+    arch = str(tmp_path / "arch.json")
+    from bsnas.space import load_space
+    load_space("tiny").sample(0).save(arch)
+    assert main(["export", "--checkpoint", list_checkpoints(out)[-1], "--arch", arch,
+                 "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a directory" in _one_line_error(capsys, "export")
+
+
+def test_resume_falls_back_to_the_newest_good_checkpoint(cache, trained, tmp_path, caplog):
+    ref, steps = trained
+    out = str(tmp_path / "run")
+    extra = {"train.checkpoint_every": 2, "train.keep_checkpoints": 50}
+    victim = _trainer(cache, out, **extra)
+    orig = victim.train_step
+
+    class Killed(Exception):
+        pass
+
+    def train_step(x, y, ef):
+        if victim.step == 5:
+            raise Killed
+        return orig(x, y, ef)
+    victim.train_step = train_step
+    with pytest.raises(Killed):
+        victim.fit()
+    newest = list_checkpoints(out)[-1]
+    assert newest.endswith("ckpt-000000004.pt")
+    _damage(newest, "truncated")
+    # a temporary file of a write the kill cut short, and a user's file that looks alike
+    for name in (".tmp-abcd_123.pt", ".tmp-notes.txt"):
+        open(os.path.join(out, name), "wb").write(b"x")
+    with caplog.at_level(logging.WARNING):
+        resumed = Trainer(load_config(None, _overrides(cache, out, **extra)), resume=True)
+    assert resumed.step == 2
+    warned = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
+    assert len(warned) == 1 and newest in warned[0] and list_checkpoints(out)[-1] in warned[0], warned
+    assert os.path.exists(newest + ".damaged") and not os.path.exists(newest)
+    assert not os.path.exists(os.path.join(out, ".tmp-abcd_123.pt"))
+    assert os.path.exists(os.path.join(out, ".tmp-notes.txt"))
+    resumed.fit()
+    # exact resume from the older checkpoint: the same weights as the uninterrupted run
+    a, b = load_checkpoint(list_checkpoints(ref)[-1]), load_checkpoint(list_checkpoints(out)[-1])
+    assert a["step"] == b["step"] == steps
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_resume_names_a_checkpoint_of_another_space_or_shape(cache, trained, tmp_path):
+    from bsnas.train.checkpoint import CheckpointError
+    out, _ = trained
+    ckpt = load_checkpoint(list_checkpoints(out)[-1])
+    trainer = _trainer(cache, str(tmp_path / "run"))
+    other = copy.deepcopy(ckpt)
+    other["space"]["name"] = "small"
+    other["space"]["classes"] = 100
+    path = str(tmp_path / "other.pt")
+    torch.save(other, path)
+    with pytest.raises(CheckpointError) as e:
+        trainer.resume(path)
+    assert str(e.value) == (f"checkpoint {path} was written for space 'small' (6 layers, 100 classes, "
+                            f"resolution 32), this run uses 'tiny' (6 layers, 10 classes, resolution 32)")
+    wrong = copy.deepcopy(ckpt)
+    wrong["model"]["classifier.weight"] = torch.zeros(7, 3)
+    torch.save(wrong, path)
+    with pytest.raises(CheckpointError, match=r"'classifier.weight' has shape \[7, 3\] there, "
+                                              r"\[10, \d+\] here"):
+        trainer.resume(path)
+    plain = {"space": ckpt["space"], "model": ckpt["model"]}
+    torch.save(plain, path)
+    with pytest.raises(CheckpointError, match="is not a training checkpoint"):
+        trainer.resume(path)
+
+
+def test_checkpoints_get_the_umask_mode(tmp_path):
+    from bsnas.train.checkpoint import save_checkpoint, save_json_atomic
+    old = os.umask(0o027)
+    try:
+        path = save_checkpoint({"model": {}}, str(tmp_path), 1, keep=2)
+        save_json_atomic({"a": 1}, str(tmp_path / "s.json"))
+        with open(tmp_path / "plain.txt", "w"):
+            pass
+    finally:
+        os.umask(old)
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    assert mode(path) == mode(tmp_path / "s.json") == mode(tmp_path / "plain.txt") == 0o640
+
+def test_export_names_weights_that_do_not_fit_their_space(trained, tmp_path, capsys):
+    out, _ = trained
+    ckpt = load_checkpoint(list_checkpoints(out)[-1])
+    ckpt["model"]["classifier.weight"] = torch.zeros(7, 3)
+    path = str(tmp_path / "wrong.pt")
+    torch.save(ckpt, path)
+    arch = str(tmp_path / "arch.json")
+    from bsnas.space import load_space
+    load_space("tiny").sample(0).save(arch)
+    assert main(["export", "--checkpoint", path, "--arch", arch, "--out", str(tmp_path / "m.pt")]) == 2
+    err = _one_line_error(capsys, "export")
+    assert f"checkpoint {path}: its weights do not fit its space: size mismatch for classifier.weight" in err
+
+
 # --------------------------------------------------------------------------- unreadable images
 
 
@@ -315,3 +488,99 @@ def test_build_data_passes_skip_unreadable(tmp_path):
     data = build_data(load_config(None, base + ["data.skip_unreadable=true"]), load_space("tiny"),
                       "cpu", Dist())
     assert len(data.train.dataset) + len(data.holdout.dataset) == 39
+
+
+# --------------------------------------------------------------------------- reusing a run folder
+
+
+def test_fresh_run_refuses_a_folder_holding_a_run(cache, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["train", *_overrides(cache, out)]
+    assert main(args) == 0
+    before = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)}
+    open(os.path.join(out, "notes.txt"), "w").write("mine")
+    capsys.readouterr()
+    assert main(args) == 2
+    err = _one_line_error(capsys, "train")
+    assert f"run folder {out} already holds a run (" in err and "--resume" in err and "--overwrite" in err
+    assert {n: os.path.getmtime(os.path.join(out, n)) for n in before} == before  # nothing touched
+    # --overwrite: the old run's files go first (the user's file stays); one run in the logs
+    open(os.path.join(out, "ckpt-000009999.pt"), "wb").write(b"old")
+    assert main(args + ["--overwrite"]) == 0
+    assert open(os.path.join(out, "notes.txt")).read() == "mine"
+    assert not os.path.exists(os.path.join(out, "ckpt-000009999.pt"))
+    assert [r["epoch"] for r in _read_csv(os.path.join(out, "epochs.csv"))] == ["1"]
+    steps = [r["step"] for r in _read_csv(os.path.join(out, "train_log.csv"))]
+    assert len(steps) == len(set(steps))
+    # --resume and --overwrite exclude each other
+    with pytest.raises(SystemExit):
+        main(args + ["--overwrite", "--resume"])
+
+
+def test_a_folder_without_a_run_is_fine(cache, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    _trainer(cache, str(out)).fit()
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def _strip_rate(rows):
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
+
+
+def test_resume_logs_each_step_and_epoch_once(cache, tmp_path):
+    extra = {"train.epochs": 2, "train.checkpoint_every": 3, "train.keep_checkpoints": 50,
+             "broaden.warmup_epochs": 0.3, "broaden.broaden_epochs": 1.2}
+    ref = str(tmp_path / "ref")
+    _trainer(cache, ref, **extra).fit()
+    out = str(tmp_path / "cut")
+    victim = _trainer(cache, out, **extra)
+    per_epoch = victim.steps_per_epoch
+    crash_at = per_epoch + 5  # in epoch 2, two steps after the checkpoint of its step 3
+
+    class Killed(Exception):
+        pass
+    orig = victim.train_step
+
+    def train_step(x, y, ef):
+        if victim.step == crash_at:
+            raise Killed
+        return orig(x, y, ef)
+    victim.train_step = train_step
+    with pytest.raises(Killed):
+        victim.fit()
+    logged = [int(r["step"]) for r in _read_csv(os.path.join(out, "train_log.csv"))]
+    assert max(logged) == crash_at > load_checkpoint(list_checkpoints(out)[-1])["step"]
+    # and a line a kill cut short
+    with open(os.path.join(out, "train_log.csv"), "a") as f:
+        f.write("99,1.9,2.")
+    Trainer(load_config(None, _overrides(cache, out, **extra)), resume=True).fit()
+    for name in ("train_log.csv", "epochs.csv", "broadening.csv"):
+        a = _strip_rate(_read_csv(os.path.join(ref, name)))
+        b = _strip_rate(_read_csv(os.path.join(out, name)))
+        assert a == b, name  # every row once, the resumed epoch's mean loss over all of it
+    assert len(_read_csv(os.path.join(ref, "epochs.csv"))) == 2
+
+
+def test_resume_without_a_checkpoint_starts_the_logs_afresh(cache, tmp_path):
+    out = str(tmp_path / "run")
+    victim = _trainer(cache, out)
+
+    class Killed(Exception):
+        pass
+    orig = victim.train_step
+
+    def train_step(x, y, ef):
+        if victim.step == 3:
+            raise Killed
+        return orig(x, y, ef)
+    victim.train_step = train_step
+    with pytest.raises(Killed):
+        victim.fit()
+    assert list_checkpoints(out) == [] and len(_read_csv(os.path.join(out, "train_log.csv"))) == 3
+    trainer = Trainer(load_config(None, _overrides(cache, out)), resume=True)
+    trainer.fit()
+    steps = [int(r["step"]) for r in _read_csv(os.path.join(out, "train_log.csv"))]
+    assert steps == list(range(1, trainer.steps_per_epoch + 1))
+

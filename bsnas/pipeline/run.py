@@ -14,7 +14,8 @@ Everything goes into `cfg.out_dir`:
     run.json        seconds per phase and the headline numbers
 
 `resume=True` continues an interrupted run: training from its newest checkpoint, the
-search from its saved state; export, retraining and the report are redone.
+search from its saved state; export, retraining and the report are redone. A fresh run
+refuses a folder that holds another run, unless `overwrite=True` deletes that run first.
 """
 from __future__ import annotations
 
@@ -45,10 +46,11 @@ def plot_training_curves(trainer: Trainer) -> None:
         plot_curves(trainer.out_dir)
 
 
-def build_trainer(cfg, resume: bool = False) -> Trainer:
+def build_trainer(cfg, resume: bool = False, overwrite: bool = False) -> Trainer:
     """A `Trainer` for `cfg` that plots its curves when training ends, with the
-    `Shrinker` hook when `cfg.shrink.enabled`."""
-    trainer = Trainer(cfg, resume)
+    `Shrinker` hook when `cfg.shrink.enabled`. A fresh run (neither `resume` nor
+    `overwrite`) refuses an out_dir that holds another run (bsnas.train.run_folder)."""
+    trainer = Trainer(cfg, resume, overwrite)
     trainer.finish_hooks.append(plot_training_curves)
     if cfg.shrink.enabled:
         s = cfg.shrink
@@ -60,10 +62,13 @@ def build_trainer(cfg, resume: bool = False) -> Trainer:
     return trainer
 
 
-def run(cfg, resume: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+def run(cfg, resume: bool = False, progress: Callable[[str], None] | None = None,
+        overwrite: bool = False) -> dict:
     """Run the whole pipeline for `cfg` (see the module doc); returns `run.json`'s
     content, including `report` (the path of report.md). `progress` receives one line
-    per phase (the details go to the `logging` module). Single process."""
+    per phase (the details go to the `logging` module). Single process. Without
+    `resume`, an out_dir holding another run is refused unless `overwrite`, which first
+    deletes that run's files (bsnas.train.run_folder)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("`bsnas run` runs in one process; only `bsnas train` runs under torchrun "
                          "(then `bsnas search` and `bsnas retrain`)")
@@ -75,7 +80,7 @@ def run(cfg, resume: bool = False, progress: Callable[[str], None] | None = None
     seconds = {}
 
     tic = time.perf_counter()
-    trainer = build_trainer(cfg, resume)
+    trainer = build_trainer(cfg, resume, overwrite)
     say(f"[1/4] training the supernet: {cfg.train.epochs} epochs of {trainer.steps_per_epoch} steps "
         f"on {trainer.device} -> {out}")
     trainer.fit()

@@ -50,7 +50,7 @@ from bsnas.evaluator import PathEvaluator
 from bsnas.profiler import cost
 from bsnas.space import SKIP, Arch, EnabledSpace, LayerChoice
 from bsnas.supernet import Supernet
-from bsnas.train.checkpoint import load_checkpoint, save_json_atomic
+from bsnas.train.checkpoint import load_checkpoint, remove_temporaries, save_json_atomic
 from bsnas.train.runtime import Dist, build_data, pick_device
 
 __all__ = ["Candidate", "Constraints", "Evolution", "EvolutionParams", "SearchResult",
@@ -474,6 +474,7 @@ def search_supernet(cfg, supernet, enabled: EnabledSpace, data, out_dir: str, re
     constraints = Constraints.from_config(cfg.search)
     evaluator = PathEvaluator(supernet, data.calib, data.holdout)
     os.makedirs(out_dir, exist_ok=True)
+    remove_temporaries(out_dir)  # of a state write that a kill cut short
     evo = Evolution(enabled, lambda arch: evaluator(arch)["top1"], params, constraints, cfg.seed,
                     os.path.join(out_dir, STATE_NAME), tag)
     log.info("search over %s: population %d, %d generations, constraints: %s", enabled,

@@ -28,8 +28,10 @@ from bsnas.space import SKIP, Arch, EnabledSpace, LayerChoice, PathSampler, kern
 from bsnas.supernet import Supernet
 from bsnas.train import collectives
 from bsnas.train.broadening import BroadeningSchedule
-from bsnas.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from bsnas.train.checkpoint import (CheckpointError, load_checkpoint, load_newest_good, mismatch,
+                                    remove_temporaries, save_checkpoint)
 from bsnas.train.nonfinite import FiniteGuard, NonFiniteError
+from bsnas.train.run_folder import RUN_FOLDERS, cut_logs, prepare_fresh
 from bsnas.train.rank_sync import step_bn_stats
 from bsnas.train.runtime import (append_csv_row, build_data, init_distributed, lr_lambda, param_groups,
                                  pick_device, rng_state, seed_everything, set_rng_state)
@@ -49,10 +51,14 @@ def _short(arch) -> str:
 class Trainer:
     """Builds everything from `cfg` and trains; `fit()` runs to `train.epochs`."""
 
-    def __init__(self, cfg: Config, resume: bool = False):
+    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False):
+        if resume and overwrite:
+            raise ValueError("--resume continues the run in out_dir, --overwrite replaces it: give one")
         self.cfg = cfg
         self.dist = init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.device = pick_device(cfg.device, self.dist, cfg.keep_freed_memory)
+        self.out_dir = cfg.out_dir
+        self._prepare_folder(resume, overwrite)
         seed_everything(cfg.seed, cfg.deterministic)
         self.space = load_space(cfg.space)
         self.data = build_data(cfg, self.space, self.device, self.dist)
@@ -85,14 +91,37 @@ class Trainer:
         self.batch_in_epoch = 0
         self._epoch_sums = self._new_epoch_sums()
         self._stages = self.broadening.stages(0.0)
-        self.out_dir = cfg.out_dir
         if self.dist.main:
             os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, "config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=2)
-        self._writer = self._tensorboard()
         if resume:
             self.resume()
+        self._writer = self._tensorboard()
+
+    def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
+        """Before anything is written to out_dir: a fresh run refuses a folder that holds
+        another run's files unless `overwrite` (the main rank then deletes them, and
+        only them); the temporaries of killed writes are removed. Under torchrun every
+        rank checks before any rank writes, and all stop when one refuses."""
+        refused = None
+        if not resume:
+            try:
+                prepare_fresh(self.out_dir, overwrite, remove=False)
+            except ValueError as e:
+                refused = e
+        if self.dist.world_size > 1:
+            flag = torch.tensor([0.0 if refused is None else 1.0], device=self.device)
+            collectives.all_reduce(flag)  # also the barrier before the main rank writes
+            if refused is None and flag.item() > 0:
+                refused = ValueError(f"run folder {self.out_dir} was refused on another rank")
+        if refused is not None:
+            raise refused
+        if self.dist.main:
+            if overwrite:
+                prepare_fresh(self.out_dir, overwrite)
+            for folder in (self.out_dir, *(os.path.join(self.out_dir, d) for d in RUN_FOLDERS)):
+                remove_temporaries(folder)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -122,12 +151,28 @@ class Trainer:
         return path
 
     def resume(self, path: str | None = None) -> bool:
-        """Continue from `path` or the newest checkpoint in out_dir; False if none."""
-        path = path or latest_checkpoint(self.out_dir)
+        """Continue from `path` or else the newest good checkpoint in out_dir (damaged
+        newer ones are set aside with a warning naming both); False if there is none.
+        CheckpointError when the checkpoint was written for another space or supernet.
+        The CSV logs lose the rows written after the checkpoint (each step logged once)."""
         if path is None:
-            log.info("no checkpoint in %s: starting fresh", self.out_dir)
-            return False
-        ckpt = load_checkpoint(path, map_location=self.device)
+            found = load_newest_good(self.out_dir, map_location=self.device)
+            if found is None:
+                log.info("no checkpoint in %s: starting fresh", self.out_dir)
+                if self.dist.main:
+                    cut_logs(self.out_dir, 0, 0)
+                return False
+            path, ckpt = found
+        else:
+            ckpt = load_checkpoint(path, map_location=self.device)
+        why = mismatch(ckpt, path, self.space.to_dict(), self.supernet.state_dict())
+        if why is not None:
+            raise CheckpointError(why)
+        missing = [k for k in ("enabled", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch",
+                               "stages", "history", "rng") if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} is not a training checkpoint (it has no "
+                                  f"{', '.join(missing)}); resume needs one written by bsnas train")
         self.supernet.load_state_dict(ckpt["model"])
         self.enabled.load_state_dict(ckpt["enabled"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -139,6 +184,8 @@ class Trainer:
         self.extra_state = ckpt.get("extra_state", {})
         self._epoch_sums = dict(ckpt.get("epoch_sums") or self._new_epoch_sums())
         set_rng_state(ckpt["rng"])
+        if self.dist.main:
+            cut_logs(self.out_dir, self.step, self.epoch)
         log.info("resumed from %s at epoch %d, batch %d (step %d)", path, self.epoch,
                  self.batch_in_epoch, self.step)
         return True
@@ -151,7 +198,8 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
         except Exception:  # noqa: BLE001  (tensorboard not installed)
             return None
-        return SummaryWriter(os.path.join(self.out_dir, "tensorboard"))
+        # a resumed run drops the events logged after its checkpoint, as cut_logs does
+        return SummaryWriter(os.path.join(self.out_dir, "tensorboard"), purge_step=self.step or None)
 
     def _csv(self, name: str, row: dict) -> None:
         if self.dist.main:
