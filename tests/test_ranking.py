@@ -1,12 +1,16 @@
-"""benchmarks/ranking.py (issue 7): the ranking statistics against scipy and hand-computed
-cases, the bootstrap interval, the top-k hit rate, the architecture selection, the
-RESULTS.md update, and a smoke run of the whole pipeline on a micro space that checks
-its output files and that a second run reuses every cached result."""
+"""benchmarks/ranking.py: the ranking statistics against scipy and hand-computed cases,
+the bootstrap intervals (plain and paired hierarchical) on synthetic data with known
+answers, top-k overlap, regret, tau within MACs bins, the architecture selection, the
+random-shrink drop counts, the RESULTS.md update, and a smoke run of the whole pipeline
+(pilot, supernets, both architecture sets, searches, retraining) on a micro space that
+checks its output files and that a second run reuses every cached result."""
 import importlib.util
+import gzip
 import json
 import math
 import os
 import random
+import struct
 
 import numpy as np
 import pytest
@@ -144,6 +148,82 @@ def test_update_results(tmp_path):
     assert text.count(ranking.SECTION) == 1
 
 
+def test_topk_overlap_and_regret():
+    truth = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    assert ranking.topk_overlap(truth, truth, 5) == 1.0
+    # proxy reverses the order: top 5 of 7 by each share 3 items (indices 2, 3, 4)
+    assert ranking.topk_overlap(truth[::-1], truth, 5) == pytest.approx(3 / 5)
+    assert ranking.topk_overlap([1, 2, 3], [3, 2, 1], 5) == 1.0  # k capped at n
+    assert ranking.regret([0, 0, 0, 0, 0, 0, 9], truth) == 0.0
+    assert ranking.regret([9, 0, 0, 0, 0, 0, 0], truth) == pytest.approx(0.6)
+
+
+def test_mac_bins_and_binned_tau():
+    macs = [5, 1, 4, 2, 6, 3]
+    assert list(ranking.mac_bins(macs, 3)) == [2, 0, 1, 0, 2, 1]
+    # truth falls with MACs across bins but the proxy orders every bin perfectly:
+    # overall tau is negative, tau within bins is 1
+    macs = np.arange(9.0)
+    truth = np.array([7, 8, 9, 4, 5, 6, 1, 2, 3], dtype=float)
+    proxy = macs.copy()
+    assert ranking.kendall_tau(proxy, truth) < 0
+    assert ranking.binned_tau(proxy, truth, macs, 3) == pytest.approx(1.0)
+    assert ranking.binned_tau(-proxy, truth, macs, 3) == pytest.approx(-1.0)
+    # weights are the pairs per bin: 7 items in 2 bins of 4 and 3 (6 and 3 pairs),
+    # perfect in the first, reversed in the second
+    assert ranking.binned_tau([1, 2, 3, 4, 3, 2, 1], [1, 2, 3, 4, 5, 6, 7], range(7), 2) \
+        == pytest.approx((6 * 1 + 3 * -1) / 9)
+
+
+def test_hierarchical_bootstrap_known_answers():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=30)
+    noisy = truth[None, :] + rng.normal(scale=0.8, size=(2, 30))
+    # identical settings whose seeds agree: the paired difference is exactly 0 in every
+    # resample (architectures are drawn jointly for both)
+    same = np.tile(noisy[0], (2, 1))
+    hb = ranking.hierarchical_bootstrap(truth, {"a": same, "b": same.copy()}, 200, seed=1)
+    d = hb["diff"][("a", "b")]
+    assert d["diff"] == 0 and d["ci"] == (0.0, 0.0) and d["half_width"] == 0
+    # with two different seeds each, the seeds are resampled within each setting: the
+    # difference varies around 0
+    lo, hi = ranking.hierarchical_bootstrap(truth, {"a": noisy, "b": noisy.copy()}, 200, seed=1)["diff"][("a", "b")]["ci"]
+    assert lo < 0 < hi
+    # a perfect and a reversed proxy: tau 1 and -1 in every resample, difference 2
+    hb = ranking.hierarchical_bootstrap(truth, {"up": np.tile(truth, (2, 1)), "down": np.tile(-truth, (3, 1))}, 200)
+    assert hb["tau"] == {"up": 1.0, "down": -1.0}
+    assert hb["diff"][("up", "down")]["ci"] == (2.0, 2.0)
+    # the point estimate is the mean over seeds of scipy's tau-b
+    stats = pytest.importorskip("scipy.stats")
+    hb = ranking.hierarchical_bootstrap(truth, {"n": noisy}, 100)
+    assert hb["tau"]["n"] == pytest.approx(np.mean([stats.kendalltau(p, truth).statistic for p in noisy]))
+    lo, hi = hb["ci"]["n"]
+    assert lo < hb["tau"]["n"] < hi
+    # a clearly better setting is resolved; two equally noisy ones are not
+    good = truth[None, :] + rng.normal(scale=0.2, size=(2, 30))
+    bad1 = truth[None, :] + rng.normal(scale=2.0, size=(2, 30))
+    bad2 = truth[None, :] + rng.normal(scale=2.0, size=(2, 30))
+    hb = ranking.hierarchical_bootstrap(truth, {"good": good, "bad1": bad1, "bad2": bad2}, 400, seed=2)
+    assert hb["diff"][("good", "bad1")]["ci"][0] > 0
+    lo, hi = hb["diff"][("bad1", "bad2")]["ci"]
+    assert lo < 0 < hi
+    # seed-to-seed spread widens the per-setting interval (seeds are resampled too)
+    flat = np.tile(good[0], (2, 1))
+    spread = np.stack([truth + rng.normal(scale=0.1, size=30), truth + rng.normal(scale=3.0, size=30)])
+    w_flat = np.subtract(*ranking.hierarchical_bootstrap(truth, {"x": flat}, 400, 3)["ci"]["x"][::-1])
+    w_spread = np.subtract(*ranking.hierarchical_bootstrap(truth, {"x": spread}, 400, 3)["ci"]["x"][::-1])
+    assert w_spread > w_flat
+    with pytest.raises(ValueError):
+        ranking.hierarchical_bootstrap(truth, {"x": np.zeros((2, 5))}, 10)
+
+
+def test_drops_per_decision():
+    log = {"decisions": [{"n_op_drops": 2, "n_width_drops": 1, "dropped": []},
+                         {"dropped": [{"kind": "op"}, {"kind": "width"}, {"kind": "width"}]}]}
+    assert ranking.drops_per_decision(log) == [[2, 1], [1, 2]]
+    assert ranking.drops_per_decision({}) == []
+
+
 # --------------------------------------------------------------------------- smoke
 
 MICRO = """\
@@ -160,35 +240,109 @@ head: {channels: 32, dropout: 0.0}
 """
 
 
+MICRO_28 = MICRO.replace("resolution: 16", "resolution: 28\nin_channels: 1")
+
+BASE = """\
+space: micro.yaml
+seed: 0
+data: {dataset: fashion_mnist, root: idx, loader: torch, workers: 0, holdout: 100, batch_size: 32,
+       eval_batch_size: 300, calib_batches: 1}
+train: {epochs: 2, lr: 2.0, warmup_epochs: 0.25, log_every: 10}
+broaden: {warmup_epochs: 0.25, broaden_epochs: 0.5}
+shrink: {start: 1, interval: 1, samples: 8, min_ops: 1, min_widths: 2}
+"""
+
+
+def write_idx(folder, n_train: int = 500, n_test: int = 200, seed: int = 0) -> None:
+    """Small Fashion-MNIST-format idx files (gzipped): class c is a bright 6x6 square at
+    a class-dependent place plus noise, so that models learn and differ."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 90, (n, 28, 28)).astype(np.uint8)
+        for j, c in enumerate(labels):
+            r, q = divmod(int(c), 5)
+            images[j, 4 + 12 * r:10 + 12 * r, 2 + 5 * q:8 + 5 * q] += 120
+        for name, arr in ((f"{split}-images-idx3-ubyte", images), (f"{split}-labels-idx1-ubyte", labels)):
+            with gzip.open(os.path.join(folder, name + ".gz"), "wb") as f:
+                f.write(struct.pack(f">I{arr.ndim}I", 0x800 | arr.ndim, *arr.shape) + arr.tobytes())
+
+
 def test_pipeline_smoke(tmp_path, capsys):
-    space = tmp_path / "micro.yaml"
-    space.write_text(MICRO)
+    (tmp_path / "micro.yaml").write_text(MICRO_28)
+    (tmp_path / "base.yaml").write_text(BASE.replace("root: idx", f"root: {tmp_path / 'idx'}"))
+    write_idx(tmp_path / "idx")
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"
-    argv = ["--archs", "3", "--standalone-epochs", "1", "--supernet-epochs", "1", "--noise-archs", "1",
-            "--seeds", "2", "--settings", "spos,bsnas", "--bootstrap", "50", "--label", "smoke",
-            "--set", f"space={space}", "--set", "data.holdout=100", "--set", "data.calib_batches=1",
-            "--set", "shrink.samples=3", "--set", "data.verify=false",
-            "--out", str(out), "--results", str(results)]
+    settings = "spos,bsnas" + (",randshrink" if ranking.random_shrink_available() else "")
+    loose = ["--set", "shrink.threshold=0"] if "threshold" in ranking.DEFAULTS["shrink"] else []
+    argv = ["--archs", "4", "--archs-b", "3", "--standalone-epochs", "0.5", "--supernet-epochs", "2",
+            "--noise-archs", "2", "--seeds", "2", "--supernet-seeds", "2", "--retrain-seeds", "2",
+            "--settings", settings, "--bootstrap", "50", "--search-population", "4",
+            "--search-generations", "2", "--label", "smoke", "--dataset", "fashion_mnist", "--config", str(tmp_path / "base.yaml"),
+            "--out", str(out), "--results", str(results)] + loose
+
+    # the pilot: the noise archs x 2 seeds x 2 epoch counts, then stop
+    ranking.main(argv + ["--pilot", "--pilot-epochs", "0.25,0.5"])
+    first = capsys.readouterr().out
+    assert first.count("[stand-alone] pilot") == 8 and "Verdict:" in first
+    pilot = json.loads((out / "pilot.json").read_text())
+    assert [r["epochs"] for r in pilot["rows"]] == [0.25, 0.5]
+    assert all(r["sigma"] >= 0 and r["seconds"] > 0 for r in pilot["rows"])
+    assert not (out / "proxy.json").exists()
+
     stats = ranking.main(argv)
     first = capsys.readouterr().out
-    assert "4 stand-alone models and 2 supernets to train" in first
-    assert first.count("[stand-alone ") == 4 and first.count("[supernet ") == 2
+    n_settings = len(settings.split(","))
+    # the pilot's 0.5-epoch runs are the study's: A's noise archs are not trained again
+    assert first.count("[stand-alone] A") == 4 - 2 and "(noise)" not in first
+    assert first.count("[supernet] supernet ") >= 2 * n_settings
     for name in ("archs.json", "standalone.json", "proxy.json", "ranking.json", "ranking.md",
-                 "scatter_spos.png", "scatter_bsnas.png"):
+                 "scatter.png", "tau.png", "pilot.json"):
         assert (out / name).stat().st_size > 0, name
-    assert set(stats["rows"]) == {"MACs (no supernet)", "params (no supernet)", "spos", "bsnas"}
-    for row in stats["rows"].values():
-        assert -1 <= row["vs_val"]["kendall_tau"] <= 1 or math.isnan(row["vs_val"]["kendall_tau"])
+    archs = json.loads((out / "archs.json").read_text())
+    assert len(archs["A"]) == 4 and len(archs["B"]) == 3 and archs["B_source"].startswith("bsnas-s0-")
     proxy = json.loads((out / "proxy.json").read_text())["settings"]
-    assert len(proxy) == 2 and all(len(p["proxies"]) == 3 for p in proxy.values())
-    bsnas = next(p for k, p in proxy.items() if k.startswith("bsnas-"))
-    assert bsnas["decisions"] and bsnas["enabled_size"] < bsnas["space_size"]
-    assert len(json.loads((out / "standalone.json").read_text())["runs"]) == 4
+    assert len(proxy) == 2 * n_settings
+    assert all(len(p["proxies"]) == len({a["key"] for a in archs["A"] + archs["B"]}) for p in proxy.values())
+    bsnas = {k.split("-")[1]: p for k, p in proxy.items() if k.startswith("bsnas-")}
+    assert bsnas["s0"]["decisions"] and bsnas["s0"]["enabled_size"] < bsnas["s0"]["space_size"]
+    # set B is drawn from bsnas seed 0's final enabled space
+    assert all(bsnas["s0"]["proxies"][a["key"]]["enabled"] for a in archs["B"])
+    if "randshrink" in settings:
+        for s in ("s0", "s1"):
+            src = next(k for k in proxy if k.startswith(f"bsnas-{s}-"))
+            ctl = next(k for k in proxy if k.startswith(f"randshrink-{s}-"))
+            logs = [json.loads((out / "supernets" / k / "shrink_log.json").read_text()) for k in (src, ctl)]
+            assert ranking.drops_per_decision(logs[0]) == ranking.drops_per_decision(logs[1])
+    for label in ("A", "B"):
+        s = stats["sets"][label]
+        assert set(s["rows"]) == {"MACs (no supernet)", "params (no supernet)", *settings.split(",")}
+        for name in settings.split(","):
+            row = s["rows"][name]
+            assert row["seeds"] == 2 and len(row["per_seed"]) == 2
+            assert -1 <= row["tau_mean"] <= 1 or math.isnan(row["tau_mean"])
+            assert 0 <= row["top5_overlap"] <= 1 and row["regret"] >= 0
+        assert len(s["diffs"]) == (n_settings + 1) * n_settings // 2  # MACs and every setting, pairwise
+    assert stats["rows"] is stats["sets"]["A"]["rows"]
+    search = stats["search"]
+    assert set(search["settings"]) == set(settings.split(","))
+    for row in search["settings"].values():
+        assert row["evolution"]["n"] == 2 * 2 and row["random"]["n"] == 2 * 2  # supernet x retrain seeds
+        assert all(w["macs"] <= search["cap"] for w in row["evolution"]["winners"] + row["random"]["winners"])
+        assert all(w["evaluations"] > 0 for w in row["evolution"]["winners"])
+    assert {"truth A", "truth B", "supernet training", "searched winners, from scratch"} <= set(stats["compute"])
     md = results.read_text()
-    assert "<!-- ranking:smoke:begin -->" in md and "| spos: (a) SPOS" in md
+    assert "<!-- ranking:smoke:begin -->" in md and "| spos: (a) SPOS" in md and "Paired differences" in md
+    assert "Pilot" in md and "Search at equal cost" in md
+    saved = json.loads((out / "ranking.json").read_text())
+    assert saved["stats"]["compute"] and saved["meta"]["search"]["max_macs"] == search["cap"]
 
     # a second run trains nothing and reports the same statistics
     again = ranking.main(argv)
     second = capsys.readouterr().out
-    assert "0 stand-alone models and 0 supernets to train" in second
-    assert again["rows"]["bsnas"]["vs_val"]["kendall_tau"] == stats["rows"]["bsnas"]["vs_val"]["kendall_tau"]
+    assert "trained 0 stand-alone models and 0 supernets" in second
+    for label in ("A", "B"):
+        for name in settings.split(","):
+            assert again["sets"][label]["rows"][name]["tau_mean"] == stats["sets"][label]["rows"][name]["tau_mean"] \
+                or math.isnan(stats["sets"][label]["rows"][name]["tau_mean"])
