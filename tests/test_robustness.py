@@ -77,7 +77,7 @@ def test_guard_finds_the_first_bad_tensor_with_one_check():
     net[0].bias.grad[1] = float("nan")
     assert guard.check(1.0) == "gradient of '0.bias' (NaN)"
     assert guard.check_state() == "BN statistic '1.running_var' (inf)"
-    # huge finite values are finite (the infinity norm does not overflow)
+    # huge finite values are finite (an overflowing norm is checked element-wise)
     net[1].running_var.fill_(3e38)
     net[0].bias.grad.fill_(3e38)
     assert guard.check(1.0) is None

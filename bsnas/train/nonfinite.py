@@ -3,10 +3,11 @@ the BatchNorm running statistics (`FiniteGuard`), the error that stops a run on 
 (`NonFiniteError`), and the snapshot that lets a skipped step leave the BN statistics as
 they were.
 
-The healthy path costs one `torch._foreach_norm(ord=inf)` over the tensors, a stack and
-one host sync: the infinity norm (max |x|) is finite exactly when every element is
-(NaN propagates, and unlike the 2-norm it cannot overflow on large finite values). Only
-when that says "bad" are the tensors walked one by one to name the first bad one.
+The healthy path costs one `torch._foreach_norm` over the tensors (one fused kernel
+group on CUDA; on one CPU thread 6 ms for 7.5M values, where the infinity norm took 47),
+a stack and one host sync: a NaN or an infinity makes the norm non-finite. Only then are
+the tensors walked one by one, to name the first bad one; if none is (the norm of huge
+but finite values overflowed), the step counts as finite.
 """
 from __future__ import annotations
 
@@ -26,16 +27,17 @@ class NonFiniteError(ValueError):
     """Training met a non-finite loss, gradient, BN statistic or parameter."""
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """True when every element of every tensor is finite (one host sync)."""
+def _norms_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when every tensor's 2-norm is finite (one host sync), as it is when all
+    their elements are; False may also mean that a norm overflowed."""
     if not tensors:
         return True
-    norms = torch._foreach_norm(tensors, ord=math.inf)
-    return bool(torch.isfinite(torch.stack(norms)).all())
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
 
 
 def _first_bad(named: list[tuple[str, torch.Tensor]]) -> str | None:
-    """The first name whose tensor holds a NaN or an infinity, with what it holds."""
+    """The first name whose tensor holds a NaN or an infinity, with what it holds; None
+    when every element is finite."""
     for name, t in named:
         if not bool(torch.isfinite(t).all()):
             kind = "NaN" if bool(torch.isnan(t).any()) else "inf"
@@ -54,36 +56,32 @@ class FiniteGuard:
     """
 
     def __init__(self, model: nn.Module):
+        # (label, tensor) pairs built once: the per-step path formats no names
         self.params = [(n, p) for n, p in model.named_parameters() if p.numel() > 0]
+        self._grad_labels = [(f"gradient of {n!r}", p) for n, p in self.params]
         buffers = [(n, b) for n, b in model.named_buffers() if b is not None and b.numel() > 0]
-        self.stats = [(n, b) for n, b in buffers
+        self.stats = [(f"BN statistic {n!r}", b) for n, b in buffers
                       if n.rpartition(".")[2] in BN_STATISTICS and b.is_floating_point()]
         self._bn_state = [b for n, b in buffers if n.rpartition(".")[2] in _BN_STATE]
         self._shadow: list[torch.Tensor] | None = None
-
-    def _grads(self) -> list[tuple[str, torch.Tensor]]:
-        return [(f"gradient of {n!r}", p.grad) for n, p in self.params if p.grad is not None]
-
-    def _stats(self) -> list[tuple[str, torch.Tensor]]:
-        return [(f"BN statistic {n!r}", b) for n, b in self.stats]
 
     def check(self, loss: float | None = None) -> str | None:
         """None when `loss` (a Python float), the gradients and the BN statistics are
         all finite; else a description of the first bad one. One fused reduction."""
         if loss is not None and not math.isfinite(loss):
             return f"loss ({loss})"
-        named = self._grads() + self._stats()
-        if _all_finite([t for _, t in named]):
+        named = [(label, p.grad) for label, p in self._grad_labels if p.grad is not None] + self.stats
+        if _norms_finite([t for _, t in named]):
             return None
-        return _first_bad(named) or "a tensor that changed while checked"
+        return _first_bad(named)
 
     def check_state(self) -> str | None:
         """None when every parameter and BN statistic is finite (what a checkpoint
         holds), else the first bad one ("parameter 'x' (NaN)"). One fused reduction."""
-        named = [(f"parameter {n!r}", p.detach()) for n, p in self.params] + self._stats()
-        if _all_finite([t for _, t in named]):
+        named = [(f"parameter {n!r}", p.detach()) for n, p in self.params] + self.stats
+        if _norms_finite([t for _, t in named]):
             return None
-        return _first_bad(named) or "a tensor that changed while checked"
+        return _first_bad(named)
 
     def snapshot(self) -> None:
         """Copy the BN buffers (one fused copy into buffers allocated once)."""
