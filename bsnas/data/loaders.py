@@ -471,8 +471,8 @@ class DaliTensorLoader(TensorLoader):
                 self._pipe.feed_input("mirror", flip)
             out = self._pipe.run()[0].as_tensor()
             x = torch.empty(out.shape(), dtype=torch.float32, device=self.device)
-            stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-            feed_ndarray(out, x, cuda_stream=stream)
+            # A blocking copy: the next run() may reuse DALI's output buffer.
+            feed_ndarray(out, x, cuda_stream=None)
             y = self.images.labels[torch.tensor(batch, dtype=torch.int64)]
             yield x, y.to(self.device, non_blocking=True)
 
