@@ -691,24 +691,24 @@ inline void plane_wgrad_k(const T* buf, const Pass& p, const T* g, int64_t gl,
       const int64_t nk = std::min<int64_t>(8, K - kw0);
       Vec<T> a[8];
       for (int j = 0; j < 8; ++j) a[j] = Vec<T>{};
-      // One vector of outputs at ow0; Tail: its first p.Wo - ow0 lanes only.
-      const auto step = [&]<bool Tail>(const T* gr, const T* br, int64_t ow0) {
-        const Vec<T> gv = vload(gr + ow0);
-        const auto in = [&](int64_t o) {
-          return Tail ? vload_first(br + o + ow0, p.Wo - ow0) : vload(br + o + ow0);
-        };
-        if (KT) {
-          for (int j = 0; j < (KT < 8 ? KT : 8); ++j) a[j] += gv * in(toff[kh * K + kw0 + j]);
-        } else {
-          for (int64_t j = 0; j < nk; ++j) a[j] += gv * in(toff[kh * K + kw0 + j]);
-        }
-      };
       for (int64_t oh = 0; oh < p.Ho; ++oh) {
         const T* gr = g + oh * gl;
         const T* br = buf + oh * rs;
-        int64_t ow0 = 0;
-        for (; ow0 + V <= p.Wo; ow0 += V) step.template operator()<false>(gr, br, ow0);
-        if (ow0 < p.Wo) step.template operator()<true>(gr, br, ow0);
+        for (int64_t ow0 = 0; ow0 < gl; ow0 += V) {
+          const Vec<T> gv = vload(gr + ow0);
+          const int64_t nv = p.Wo - ow0;  // outputs in this vector
+          if (nv >= V) {
+            if (KT) {
+              for (int j = 0; j < (KT < 8 ? KT : 8); ++j)
+                a[j] += gv * vload(br + toff[kh * K + kw0 + j] + ow0);
+            } else {
+              for (int64_t j = 0; j < nk; ++j) a[j] += gv * vload(br + toff[kh * K + kw0 + j] + ow0);
+            }
+          } else {
+            for (int64_t j = 0; j < nk; ++j)
+              a[j] += gv * vload_first(br + toff[kh * K + kw0 + j] + ow0, nv);
+          }
+        }
       }
       for (int64_t j = 0; j < nk; ++j) {
         Acc s = 0;
