@@ -113,6 +113,25 @@ BASE_CONFIG = CONFIGS["digits"]
 RESULTS_MD = os.path.join(ROOT, "benchmarks", "results", "ranking.md")
 SECTION = "## Ranking correlation"
 
+#: `--small-space`: a 6-layer Fashion-MNIST space at 14x14 and 7x7 (the `fashion` preset's
+#: 12 layers, first stage at 28x28, cost about 10x more per image: too much for a study of
+#: some 60 stand-alone models and 8 supernets on a 2-core CPU within about 90 minutes).
+SMALL_SPACE = """\
+name: fashion-small
+resolution: 28
+in_channels: 1
+classes: 10
+activation: relu6
+stem: {channels: 16, kernel: 3, stride: 2}
+ops: [k3, k5, k7, skip]
+width: {min_ratio: 1.0, max_ratio: 6.0, step: 1.0, round_to: 8}
+stages:
+  - {channels: 16, layers: 2, stride: 1}
+  - {channels: 24, layers: 2, stride: 2}
+  - {channels: 40, layers: 2, stride: 1}
+head: {channels: 128, dropout: 0.1}
+"""
+
 SPOS = ["broaden.warmup_epochs=0", "broaden.broaden_epochs=0", "shrink.enabled=false"]
 SETTINGS: dict[str, tuple[str, list[str]]] = {
     "spos": ("(a) SPOS: uniform ops and widths from step 0, no broadening, no shrinking", SPOS),
@@ -253,6 +272,22 @@ def _nanmean(v) -> float:
     """Mean of the defined values; nan when none is."""
     v = [x for x in v if x is not None and not math.isnan(x)]
     return float(np.mean(v)) if v else math.nan
+
+
+def seed_noise(acc: np.ndarray) -> tuple[float, float]:
+    """Seed noise of stand-alone accuracies `acc` [archs, seeds] (every architecture
+    trained with the same seeds): (pooled within-architecture std, interaction std).
+    The interaction std leaves out the shift a seed gives every architecture alike
+    (two-way residual: acc - arch mean - seed mean + grand mean, with (A-1)(S-1) degrees
+    of freedom); only it reorders architectures trained with one common seed."""
+    acc = np.asarray(acc, dtype=float)
+    if acc.ndim != 2 or acc.shape[1] < 2:
+        raise ValueError(f"need accuracies [archs, seeds >= 2], got shape {acc.shape}")
+    pooled = float(math.sqrt(np.mean(np.var(acc, axis=1, ddof=1))))
+    if acc.shape[0] < 2:
+        return pooled, math.nan
+    r = acc - acc.mean(axis=1, keepdims=True) - acc.mean(axis=0, keepdims=True) + acc.mean()
+    return pooled, float(math.sqrt(np.sum(r * r) / ((acc.shape[0] - 1) * (acc.shape[1] - 1))))
 
 
 def noise_ceiling(truth: Sequence[float], sigma: float, draws: int = 1000, seed: int = 0) -> float:
@@ -656,8 +691,9 @@ def analyse_set(archs: list[Arch], space, truth: dict, proxies: dict[str, list[d
 def noise_stats(archs: list[Arch], space, standalone: dict, noise: list[int], seeds: int,
                 truth: np.ndarray | None) -> dict:
     """Seed noise of the stand-alone truth over the noise architectures: per
-    architecture the accuracies of its seeds; pooled std; the tau ceiling it implies
-    for `truth` (the K seed-0 accuracies)."""
+    architecture the accuracies of its seeds; pooled std and the interaction std
+    (`seed_noise`); the tau ceiling the interaction implies for `truth` (the K seed-0
+    accuracies)."""
     rows, variances = [], []
     for i in noise:
         k = digest(archs[i].to_dict())
@@ -669,10 +705,12 @@ def noise_stats(archs: list[Arch], space, standalone: dict, noise: list[int], se
         rows.append({"index": i, "arch": str(archs[i]), "macs": int(cost.flops(space, archs[i])),
                      "val_top1": vals, "mean": float(np.mean(vals)),
                      "std": float(np.std(vals, ddof=1)) if len(vals) >= 2 else math.nan})
-    sigma = float(math.sqrt(np.mean(variances))) if variances else math.nan
+    pooled = float(math.sqrt(np.mean(variances))) if variances else math.nan
+    full = [r["val_top1"] for r in rows if len(r["val_top1"]) == seeds]
+    sigma = seed_noise(np.array(full))[1] if seeds >= 2 and len(full) >= 2 else math.nan
     ceiling = noise_ceiling(truth, sigma, 500) if truth is not None and len(truth) >= 2 and not math.isnan(sigma) \
         else math.nan
-    return {"rows": rows, "seed_sigma": sigma, "ceiling": ceiling}
+    return {"rows": rows, "seed_sigma": sigma, "pooled_sigma": pooled, "ceiling": ceiling}
 
 
 def search_stats(searches: dict[str, list[dict | None]], standalone_by_arch: Callable[[dict], list[float]],
@@ -782,15 +820,18 @@ def _pct(v, digits: int = 1) -> str:
 def pilot_markdown(pilot: dict) -> list[str]:
     """The pilot's table: per epochs, seed noise against the spread of the truth."""
     lines = ["Pilot (`--pilot`): the noise architectures of set A, two seeds each, per number of "
-             "stand-alone epochs: seed noise (pooled std of the test top-1 over seeds) against the "
-             "spread of the truth (std over the architectures of their seed-mean), the tau a second "
-             "stand-alone seed would reach, and the time per model.", "",
-             "| epochs | archs | test top-1 range (%) | seed noise (points) | spread (points) | "
-             "noise / spread | tau ceiling | s per model |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "stand-alone epochs: seed noise against the spread of the truth (std over the "
+             "architectures of their seed-mean test top-1), the tau a second stand-alone seed would "
+             "reach at the study's K, and the time per model. Seed noise is the arch x seed "
+             "interaction: a seed's shift common to every architecture does not reorder them (the "
+             "pooled within-architecture std and the mean shift are shown too).", "",
+             "| epochs | archs | test top-1 range (%) | seed noise (points) | pooled std | seed 1 - seed 0 | "
+             "spread (points) | noise / spread | tau ceiling | s per model |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in pilot["rows"]:
         lines.append(f"| {r['epochs']:g} | {r['archs']} | {_pct(r['min'])}-{_pct(r['max'])} | "
-                     f"{_pct(r['sigma'], 2)} | {_pct(r['spread'], 2)} | {r['ratio']:.2f} | "
+                     f"{_pct(r['sigma'], 2)} | {_pct(r.get('pooled_sigma'), 2)} | {_pct(r.get('seed_shift'), 2)} | "
+                     f"{_pct(r['spread'], 2)} | {r['ratio']:.2f} | "
                      f"{r['ceiling']:.2f} | {r['seconds']:.0f} |")
     lines += ["", pilot["verdict"], ""]
     return lines
@@ -856,7 +897,8 @@ def markdown(label: str, meta: dict, result: dict, settings: dict) -> str:
             lines.append(f"| `{r['arch']}` | {r['macs'] / 1e6:.2f}M | "
                          f"{', '.join(_pct(v) for v in r['val_top1'])} | {_pct(r['mean'])} | {_pct(r['std'], 2)} |")
         spread = result["sets"].get("A", {}) or {}
-        lines += ["", f"Seed noise (pooled std) {_pct(n['seed_sigma'], 2)} points against a spread of "
+        lines += ["", f"Seed noise (arch x seed interaction) {_pct(n['seed_sigma'], 2)} points (pooled "
+                  f"within-architecture std {_pct(n.get('pooled_sigma'), 2)}) against a spread of "
                   f"{_pct(spread.get('spread', math.nan), 2)} points on set A; a proxy as good as a second "
                   f"stand-alone seed would reach tau of about {n['ceiling']:.2f}.", ""]
     sr = result.get("search")
@@ -957,6 +999,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", help="base config (default by --dataset)")
     p.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="override of the base config (all settings and stand-alone runs)")
+    p.add_argument("--small-space", action="store_true", help="the study's space is SMALL_SPACE "
+                   "(fashion-small, written to <out>/fashion-small.yaml) instead of the config's")
     p.add_argument("--seed", type=int, default=0, help="architecture selection seed")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--jobs", type=int, default=1, help="models trained at a time (processes)")
@@ -1025,13 +1069,21 @@ class Study:
 
     def __init__(self, args):
         self.args = args
-        self.base = base_config(args.supernet_epochs or load_config(args.config).train.epochs, args.set,
-                                args.config)
+        extra = []
+        if args.small_space:
+            path = os.path.join(args.out, "fashion-small.yaml")
+            with open(path, "w") as f:
+                f.write(SMALL_SPACE)
+            extra = [f"space={path}"]
+        self.base = base_config(args.supernet_epochs or load_config(args.config).train.epochs,
+                                extra + list(args.set), args.config)
         self.space = load_space(self.base.space)
         self.settings = _settings(args)
         self.archs_a = select_archs(self.space, args.archs, args.seed)
         self.noise = noise_indices(len(self.archs_a), min(args.noise_archs, len(self.archs_a)))
         self.cap = args.max_macs or float(np.median([cost.flops(self.space, a) for a in self.archs_a]))
+        # one MACs cap for the searches and for cost-aware shrinking
+        self.base = load_config(None, [f"search.max_macs={self.cap}"], extra=self.base.to_dict())
         b = self.base.search
         pop = args.search_population or b.population
         self.search_spec = None if args.no_search else {
@@ -1236,12 +1288,12 @@ class Study:
         for e in a.pilot_epochs:
             runs = [[self.sa_cache[self.sa_key(x.to_dict(), s, e)] for s in range(2)] for x in archs]
             acc = np.array([[r["val_top1"] for r in pair] for pair in runs])
-            sigma = float(math.sqrt(np.mean(np.var(acc, axis=1, ddof=1))))
+            pooled, sigma = seed_noise(acc)
             spread = float(np.std(acc.mean(axis=1), ddof=1))
             # a truth spread evenly with the measured std, at the study's K
             syn = np.linspace(0, spread * math.sqrt(12), a.archs)
             rows.append({"epochs": e, "archs": len(archs), "min": float(acc.min()), "max": float(acc.max()),
-                         "sigma": sigma, "spread": spread, "ratio": sigma / spread if spread else math.inf,
+                         "sigma": sigma, "pooled_sigma": pooled, "seed_shift": float(np.mean(acc[:, 1] - acc[:, 0])), "spread": spread, "ratio": sigma / spread if spread else math.inf,
                          "ceiling": noise_ceiling(syn, sigma, 300),
                          "seconds": float(np.mean([r["seconds"] for pair in runs for r in pair]))})
         good = [r for r in rows if r["ceiling"] >= 0.75]

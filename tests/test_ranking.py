@@ -217,6 +217,22 @@ def test_hierarchical_bootstrap_known_answers():
         ranking.hierarchical_bootstrap(truth, {"x": np.zeros((2, 5))}, 10)
 
 
+def test_seed_noise_interaction():
+    # every architecture shifted alike by seed 1: no interaction, only within-arch spread
+    acc = np.array([[0.80, 0.82], [0.85, 0.87], [0.90, 0.92]])
+    pooled, inter = ranking.seed_noise(acc)
+    assert pooled == pytest.approx(0.02 / math.sqrt(2)) and inter == pytest.approx(0.0, abs=1e-12)
+    # simulated: arch effects, a shift of +0.02 for seed 1, independent noise 0.01:
+    # the interaction finds the noise, the pooled std adds half the squared shift
+    rng = np.random.default_rng(0)
+    acc = rng.normal(0.85, 0.02, (400, 1)) + np.array([0.0, 0.02]) + rng.normal(0, 0.01, (400, 2))
+    pooled, inter = ranking.seed_noise(acc)
+    assert inter == pytest.approx(0.01, rel=0.1)
+    assert pooled == pytest.approx(math.sqrt(0.01 ** 2 + 0.02 ** 2 / 2), rel=0.1)
+    with pytest.raises(ValueError):
+        ranking.seed_noise(np.array([0.8, 0.9]))
+
+
 def test_drops_per_decision():
     log = {"decisions": [{"n_op_drops": 2, "n_width_drops": 1, "dropped": []},
                          {"dropped": [{"kind": "op"}, {"kind": "width"}, {"kind": "width"}]}]}
