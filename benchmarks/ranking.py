@@ -968,7 +968,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=list(CONFIGS), default="digits",
                    help="digits (configs/quickstart.yaml) or fashion_mnist (configs/fashion.yaml)")
     p.add_argument("--quick", action="store_true", help="a smoke run: few archs, short training, "
-                   "a tiny search")
+                   "a tiny search (fashion_mnist: 2,000 training images)")
     p.add_argument("--pilot", action="store_true", help="only the pilot: seed noise against spread "
                    "per number of stand-alone epochs (--pilot-epochs), and the time per model")
     p.add_argument("--pilot-epochs", help="comma-separated stand-alone epochs the pilot tries "
@@ -1024,6 +1024,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--standalone-epochs must be > 0")
     args.pilot_epochs = ([float(x) for x in args.pilot_epochs.split(",") if x.strip()] if args.pilot_epochs
                          else [args.standalone_epochs, 2 * args.standalone_epochs])
+    if q and fashion:
+        # a smoke run: a few thousand images (the user's --set still wins)
+        args.set = ["data.train_limit=2500", "data.holdout=500", "data.calib_images=256"] + list(args.set)
     args.config = args.config or CONFIGS[args.dataset]
     if not os.path.isfile(args.config):
         p.error(f"base config {args.config} does not exist")

@@ -292,11 +292,11 @@ def test_pipeline_smoke(tmp_path, capsys):
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"
     settings = "spos,bsnas" + (",randshrink" if ranking.random_shrink_available() else "")
     loose = ["--set", "shrink.threshold=0"] if "threshold" in ranking.DEFAULTS["shrink"] else []
-    argv = ["--archs", "4", "--archs-b", "3", "--standalone-epochs", "0.5", "--supernet-epochs", "2",
+    argv = ["--quick", "--archs", "4", "--archs-b", "3", "--standalone-epochs", "0.5", "--supernet-epochs", "2",
             "--noise-archs", "2", "--seeds", "2", "--supernet-seeds", "2", "--retrain-seeds", "2",
             "--settings", settings, "--bootstrap", "50", "--search-population", "4",
             "--search-generations", "2", "--label", "smoke", "--dataset", "fashion_mnist", "--config", str(tmp_path / "base.yaml"),
-            "--out", str(out), "--results", str(results)] + loose
+            "--out", str(out), "--results", str(results), "--set", "data.holdout=100"] + loose
 
     # the pilot: the noise archs x 2 seeds x 2 epoch counts, then stop
     ranking.main(argv + ["--pilot", "--pilot-epochs", "0.25,0.5"])
