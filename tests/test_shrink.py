@@ -352,6 +352,7 @@ def test_protect_cheapest_keeps_a_feasible_arch(tmp_path):
     for i in range(3):  # the protection kept exactly what the cheapest arch needs
         assert 8 in protected.widths(i)
     json.dumps(record)  # the record goes into shrink_log.json
+    assert ", protected)" in describe(record)  # evident but kept: the log says why
 
 
 def test_per_macs_scores_accuracy_per_mmac():

@@ -329,17 +329,18 @@ def enabled_digest(enabled: EnabledSpace) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _fmt_candidate(s: dict, with_z: bool = True) -> str:
+def _fmt_candidate(s: dict, with_z: bool = True, why: str = "") -> str:
     where = f"L{s['layer']}:{s['name']}"
     if not with_z or s.get("z") is None:
         return where
-    return f"{where} (gap {s['gap']:.3g}, z {s['z']:.2f})"
+    return f"{where} (gap {s['gap']:.3g}, z {s['z']:.2f}{why})"
 
 
 def describe(record: dict, evident_kept: int = 3) -> str:
     """One log line for a decision `record` (as `Shrinker.decide` returns it): what was
-    turned off with its gap and z-value, the most evident candidates that stayed on,
-    and the size of the space."""
+    turned off with its gap and z-value, the most evident candidates that stayed on
+    (with why, when beyond the threshold: protected, budget spent, or the layer's
+    floor), and the size of the space."""
     random_mode = record.get("mode") == "random"
     rule = "at random" if random_mode else f"z > {record['threshold']:g}"
     dropped = ", ".join(_fmt_candidate(s, not random_mode) for s in record["dropped"]) or "none"
@@ -347,13 +348,25 @@ def describe(record: dict, evident_kept: int = 3) -> str:
     kept = sorted((s for s in record["scores"] if s.get("z") is not None and s["z"] > 0
                    and (s["layer"], s["kind"], s["name"]) not in gone),
                   key=lambda s: -s["z"])[:evident_kept]
+    protected = {(p["layer"], p["kind"], p["name"]) for p in record.get("protected", [])}
+    spent = {"op": record["n_op_drops"] >= record["budget"]["ops"],
+             "width": record["n_width_drops"] >= record["budget"]["widths"]}
+
+    def why(s: dict) -> str:
+        if s["z"] <= record["threshold"]:
+            return ""
+        if (s["layer"], s["kind"], s["name"]) in protected:
+            return ", protected"
+        return ", budget spent" if spent[s["kind"]] else ", layer at its floor"
+
     line = (f"shrinking after epoch {record['epoch']} ({record.get('mode', 'evidence')}, "
             f"{record.get('metric', '')}): {record['samples']} paths ({record['distinct_paths']} "
             f"distinct) in {record.get('seconds', 0.0):.1f}s; turned off {record['n_op_drops']}/"
             f"{record['budget']['ops']} ops and {record['n_width_drops']}/{record['budget']['widths']} "
             f"widths ({rule}): {dropped}")
     if not random_mode:
-        line += "; most evident kept: " + (", ".join(_fmt_candidate(s) for s in kept) or "none")
+        line += "; most evident kept: " + (", ".join(_fmt_candidate(s, True, why(s)) for s in kept)
+                                           or "none")
     return line + f"; space {record['size_before']:.3e} -> {record['size_after']:.3e} archs"
 
 
