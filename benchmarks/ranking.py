@@ -887,8 +887,8 @@ def markdown(label: str, meta: dict, result: dict, settings: dict) -> str:
             lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
         power = ", ".join(f"set {x}: {s['power']:.2f}" for x, s in result["sets"].items()
                           if s and not math.isnan(s["power"]))
-        lines += ["", f"Power: the median half-width of the paired intervals between settings ({power}) is "
-                  "the smallest difference in tau this study resolves.", ""]
+        lines += ["", f"Power: the median half-width of the paired intervals between settings ({power or 'n/a'}) "
+                  "is the smallest difference in tau this study resolves.", ""]
     n = result["noise"]
     if n["rows"]:
         lines += ["Seed noise of the truth (stand-alone test top-1, %, over seeds):", "",
@@ -930,6 +930,9 @@ def markdown(label: str, meta: dict, result: dict, settings: dict) -> str:
         lines.append("")
     for name, diags in result.get("shrinking", {}).items():
         for d in diags:
+            if not d["paths"]:  # the random control measures no path
+                lines.append(f"- `{name}` epoch {d['epoch']}: {d['dropped']} dropped at random")
+                continue
             lines.append(f"- `{name}` epoch {d['epoch']}: {d['paths']} paths, held-out top-1 "
                          f"{_pct(d['path_top1_mean'])} +- {_pct(d['path_top1_std'])} %; median "
                          f"{d['median_count']:.0f} paths per candidate; {d['dropped']} dropped, "
