@@ -921,6 +921,10 @@ def markdown(label: str, meta: dict, result: dict, settings: dict) -> str:
                       f"{_pct(ra['best'], 2)} % (`{ra['best_arch']}`, {ra['best_macs'] / 1e6:.2f}M MACs), "
                       f"mean {_pct(ra['mean'], 2)} %."]
         lines.append("")
+    plots = {k: v for k, v in (meta.get("plots") or {}).items() if v}
+    if plots:
+        lines += ["Plots: " + ", ".join(f"[{k}]({os.path.basename(v)})" for k, v in plots.items())
+                  + " (proxy against truth per setting, seed 0; tau with its interval per setting).", ""]
     c = result.get("compute")
     if c:
         lines += ["Compute (seconds of wall time per process, summed over the cached runs):", "",
@@ -1464,6 +1468,14 @@ def main(argv=None) -> dict:
             "n_boot": args.bootstrap, "search": study.search_spec,
             "machine": _machine(), "wall_min": (time.perf_counter() - tic) / 60, "plots": paths,
             "cpu_min": (ru_self.ru_utime + ru_self.ru_stime + ru_kids.ru_utime + ru_kids.ru_stime) / 60}
+    if args.results:
+        # the plots go next to the results file, linked from its block
+        import shutil
+        for name, path in paths.items():
+            if path:
+                dst = os.path.join(os.path.dirname(os.path.abspath(args.results)), f"ranking-{args.label}-{name}.png")
+                shutil.copyfile(path, dst)
+                paths[name] = os.path.basename(dst)
     text = markdown(args.label, meta, result, study.settings)
     with open(os.path.join(args.out, "ranking.md"), "w") as f:
         f.write(text)

@@ -351,6 +351,9 @@ def test_pipeline_smoke(tmp_path, capsys):
     md = results.read_text()
     assert "<!-- ranking:smoke:begin -->" in md and "| spos: (a) SPOS" in md and "Paired differences" in md
     assert "Pilot" in md and "Search at equal cost" in md
+    # the plots sit next to the results file, linked from its block
+    for name in ("scatter", "tau"):
+        assert (tmp_path / f"ranking-smoke-{name}.png").stat().st_size > 0 and f"(ranking-smoke-{name}.png)" in md
     saved = json.loads((out / "ranking.json").read_text())
     assert saved["stats"]["compute"] and saved["meta"]["search"]["max_macs"] == search["cap"]
 
