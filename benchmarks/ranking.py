@@ -66,8 +66,16 @@ recipe or setting gets new cache keys), supernets/<setting>-<hash>/ (trainer out
 checkpoints: a supernet resumes mid-training; search state), pilot.json, ranking.json
 (statistics, and the compute each part took), ranking.md, scatter.png (proxy vs truth
 per setting) and tau.png (tau with intervals). ranking.md also goes into
-benchmarks/results/ranking.md (`--results`) between markers of its label. `--no-train`
-renders what the caches hold (partial results included) without training anything.
+benchmarks/results/ranking.md (`--results`) between markers of its label, with the two
+plots copied next to it as ranking-<label>-scatter.png and ranking-<label>-tau.png.
+`--no-train` renders what the caches hold (partial results included) without training
+anything.
+
+Compute: `--small-space` swaps the config's space for `fashion-small` (SMALL_SPACE, 6
+layers at 14x14 and 7x7: about a tenth of the `fashion` preset's cost per image);
+`--set data.train_limit=N` trains supernets and stand-alone models on a seeded subset;
+`--proxy-images` and `--set data.calib_images=N` bound the cost of each proxy. `--quick`
+on fashion_mnist trains on 2,000 images.
 
 Usage: python benchmarks/ranking.py --dataset fashion_mnist [--pilot] [--quick] [--jobs N]
 Runs torch single-threaded; `--jobs 2` trains two models at a time on an idle 2-core
