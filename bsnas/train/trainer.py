@@ -240,7 +240,9 @@ class Trainer:
         if self.dist.world_size <= 1:
             return loss_sum, correct
         # Every rank trained the same paths (the sampler is seeded by the step), so the
-        # same parameters hold gradients and the same BN entries were updated.
+        # same parameters hold gradients and the same BN entries were updated. One
+        # all-reduce of those, not DistributedDataParallel: DDP must reduce the whole
+        # supernet for a single path and was slower (docs/performance.md).
         # BN statistics are averaged rather than broadcast from rank 0 (DDP's
         # broadcast_buffers): every rank's images then count, as in the gradient, and
         # they ride in the gradients' all-reduce, where a broadcast is one more collective.
