@@ -2,7 +2,7 @@
 // every op compiled into the same library; the functions here describe the build.
 #include <torch/extension.h>
 
-#include "ops/cpu/cache_size.h"
+#include "ops/cpu/memory_policy.h"
 
 namespace bsnas::cpu {
 const char* selected_isa();  // csrc/ops/cpu/register_cpu.cpp

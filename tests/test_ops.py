@@ -415,7 +415,7 @@ def test_dwconv_streamed_large_output(k):
 
 
 # The streaming thresholds read against a 32 MiB last-level cache whatever this
-# machine's (set explicitly: cache_size.cpp's last_level_cache_bytes), so that the cases
+# machine's (set explicitly: memory_policy.cpp's last_level_cache_bytes), so that the cases
 # below take the same paths everywhere.
 LLC_32MIB = {"BSNAS_CPU_LLC_BYTES": str(32 << 20)}
 

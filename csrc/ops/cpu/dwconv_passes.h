@@ -28,17 +28,6 @@ void with_act(int64_t act, const Fn& fn) {
   else fn.template operator()<kActIdentity>();
 }
 
-// Scratch bytes of a group of small NCHW planes convolved together.
-constexpr int64_t kPlaneGroupBytes = 64 * 1024;
-
-// Scratch bytes per strip of the channels_last passes: a fraction of a core's L2.
-constexpr int64_t kStripBytes = 192 * 1024;
-
-// Bytes of one run's register window over all channels (kernel rows x window pixels x
-// channels) up to which window_pass takes each run through every block before the
-// next: about two thirds of a core's L1 data cache.
-constexpr int64_t kWindowBytes = 32 * 1024;
-
 // -------------------------------------------------------------------------- NCHW
 
 // For every plane nc = n * C + c: pack src(nc) (a functor of the index within the
@@ -153,12 +142,9 @@ inline void block_to_planes(T* ys, const T* ob, int64_t n, int64_t lanes) {
 // 3, 5 or 7, dilation 1, stride 1 or 2, spread 1 (returns false for anything else,
 // doing nothing). src / dst: NCHW tensors of C channels with p.Hs x p.Ws / p.Ho x p.Wo
 // planes; flip as in pack_taps.
-// Measured on the dev box (tenth session, AMD EPYC, N=8, 2 threads, same-run A/B
-// against plane_pass, oneDNN on slices alongside): with the transposes in registers
-// (element by element before) this pass is ahead from 7x7 to 112x112 planes: forward
-// 28x28 c240 k3/k5 at 100 % 0.43/0.67 -> 0.28/0.35 ms, 56x56 c144 k5/k7 1.44/2.37 ->
-// 0.92/1.23 ms, 112x112 c48 k3/k7 1.14/2.75 -> 0.95/1.79 ms; forward+backward 56x56
-// c144 k3 3.86 -> 3.26 ms. Larger planes keep plane_pass (scratch past a core's L2).
+// Taken for planes up to 128x128: there it beats plane_pass, whose vectors along a row
+// are mostly empty; larger planes keep plane_pass (this scratch would outgrow a core's
+// L2).
 constexpr int64_t kBlockedPlanePixels = 128 * 128;
 
 template <typename T>
@@ -401,14 +387,13 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
     constexpr int64_t V = kLanes<T>, kk = K * K;
     const int64_t W = p.Ws, H = p.Hs, nb = num_blocks<T>(C), image = H * W * C;
     // The last block ends at channel C (end_aligned_block), so only runs that reach
-    // into the padding, or C < V, mask their loads. Same-run A/B against a masked last
-    // block (dev box, N=8, 2 threads, forward): 56x56 c72 k3 0.27-0.30 -> 0.24-0.27 ms,
-    // 28x28 c60 k3 0.051-0.055 -> 0.046-0.047 ms, 14x14 c120 0.031-0.032 -> 0.025-0.030.
+    // into the padding, or C < V, mask their loads (masked loads in every run of a
+    // last block cost up to a fifth of the pass).
     const int64_t lanes = std::min(V, C);
     std::vector<T> taps(static_cast<size_t>(nb * kk * V));
     pack_taps(taps.data(), w, C, kk, flip, true);
     // Runs outermost (each run through every block) while a run's window over all
-    // channels fits in L1, blocks outermost otherwise (measured both ways, dev box).
+    // channels fits in L1 (each window is then read once), blocks outermost otherwise.
     const bool runs_outer = K * (S * 7 + K) * C * int64_t(sizeof(T)) <= kWindowBytes;
     // A result beyond the cache share whose pixels start on cache lines goes straight
     // from the registers to memory (put_run, non-temporal). One whose pixels do not (the
@@ -416,17 +401,9 @@ bool window_pass(const Pass& p, int64_t N, int64_t C, const T* x, const T* w, bo
     // fetching ahead: each run asks for the output lines that the run after it writes
     // (prefetchw; a task's rows follow each other in memory, so the last run of a row
     // reaches into the next) and for the newest kernel row's input lines under that run,
-    // a share before each channel block. Measured on the Intel Xeon dev box (seventeenth
-    // session, forward, N=8, 2 threads, k3 / k5, four runs over two builds, each with an
-    // environment switch between the two), against the twelfth session's rows
-    // staged in a cached buffer and streamed from there: 112x112 c24 0.78-0.80 ->
-    // 0.60-0.64 / 1.16-1.27 -> 0.96-1.04 ms, 56x56 c72 0.59-0.67 -> 0.42-0.48 / 0.86-0.89
-    // -> 0.69-0.70 ms, c36 0.31-0.34 -> 0.26-0.28 / 0.48-0.56 -> 0.42-0.46 ms (slicing /
-    // ours 0.76x-1.13x -> 1.00x-1.27x). Fetching two or four runs ahead was no better;
-    // fetching ahead instead of streaming line-aligned results was slower at 14x14 c480
-    // and 28x28 c240 k5. The AMD EPYC box, on which staging had been measured (twelfth
-    // session: 112x112 c24 k3 0.45-0.53 -> 0.29-0.40 ms against plain cached stores), has
-    // not run it.
+    // a share before each channel block. One run ahead: it beats staging the rows in a
+    // cached buffer and streaming them out, and fetching further ahead gains nothing;
+    // line-aligned results stream rather than fetch ahead, which is slower for them.
     const int64_t row_values = p.Wo * C;
     const int64_t in_bytes = N * image * int64_t(sizeof(T));
     const int64_t out_bytes = N * p.Ho * row_values * int64_t(sizeof(T));
@@ -640,11 +617,8 @@ void grouped_weight_grad(int64_t N, int64_t C, int64_t kk, T* gw, const MakeWork
 // each output row's runs go through window_wgrad_run, kWgradRows kernel rows at a time,
 // as window_weight_grad does on channels_last tensors (float sums per (row, kernel row)
 // added into the task's double partial [k*k][V]; partials summed in group order).
-// Returns false (doing nothing) otherwise. Measured on the dev box (tenth session, AMD
-// EPYC, N=8, 2 threads, forward + backward of masked_dwconv2d, k3, two same-run A/Bs
-// against plane_weight_grad, which vectorises along a plane row): 7x7 c960 0.69-0.73 ->
-// 0.36-0.38 ms, 14x14 c480 0.79-0.80 -> 0.55-0.62 ms, 28x28 c240 1.12 -> 0.91 ms,
-// stride 2 from 56x56 c72 1.04-1.11 -> 0.88 ms; 112x112 c48 even.
+// Returns false (doing nothing) otherwise. Ahead of plane_weight_grad, which vectorises
+// along a plane row, on 7x7 to 56x56 planes; level with it at 112x112.
 template <typename T>
 bool blocked_weight_grad(const DwGeometry& g, const T* x, const T* gy, T* gw) {
   if (g.channels_last || g.H * g.W > kBlockedPlanePixels) return false;
@@ -703,14 +677,8 @@ void block_weight_grad(const DwGeometry& g, const ASrc& a, const GSrc& gsrc, T* 
 // sums per (output row, kernel row) added into the task's double partial [k*k][V];
 // partials summed in group order. Taken on inputs of at least 28x28 pixels
 // (kWindowWgradPixels); otherwise it returns false, doing nothing, and
-// block_weight_grad (packed, zero-padded copies) runs. Measured on the dev box (AMD
-// EPYC, N=8, 2 threads, forward + backward of masked_dwconv2d, full width): ninth
-// session, one kernel row per run, 112x112 1.16x-1.79x faster than block_weight_grad,
-// 56x56 and 28x28 k3 1.08x-1.33x, k5/k7 below 112x112 0.75x-1.12x; twelfth session,
-// rows taken together (two same-run A/Bs), 28x28 c120 k3 0.31-0.48 -> 0.25-0.30 ms,
-// 56x56 c72 k3 0.75 -> 0.60-0.64 ms, and ahead of block_weight_grad at 56x56 and 28x28
-// for k5/k7 too (56x56 c72 k5 1.13 -> 0.80-0.84 ms, 28x28 c120 k5 0.46-0.49 -> 0.37
-// ms), even at 14x14, slower at 7x7 (most runs reach into the padding there).
+// block_weight_grad (packed, zero-padded copies) runs: from 28x28 up this pass is
+// ahead for kernels 3, 5 and 7; at 7x7 most runs reach into the padding and it is slower.
 constexpr int64_t kWindowWgradPixels = 28 * 28;
 
 template <typename T>

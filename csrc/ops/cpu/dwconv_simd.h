@@ -40,7 +40,7 @@
 #include <vector>
 
 #include "../masked_conv_common.h"
-#include "cache_size.h"
+#include "memory_policy.h"
 
 #ifndef BSNAS_CPU_ISA
 #error "define BSNAS_CPU_ISA (the instruction-set namespace) before including"
@@ -53,6 +53,20 @@ namespace bsnas {
 namespace cpu {
 namespace BSNAS_CPU_ISA {
 namespace simd {
+
+// The memory policy (memory_policy.h), ISA-independent, used unqualified below.
+using cpu::exceeds_cache_share;
+using cpu::kCacheLineBytes;
+using cpu::kPlaneGroupBytes;
+using cpu::kStripBytes;
+using cpu::kWindowBytes;
+using cpu::line_span;
+using cpu::LineSpan;
+using cpu::page_resident;
+using cpu::prefetch_input_rows;
+using cpu::prefetch_l2;
+using cpu::prefetch_lines;
+using cpu::stream_output;
 
 // ------------------------------------------------------------------ vectors
 
@@ -196,10 +210,7 @@ inline void for_wide_blocks(int64_t n, const F& f) {
 // Calls f(start, integral_constant<R>) over [0, n) in ceil(n / Run) runs of as equal
 // lengths as can be (R and R + 1), rather than runs of Run and a short remainder: a
 // row of 14 takes 7 + 7, not 12 + 2, whose 2 accumulators wait on the multiply-add
-// latency. window_pass, channels_last forward, N=8, 2 threads, dev box (Xeon VM, one
-// build with a switch between the two, processes alternated twice; sixteenth session):
-// 14x14 c480 k3 0.32-0.38 -> 0.30-0.31 ms (slicing / ours 0.83-0.89x -> 0.89-0.96x);
-// other shapes within the noise.
+// latency.
 template <int Run, typename F>
 inline void for_balanced_runs(int64_t n, const F& f) {
   if (n <= 0) return;
@@ -225,75 +236,6 @@ template <typename T>
 inline T* align_to_vector(T* p) {
   constexpr int64_t V = kLanes<T>;
   return p + (V - static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) / sizeof(T)) % V) % V;
-}
-
-// Bytes of a cache line.
-constexpr int64_t kCacheLineBytes = 64;
-
-// Whether the memory page holding p is resident (mincore; true where that is unknown).
-// A block freshly mapped for a new tensor is not, until first written.
-inline bool page_resident(const void* p) {
-#if defined(__linux__)
-  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  unsigned char v = 1;
-  void* base = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p) & ~(page - 1));
-  if (mincore(base, 1, &v) != 0) return true;
-  return (v & 1) != 0;
-#else
-  (void)p;
-  return true;
-#endif
-}
-
-// Asks for the cache lines of p[0, n) to be brought into L2 (a hint: no faults, no
-// effect on results).
-// GCC drops __builtin_prefetch inside the OpenMP regions of at::parallel_for, hence the
-// instruction itself on x86.
-template <typename T>
-inline void prefetch_l2(const T* p, int64_t n) {
-  constexpr int64_t kLine = kCacheLineBytes / sizeof(T);
-  for (int64_t i = 0; i < n; i += kLine) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    asm volatile("prefetcht1 %0" : : "m"(*reinterpret_cast<const char*>(p + i)));
-#else
-    __builtin_prefetch(p + i, 0, 2);
-#endif
-  }
-}
-
-// The cache lines under base[lo, hi), clamped to base[0, n) (a tensor's extent), to be
-// prefetched a share at a time (prefetch_lines).
-struct LineSpan {
-  uintptr_t line0 = 0;  // address of the first line
-  int64_t count = 0;
-};
-template <typename T>
-inline LineSpan line_span(const T* base, int64_t lo, int64_t hi, int64_t n) {
-  lo = std::max<int64_t>(lo, 0);
-  hi = std::min<int64_t>(hi, n);
-  if (lo >= hi) return {};
-  const auto a = reinterpret_cast<uintptr_t>(base + lo);
-  const auto b = reinterpret_cast<uintptr_t>(base + hi);
-  const uintptr_t l0 = a / kCacheLineBytes * kCacheLineBytes;
-  return {l0, static_cast<int64_t>((b - l0 + kCacheLineBytes - 1) / kCacheLineBytes)};
-}
-// Asks for lines [i0, i1) of `span` (clamped to it) in L1: for writing (prefetchw: the
-// line arrives owned, so the stores that fill it do not wait) or for reading.
-template <bool ForWrite>
-inline void prefetch_lines(const LineSpan& span, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < std::min(i1, span.count); ++i) {
-    const uintptr_t line = span.line0 + uintptr_t(i) * kCacheLineBytes;
-    const auto* p = reinterpret_cast<const char*>(line);
-#if defined(__x86_64__) && defined(__GNUC__)
-    if constexpr (ForWrite) {
-      asm volatile("prefetchw %0" : : "m"(*p));
-    } else {
-      asm volatile("prefetcht0 %0" : : "m"(*p));
-    }
-#else
-    __builtin_prefetch(p, ForWrite ? 1 : 0, 3);
-#endif
-  }
 }
 
 // Parallel tasks of about this many multiply-adds.
@@ -536,48 +478,6 @@ inline void stream_fence() {
 template <typename T>
 inline bool vector_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % BSNAS_VEC_BYTES == 0;
-}
-
-// Whether a pass reading `in_bytes` and writing `out_bytes` moves more than 30 % of the
-// last-level cache: its result would leave the cache before it is read again.
-inline bool exceeds_cache_share(int64_t in_bytes, int64_t out_bytes) {
-  return (in_bytes + out_bytes) * 10 > last_level_cache_bytes() * 3;
-}
-
-// Whether such a pass should write its result with non-temporal stores (a cached store
-// first reads every line it writes). Only whole lines are streamed: put_run straight from
-// the registers, where pixels start on lines (a non-temporal store of part of a line is
-// slow); window_pass fetches ahead where they do not (see there). Measured on the dev box
-// (AMD EPYC, 32 MiB L3, channels_last k3 forward, N=8, 2 threads): tenth session,
-// streaming above 3/4 of the cache, 112x112 c48 (38.5 MB in + out) 1.25 -> 0.46 ms and
-// 56x56 c144 k5 (29 MB) 0.53-1.0 -> 0.48 ms, while 112x112 c24 and 56x56 c72 (pixels
-// not line-aligned) were slower streamed; eleventh session, 56x56 c64-c112 (12.8-22.5 MB)
-// 3.1-5.9 -> 2.5-2.6 us per channel streamed above 30 %, c72-c136 with partial lines
-// 5-9 us per channel either way (four runs, same build, env switch); twelfth session,
-// rows of those staged and streamed (stream_copy), 2 threads: 112x112 c24 k3 0.45-0.53
-// -> 0.29-0.40 ms, k5 0.57-0.72 -> 0.46 ms, 56x56 c72 k3 unchanged (0.22-0.32 ms either
-// way).
-// Thirteenth session: not when the result's last page is not resident yet (a fresh
-// mapping, whose first page holds the allocator's header; by default glibc maps every
-// block above its threshold, 128 KiB adapting up to 32 MiB, afresh): faulting it in
-// zeroes each page through the cache, and non-temporal stores then write the lines a
-// second time. 112x112 c96 (38.5 MB out) k3 / k5 forward, page faults in every call:
-// 11.8-12.0 / 12.5-13.5 ms streamed, 10.2-11.0 / 11.5-12.3 ms cached (slicing 10.6-11.2
-// / 11.5-12.2); with the pages resident (host_memory.keep_freed_memory) streaming stays.
-inline bool stream_output(int64_t in_bytes, int64_t out_bytes, const void* out) {
-  return exceeds_cache_share(in_bytes, out_bytes) &&
-         page_resident(static_cast<const char*>(out) + out_bytes - 1);
-}
-
-// Whether a pass prefetches the input rows of its next output row into L2 while it
-// computes the current one: when the input alone exceeds the last-level cache (it then
-// comes from memory; the hardware prefetchers left the stalls in the compute). Measured
-// on the dev box (thirteenth session, channels_last forward, N=8, 2 threads, freed memory
-// kept so that page faults did not hide it, two same-run A/Bs): 112x112 c96 (38.5 MB
-// input) k3 2.1-2.5 -> 1.07-1.48 ms, k5 1.9-3.3 -> 1.6-1.7, k7 3.5-4.8 -> 2.6-3.0;
-// inputs that fit (112x112 c48, 56x56 c96 / c144) were unchanged or up to 15 % slower.
-inline bool prefetch_input_rows(int64_t in_bytes) {
-  return in_bytes > last_level_cache_bytes();
 }
 
 // R output vectors of one plane at scratch offsets base[r] (values): acc[r] over all
@@ -1194,10 +1094,7 @@ inline void block_wgrad_k(const T* buf, const Pass& p, const T* g, const int64_t
 // Kernel 3, 5 or 7 at stride 1, dilation 1 (the scratch then holds plain padded rows:
 // tap (kh, kw) at kh * row_len + kw), output rows of at least kWindowWgradCols pixels:
 // through the register window (padded_window_wgrad); any other pass by block_wgrad_k.
-// Measured on the dev box (twelfth session, bn_act_dwconv2d backward, channels_last,
-// N=16, 2 threads, same-run A/B): 28x28 c120 k5 1.60-1.64 -> 1.35-1.40 ms, 14x14 c240
-// k3 0.45-0.47 -> 0.43 ms; at 7x7 (one run of 7 per output row) slower, c960 k3
-// 0.57-0.63 -> 0.61-0.86 ms.
+// Shorter rows (7x7: one run of 7 per output row) are slower through the window.
 constexpr int64_t kWindowWgradCols = 14;
 
 template <typename T>

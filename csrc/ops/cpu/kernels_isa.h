@@ -15,20 +15,16 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>  // mincore (dwconv_simd.h: page_resident)
-#include <unistd.h>
-#endif
-
 #include <algorithm>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "../masked_conv_common.h"
+#include "memory_policy.h"
 
 namespace bsnas::cpu {
-// A float32 GEMM over a batch (gemm_cpu.h): for every b < batch,
+// A float32 GEMM over a batch (gemm_kernel.h): for every b < batch,
 //   C_b[m][n] (row stride ldc) (+)= sum_k A_b(m, k) B_b(k, n),
 //   A_b(m, k) = a[b * a_batch + m * as_m + k * as_k], B_b(k, n) = b[b * b_batch + k * bs_k
 //   + n * bs_n], C_b at c + b * c_batch,
@@ -91,7 +87,7 @@ inline at::Tensor rows_view(const at::Tensor& t) {
   return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
 }
 
-// The float32 GEMM of the 1x1 convolutions (gemm_cpu.h, GemmArgs above) in the widest
+// The float32 GEMM of the 1x1 convolutions (gemm_kernel.h, GemmArgs above) in the widest
 // instruction-set copy the CPU supports. The batch's C blocks must not overlap (they
 // are computed in parallel).
 void gemm_f32(const GemmArgs& g);
@@ -102,10 +98,9 @@ int64_t gemm_f32_lanes();
 
 // out (+)= a @ b for 2-D tensors (added with `add`; out written in full otherwise).
 // float32 on CPU with a unit-stride out row runs gemm_f32, reading a and b through
-// their strides (MKL's sgemm behind at::mm ran at half the speed of oneDNN's 1x1
-// convolutions on the dev box's AMD EPYC, and oneDNN's matmul is reachable only
-// through a wrapper that copies a non-contiguous weight block); everything else
-// at::mm / addmm.
+// their strides (MKL's sgemm behind at::mm runs at half the speed of oneDNN's 1x1
+// convolutions, and oneDNN's matmul is reachable only through a wrapper that copies a
+// non-contiguous weight block; gemm_kernel.h); everything else at::mm / addmm.
 // Whether out (+)= a @ b(s) runs gemm_f32: float32 CPU tensors, a unit-stride out row,
 // nothing empty (a: [M, K]; out: [M, P] or [N, M, P]).
 inline bool runs_gemm_f32(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
@@ -128,7 +123,7 @@ inline void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& 
 
 // out[n] (+)= a @ b[n] for every n of the 3-D out [N, M, P] and b [N, K, P], one 2-D a
 // [M, K] shared by all: one batched gemm_f32 for float32 on CPU (one parallel region
-// for the whole batch: per-image calls spent 5-10 us each starting threads), else one
+// for the whole batch: per-image calls would each pay for starting threads), else one
 // batched GEMM whose a has batch stride 0 (nothing is copied).
 inline void shared_left_bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                                  bool add = false) {

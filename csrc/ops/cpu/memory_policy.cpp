@@ -1,21 +1,14 @@
-// bsnas::cpu::last_level_cache_bytes (cache_size.h).
+// bsnas::cpu::last_level_cache_bytes (memory_policy.h).
 //
 // Why the per-CPU bound: a VM may list its host package's whole L3 while sharing it with
-// every other guest. The fifteenth session's dev box, an Intel Xeon VM with 2 vCPUs,
-// lists a 480 MiB L3 shared by its 2 CPUs; read against that, no output was ever
-// streamed and no input prefetched, and the channels_last depthwise forward fell to
-// 0.42x-0.99x of slicing at the shapes the thresholds were measured at (on the AMD EPYC
-// box, whose VM lists the 32 MiB L3 it shares by 2 CPUs). Real caches hold at most about
-// 12 MiB a core (AMD's stacked-cache parts), so a listing of more than 16 MiB a sharing
-// CPU is taken for the host's cache, and the guest's share of it is unknown: then 8 MiB
-// a sharing CPU, at least 16 MiB. On the Xeon VM that is 16 MiB; against the fifteenth
-// session's 32 MiB floor, the sixteenth session's op benchmark met slicing in 281, 279
-// and 275 of 300 cells against 275 and 272 (runs vary by about 5 cells on that box), and
-// the block benchmark was unchanged. Listings
-// of up to 16 MiB a CPU (the AMD box's 32 MiB for 2) are used as they are.
-// benchmarks/RESULTS.md has the measurements.
+// every other guest; read against such a listing, no output would ever stream and no
+// input be prefetched. Real caches hold at most about 12 MiB a core (AMD's stacked-cache
+// parts), so a listing of more than 16 MiB a sharing CPU is taken for the host's cache,
+// whose guest share is unknown: then 8 MiB a sharing CPU, at least 16 MiB. Listings of
+// up to 16 MiB a CPU are used as they are. docs/performance.md ("The cache-share rule")
+// has the measurements.
 
-#include "cache_size.h"
+#include "memory_policy.h"
 
 #include <c10/util/Exception.h>
 

@@ -23,8 +23,8 @@
 
 #include <vector>
 
-#include "bn_act_cpu.h"
-#include "channel_stats_cpu.h"
+#include "bn_act_kernel.h"
+#include "channel_stats_kernel.h"
 #include "dwconv_passes.h"
 
 namespace bsnas {

@@ -4,10 +4,9 @@
 // block of a full weight is a strided view; nothing is sliced into a tensor) and C
 // written with unit column stride. Compiled once per instruction set (kernels_isa.h).
 //
-// Why not at::mm: on the dev box (tenth session, AMD EPYC, 2 threads) MKL's sgemm behind
-// at::mm ran at about half the speed of oneDNN's 1x1 convolutions (the slicing
-// baseline); oneDNN's own matmul is reachable only through at::native::mkldnn_matmul,
-// which copies a non-contiguous weight block into a tensor first.
+// Why not at::mm: MKL's sgemm behind at::mm runs at about half the speed of oneDNN's 1x1
+// convolutions (the slicing baseline; docs/performance.md); oneDNN's own matmul is
+// reachable only through at::native::mkldnn_matmul, which copies a non-contiguous weight block into a tensor first.
 //
 // Register tiles of MR rows x 2 vectors of columns: per k, two B vectors and MR
 // broadcasts of A feed 2 * MR multiply-adds. B is read in place where its columns are
@@ -195,10 +194,7 @@ void gemm_f32(const GemmArgs& g) {
   // A large result written in one pass (no depth passes to add, nothing to add to) on
   // cache-line-aligned rows leaves through non-temporal stores in its whole tiles, as
   // the depthwise passes do (stream_output: beyond 30 % of the last-level cache, and not
-  // into freshly mapped pages). Measured on the dev box (thirteenth session, channels_last
-  // forward, N=8, 2 threads, freed memory kept, two same-run A/Bs): 112x112 16->96
-  // 1.22-1.23 -> 0.91-0.92 ms, 16->48 0.59-0.64 -> 0.46 ms (slicing 1.10-1.17 / 0.43-0.48);
-  // without freed memory kept, 16->48 (19 MB, reused heap pages) 0.55 -> 0.47-0.51 ms.
+  // into freshly mapped pages): a cached store would first read every line it writes.
   constexpr int64_t kLineFloats = kCacheLineBytes / int64_t(sizeof(float));
   const int64_t c_values = (g.batch - 1) * g.c_batch + (M - 1) * g.ldc + N;  // C's extent
   const bool stream = !g.add && K <= kGemmDepth && g.ldc % kLineFloats == 0 &&
@@ -262,8 +258,8 @@ void gemm_f32(const GemmArgs& g) {
   // into C at the end. It reads A and B once in all, in order, plus 2 (parts - 1) M N
   // partial sums, where splitting rows has every thread read all of B (K x N) and
   // splitting panels all of A (M x K): it wins for a long reduction onto a small C, the
-  // channels_last weight gradient (K = N*H*W pixels; 112x112 16->96: 3.1 ms with the
-  // rows split, each thread reading all of x and half of every line of grad_out).
+  // channels_last weight gradient (K = N*H*W pixels), where splitting rows has each
+  // thread read all of x and half of every line of grad_out.
   const int64_t parts = std::min(threads, (K + kGemmDepth - 1) / kGemmDepth);
   if (g.batch == 1 && parts > 1 &&
       2 * parts * M * N < (parts - 1) * K * std::min(M, N)) {

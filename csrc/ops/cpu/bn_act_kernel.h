@@ -11,7 +11,7 @@
 #include <tuple>
 #include <vector>
 
-#include "channel_stats_cpu.h"
+#include "channel_stats_kernel.h"
 #include "dwconv_passes.h"
 
 namespace bsnas {

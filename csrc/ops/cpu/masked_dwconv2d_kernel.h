@@ -33,8 +33,8 @@ void dw_forward_impl(const T* x, const T* w, T* y, const DwGeometry& g) {
   if (g.channels_last) {
     const Pass p = Pass::forward(g, 1);
     // Kernel 3/5/7, stride 1/2, dilation 1: the register window straight from the
-    // tensor (dev box, 2 threads, N=8, float32, same-run A/B: 1.2x-2x faster than the
-    // packed strip at stride 1 and than direct_pass at stride 2). Otherwise the packed
+    // tensor (faster than the packed strip at stride 1 and than direct_pass at stride
+    // 2: nothing is copied). Otherwise the packed
     // strip at stride 1, direct_pass (no scratch: packing would copy S*S inputs per
     // output) at larger strides.
     if (window_pass<T>(p, g.N, g.C, x, w, false, y)) return;
