@@ -58,7 +58,8 @@ def _want_cuda():
 
 
 def _extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") +
+                     glob.glob("csrc/ops/autograd/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
     # -fopenmp: at::parallel_for in our kernels is header code that threads only when
     # _OPENMP is defined (torch itself links the same libgomp). -fno-trapping-math: GCC
     # keeps loops with two float compares (the ReLU6 derivative) scalar otherwise; it
@@ -72,7 +73,7 @@ def _extension():
     # an error message crashed. Hidden, the copy is self-contained. No effect otherwise.
     link = ["-Wl,--exclude-libs,ALL"]
     if _want_cuda():
-        sources += sorted(glob.glob("csrc/ops/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/ops/cuda/*.cu") + glob.glob("csrc/ops/cuda/*.cpp"))
         print(f"bsnas: building CPU + CUDA kernels (CUDA_HOME={_cuda_home}, "
               f"arch {os.environ['TORCH_CUDA_ARCH_LIST']})")
         return CUDAExtension(
