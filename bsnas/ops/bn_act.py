@@ -3,7 +3,7 @@
     h = act(y * scale[c] + shift[c])        # y [N, C, H, W], scale / shift [C]
 
 with a one-pass backward: grad_y = gu * scale, grad_scale = sum(gu * y), grad_shift =
-sum(gu) for gu = grad_h * act'(u) (sums in float64; autograd in csrc/ops/autograd.cpp).
+sum(gu) for gu = grad_h * act'(u) (sums in float64; autograd in csrc/ops/autograd/bn_act.cpp).
 The spring block applies its depthwise BN + activation with it in training, where the
 eager composite (addcmul, clamp) took two passes forward and six backward. CPU
 (float32/float64) and CUDA (also float16/bfloat16; the backward's sums are

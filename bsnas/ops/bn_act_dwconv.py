@@ -7,7 +7,7 @@
 `z` is `[N, width, H, W]` (the raw expand output), `scale`/`shift` are `[width]`,
 `weight` the full `[C_max, 1, k, k]`. Differentiable in z, scale, shift and weight,
 including through the two statistics outputs. The intermediate `a` is never stored:
-the backward recomputes it from `z` (autograd in `csrc/ops/autograd.cpp`).
+the backward recomputes it from `z` (autograd in `csrc/ops/autograd/bn_act_dwconv2d.cpp`).
 
 `torch.ops.bsnas.bn_train_act_dwconv2d` puts the BN of z in training mode in front:
 
@@ -16,7 +16,7 @@ the backward recomputes it from `z` (autograd in `csrc/ops/autograd.cpp`).
     returns bn_act_dwconv2d(z, scale, shift, weight, ...) + (zsum, zsumsq)
 
 as one autograd node whose backward adds the batch statistics' share of z's gradient
-in place (`csrc/ops/bn_train_act_dwconv2d.cpp`). Differentiable in z, bn_weight,
+in place (`csrc/ops/bn_train_act_dwconv2d_impl.cpp`). Differentiable in z, bn_weight,
 bn_bias and weight; zsum and zsumsq (for the running statistics) are not.
 """
 from __future__ import annotations

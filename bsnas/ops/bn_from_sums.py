@@ -13,7 +13,7 @@ with c = len(sum), for kernels that return the per-channel sums of their output
 ops is about ten, forward and backward; the update reads num_batches_tracked on the
 device (no host synchronisation). `bn_affine_from_sums` is differentiable in sum, sumsq,
 weight and bias; the weight and bias gradients have the full [C_max] shape, zero past c
-(autograd in `csrc/ops/autograd.cpp`).
+(autograd in `csrc/ops/autograd/bn_from_sums.cpp`).
 """
 from __future__ import annotations
 

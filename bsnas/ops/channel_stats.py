@@ -6,7 +6,8 @@ for a BatchNorm's batch mean and variance (var = sumsq / n - mean^2 does not can
 float64). One vectorised pass on CPU, where `torch.var_mean` over (0, 2, 3) is several
 times slower, two launches on CUDA; the spring block uses it for the expand BN in
 training.
-Differentiable in z: grad_z = grad_sum[c] + 2 * z * grad_sumsq[c] (csrc/ops/autograd.cpp).
+Differentiable in z: grad_z = grad_sum[c] + 2 * z * grad_sumsq[c]
+(csrc/ops/autograd/channel_stats.cpp).
 """
 from __future__ import annotations
 

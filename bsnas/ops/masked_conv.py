@@ -1,6 +1,6 @@
 """Masked variable-width convolutions: Python entry points and fake kernels (for
 torch.compile) of the `torch.ops.bsnas` ops defined in `csrc/ops/`; their autograd is
-registered in C++ (`csrc/ops/autograd.cpp`).
+registered in C++ (`csrc/ops/autograd/`).
 
 Both ops read a full-width weight with an active width and never copy a slice of it:
 

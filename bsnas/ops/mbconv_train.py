@@ -11,7 +11,7 @@ parameters' first `width` entries; the four float64 sums are returned for the ru
 statistics update (`bn_update_running_stats_`) and are not differentiable. The project
 BN and the residual are the caller's. One op and one autograd node for the five ops it
 runs (`masked_pwconv2d`, `bn_train_act_dwconv2d`, `bn_affine_from_sums`, `bn_act`,
-`masked_pwconv2d`; csrc/ops/mbconv_train.cpp): same kernels, less host work per step.
+`masked_pwconv2d`; csrc/ops/mbconv_train_impl.cpp): same kernels, less host work per step.
 Differentiable in x, the three weights and the four BN parameters; the weight and BN
 parameter gradients have the full tensors' shapes, zero outside the active part.
 """

@@ -4,9 +4,9 @@
 //   gu = grad_h * act'(u), u = y * scale + shift (recomputed, never stored)
 //   grad_y = gu * scale, grad_scale = sum(gu * y), grad_shift = sum(gu)  (sums in float64)
 // The eager composite (addcmul, clamp) took two passes forward and six backward
-// (hardtanh_backward, three multiplications, two sums). Kernels: cpu/bn_act_cpu.h,
+// (hardtanh_backward, three multiplications, two sums). Kernels: cpu/bn_act_kernel.h,
 // cuda/bn_act_kernel.cu.
-// Autograd: autograd.cpp; fake kernels: bsnas/ops/bn_act.py.
+// Autograd: autograd/bn_act.cpp; fake kernels: bsnas/ops/bn_act.py.
 #include <torch/library.h>
 
 namespace bsnas {

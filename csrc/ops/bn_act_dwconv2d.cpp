@@ -8,9 +8,9 @@
 // Both backends are fused, forward and backward: BN + activation are applied as z is
 // read, so neither u = z * scale + shift nor a = act(u) ever exists as a tensor, and
 // training keeps no activation tensor between the expand and depthwise convolutions
-// (the backward recomputes a from z). Kernels: cpu/bn_act_dwconv2d_cpu.h (registered in
-// cpu/register_cpu.cpp) and cuda/bn_act_dwconv2d_kernel.cu; autograd in autograd.cpp;
-// the fake kernels are registered from Python (bsnas/ops/bn_act_dwconv.py).
+// (the backward recomputes a from z). Kernels: cpu/bn_act_dwconv2d_kernel.h (registered
+// in cpu/register_cpu.cpp) and cuda/bn_act_dwconv2d_kernel.cu; autograd in
+// autograd/bn_act_dwconv2d.cpp; the fake kernels are registered from Python (bsnas/ops/bn_act_dwconv.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(bsnas, m) {

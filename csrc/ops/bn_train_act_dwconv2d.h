@@ -1,6 +1,7 @@
-// The forward and backward of bsnas::bn_train_act_dwconv2d (bn_train_act_dwconv2d.cpp),
-// shared by its composite kernel, its autograd kernel (autograd.cpp) and the spring
-// block's training op bsnas::mbconv_train (mbconv_train.cpp).
+// The forward and backward of bsnas::bn_train_act_dwconv2d
+// (bn_train_act_dwconv2d_impl.cpp), shared by its composite kernel, its autograd kernel
+// (autograd/bn_train_act_dwconv2d.cpp) and the spring block's training op
+// bsnas::mbconv_train (mbconv_train_impl.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,6 +1,7 @@
 // Schema of the masked variable-width depthwise convolution. Kernels live in
-// cpu/masked_dwconv2d_kernel.cpp and cuda/masked_dwconv2d_kernel.cu; autograd in
-// autograd.cpp; the fake (meta) kernel is registered from Python (bsnas/ops/masked_conv.py).
+// cpu/masked_dwconv2d_kernel.h (registered in cpu/register_cpu.cpp) and
+// cuda/masked_dwconv2d_kernel.cu; autograd in autograd/masked_dwconv2d.cpp; the fake
+// (meta) kernel is registered from Python (bsnas/ops/masked_conv.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(bsnas, m) {

@@ -1,5 +1,5 @@
-// The forward and backward of bsnas::mbconv_train (mbconv_train.cpp), shared by its
-// composite kernel and its autograd kernel (autograd.cpp).
+// The forward and backward of bsnas::mbconv_train (mbconv_train_impl.cpp), shared by its
+// composite kernel and its autograd kernel (autograd/mbconv_train.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -38,8 +38,8 @@ struct MbconvTrainGrads {
 // let go as soon as the backward is past its last use (as separate autograd nodes would
 // free them), so that the gradients allocated later can reuse its memory. x's gradient is
 // computed either way (by the expand GEMM's backward) but dropped at once unless
-// `want_x`: freed before z's gradient, as the expand node of the five-op graph did; the
-// other order cost 500-1000 more page faults per step on the dev box (glibc).
+// `want_x`: freed before z's gradient, as the expand node of the five-op graph did, so
+// that glibc reuses its pages rather than faulting in fresh ones.
 MbconvTrainGrads mbconv_train_backward(at::Tensor grad_p, const at::Tensor& x,
                                        const MbconvTrainParams& a, MbconvTrainForward&& f,
                                        bool want_x);

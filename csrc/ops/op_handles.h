@@ -1,5 +1,5 @@
 // Calling bsnas ops through the dispatcher from C++ (the autograd kernels in
-// autograd.cpp, the composite bn_train_act_dwconv2d.cpp): typed handles, the signatures
+// autograd/, the composites *_impl.cpp): typed handles, the signatures
 // of the ops called from more than one file, and a dtype cast that never aliases.
 #pragma once
 

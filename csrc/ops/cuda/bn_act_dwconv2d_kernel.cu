@@ -6,9 +6,9 @@
 //   forward (this file): a = act(z * scale + shift) applied as z is read, y = depthwise
 //             conv of a with weight[:width], and the per-channel sum and sum of squares
 //             of y (as stored, i.e. rounded to its dtype), all in one kernel;
-//   backward (entry point here; kernels in bn_act_dwconv2d_wgrad.cu and
-//             bn_act_dwconv2d_igrad.cu, separate translation units so they compile in
-//             parallel): with gyt = grad_y + grad_sum[c] + 2 * y * grad_sumsq[c] formed
+//   backward (entry point here; kernels in bn_act_dwconv2d_wgrad_kernel.cu and
+//             bn_act_dwconv2d_igrad_kernel.cu, separate translation units so they
+//             compile in parallel): with gyt = grad_y + grad_sum[c] + 2 * y * grad_sumsq[c] formed
 //             where read, grad_weight = the depthwise weight-gradient reduction of gyt
 //             against a (read from z through BN + act), and in one gather kernel grad_a
 //             at each input position, gu = grad_a * act'(u), grad_z = gu * scale[c] and
@@ -48,7 +48,7 @@
 #include <cstdint>
 #include <tuple>
 
-#include "bn_act_dwconv2d_cuda.h"
+#include "bn_act_dwconv2d_kernel.h"
 #include "dwconv_cuda.cuh"
 
 namespace bsnas {

@@ -12,7 +12,7 @@
 #include <cstdint>
 
 #include "../bn_from_sums.h"
-#include "bn_from_sums_cuda.h"
+#include "bn_from_sums_kernel.h"
 #include "channel_sums.cuh"
 
 namespace bsnas::bn_sums_cuda {

@@ -1,6 +1,6 @@
 // Device and host helpers shared by the CUDA depthwise kernels: bsnas::masked_dwconv2d
 // (masked_dwconv2d_kernel.cu), the fused bsnas::bn_act_dwconv2d
-// (bn_act_dwconv2d_kernel.cu, bn_act_dwconv2d_wgrad.cu, bn_act_dwconv2d_igrad.cu) and the
+// (bn_act_dwconv2d_kernel.cu, bn_act_dwconv2d_wgrad_kernel.cu, bn_act_dwconv2d_igrad_kernel.cu) and the
 // folded block's depthwise stage (mbconv_folded_kernel.cu).
 // Everything here has internal linkage (an unnamed namespace), so each translation unit
 // gets its own copies of the kernels it uses.

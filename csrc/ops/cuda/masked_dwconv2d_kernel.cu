@@ -2,7 +2,7 @@
 // `width` filters of a full-width weight [C_max, 1, k, k], read in place (rows past
 // `width` are never touched), NCHW and channels_last, float32/float64/float16/bfloat16
 // with float (double for float64) accumulation. Semantics mirror
-// cpu/masked_dwconv2d_kernel.cpp exactly.
+// cpu/masked_dwconv2d_kernel.h exactly.
 //
 // Layouts:
 // - NCHW kernels are flat: one thread per output (input, for grad_x) element in a
@@ -11,7 +11,7 @@
 //   5, 7 at dilation 1 and stride 1 or 2, which runs in strips (dw_fwd_nchw_strips).
 // - channels_last: for k = 3, 5, 7 at dilation 1, the forward (stride 1 or 2) and the
 //   stride-1 input gradient run in runs of outputs along a row, several channels per
-//   vector load (dwconv_nhwc_runs.cu). The other channels_last kernels are
+//   vector load (dwconv_nhwc_runs_kernel.cu). The other channels_last kernels are
 //   channel-tiled: threadIdx.x is the channel inside a tile of at most 64 channels
 //   (consecutive threads read consecutive addresses) and threadIdx.y/blockIdx.y stride
 //   over pixels, so each thread keeps the k*k taps of its one filter in registers for
@@ -45,7 +45,7 @@
 #include <type_traits>
 
 #include "dwconv_cuda.cuh"
-#include "dwconv_nhwc_runs.h"
+#include "dwconv_nhwc_runs_kernel.h"
 
 namespace bsnas {
 namespace {
@@ -94,11 +94,10 @@ __global__ void __launch_bounds__(kThreads)
 // input read as stored. Block (kThreads): channel blockIdx.x, its taps in registers;
 // strips [q0, q1) of N*Ho*(strips per row), chunk blockIdx.y; each thread computes
 // kStrip consecutive outputs of a row from one register span per input row (conv_strip)
-// instead of k * k loads per output. Why: on an H200 (2026-11-28, one run of
-// bench_gpu.py), the fused NCHW kernel, which also applies BN + activation and sums the
-// output statistics, took 0.53x-0.87x the time of dw_fwd_nchw above on every NCHW shape
-// (float32 and bfloat16, k 3 and 5, 7x7 to 112x112). Taps are summed in dw_fwd_nchw's
-// order (kernel rows, then columns); padding columns add w * 0.
+// instead of k * k loads per output. Why: the fused NCHW kernel built this way, which
+// also applies BN + activation and sums the output statistics, is faster than
+// dw_fwd_nchw above on every NCHW shape (docs/performance.md). Taps are summed in
+// dw_fwd_nchw's order (kernel rows, then columns); padding columns add w * 0.
 template <typename scalar_t, int KS, int ST>
 __global__ void __launch_bounds__(kThreads)
     dw_fwd_nchw_strips(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
@@ -325,11 +324,9 @@ void launch_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor
     });
   }
   // grad_weight, rows [0, width) of the full-width gradient. NCHW in strips where they
-  // apply: on the H200 (2026-11-28) the fused op's backward (weight gradient in strips,
-  // input gradient in strips at stride 1), doing more work, took 0.48x-0.86x this op's
-  // backward time on NCHW shapes from 14x14 up (about 1x at 7x7 k3); this takes the
-  // weight-gradient half of that. channels_last keeps per-tap reads (there the fused
-  // backward was 0.9x-1.7x this op's time).
+  // apply: the fused op's backward in strips, doing more work, is faster than per-tap
+  // reads on NCHW shapes from 14x14 up; this takes the weight-gradient half of that.
+  // channels_last keeps per-tap reads (strips do not pay there; docs/performance.md).
   launch_weight_grad(PlainLoads<scalar_t>{gyp, x.const_data_ptr<scalar_t>()},
                      gw.mutable_data_ptr<scalar_t>(), x, g, weight.numel(),
                      /*strips=*/!g.channels_last, stream);

@@ -1,5 +1,5 @@
 // The channels_last depthwise convolution of bsnas::masked_dwconv2d on CUDA in runs
-// (dwconv_nhwc_runs.cu, its own translation unit so that it compiles in parallel):
+// (dwconv_nhwc_runs_kernel.cu, its own translation unit so that it compiles in parallel):
 // the forward at stride 1 or 2 and the stride-1 input gradient, for k = 3, 5, 7 and
 // dilation 1. Called by masked_dwconv2d_kernel.cu with validated, dense channels_last
 // tensors on the current device and stream.

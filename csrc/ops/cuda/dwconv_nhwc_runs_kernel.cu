@@ -1,4 +1,4 @@
-// channels_last depthwise convolution in runs (see dwconv_nhwc_runs.h).
+// channels_last depthwise convolution in runs (see dwconv_nhwc_runs_kernel.h).
 //
 // Each thread computes a run of kRun consecutive outputs of one output row for V
 // consecutive channels (V = 16 bytes of the type, at most 4, when the width is a
@@ -6,16 +6,16 @@
 // reads the row's span of ST * (kRun - 1) + k input pixels once, V channels per load
 // (one 16-byte load for float32), and each value feeds every output of the run whose
 // window covers it: (ST * (kRun - 1) + k) * k loads per kRun outputs instead of k * k
-// per output, and V times fewer load instructions. Why: on an H200 (2026-11-28, two runs
-// of bench_gpu.py) the per-pixel channel-tiled kernel (dw_fwd_nhwc, one scalar load per
-// output and tap) ran at 5-22 % of the copy bandwidth, 0.28x-0.59x of cuDNN on a
-// sliced weight.
+// per output, and V times fewer load instructions. Why: the per-pixel channel-tiled
+// kernel (dw_fwd_nhwc, one scalar load per output and tap) is bound by load
+// instructions, far below the copy bandwidth and cuDNN on a sliced weight
+// (docs/performance.md).
 //
 // The block's taps are staged in shared memory as [k * k][channels of the tile] in the
 // accumulation type (flipped for the input gradient), so a thread reads its V channels'
 // taps of a kernel row with V-wide loads. Sums run over kernel rows, then columns, as in
 // the per-pixel kernels; columns outside the input add w * 0.
-#include "dwconv_nhwc_runs.h"
+#include "dwconv_nhwc_runs_kernel.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -17,7 +17,7 @@
 
 #include <cstdint>
 
-#include "bn_act_dwconv2d_cuda.h"
+#include "bn_act_dwconv2d_kernel.h"
 #include "dwconv_cuda.cuh"
 
 namespace bsnas {

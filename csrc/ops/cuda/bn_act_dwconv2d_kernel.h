@@ -1,5 +1,5 @@
 // The backward passes of the fused bsnas::bn_act_dwconv2d on CUDA, each in its own
-// translation unit (bn_act_dwconv2d_wgrad.cu, bn_act_dwconv2d_igrad.cu) so that the
+// translation unit (bn_act_dwconv2d_wgrad_kernel.cu, bn_act_dwconv2d_igrad_kernel.cu) so that the
 // kernels compile in parallel; called by backward_cuda (bn_act_dwconv2d_kernel.cu) with
 // validated, dense tensors (z, grad_y, y in `g`'s layout) on the current device and
 // stream.
