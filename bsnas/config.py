@@ -16,7 +16,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",             # auto | cpu | cuda
     "deterministic": False,       # deterministic algorithms (exact resume on CPU)
-    "keep_freed_memory": True,    # CPU, glibc: reuse freed memory (bsnas.train.host_memory)
+    "keep_freed_memory": False,   # CPU, glibc: reuse freed memory (bsnas.train.host_memory)
     "out_dir": "runs/default",
     "data": {
         "dataset": "digits",      # digits (built in) | folder (an ImageNet-layout tree) | fashion_mnist
