@@ -3,7 +3,6 @@ loaders' order, augmentation and exact resume, and the DALI external-source path
 idx files are small ones written here; the real dataset is never needed."""
 import gzip
 import os
-import struct
 
 import numpy as np
 import pytest
@@ -14,14 +13,9 @@ from bsnas.data import (DaliTensorLoader, TensorAugment, TensorImages, TensorLoa
                         split_holdout)
 from bsnas.data.fashion_mnist import CLASSES, FILES, MEAN, STD
 from bsnas.data.loaders import augment_params, pad_crop_flip
+from idx_files import idx_bytes
 
 N_TRAIN, N_TEST = 40, 12
-
-
-def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
-    """An idx file of unsigned bytes holding `array` (magic 0x000008<ndim> unless given)."""
-    magic = (0x08 << 8) | array.ndim if magic is None else magic
-    return struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
 
 
 def write(path, data: bytes, gz: bool) -> None:

@@ -5,15 +5,14 @@ random-shrink drop counts, the RESULTS.md update, and a smoke run of the whole p
 (pilot, supernets, both architecture sets, searches, retraining) on a micro space that
 checks its output files and that a second run reuses every cached result."""
 import importlib.util
-import gzip
 import json
 import math
 import os
 import random
-import struct
 
 import numpy as np
 import pytest
+from idx_files import write_idx as write_idx_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -281,8 +280,7 @@ def write_idx(folder, n_train: int = 500, n_test: int = 200, seed: int = 0) -> N
             r, q = divmod(int(c), 5)
             images[j, 4 + 12 * r:10 + 12 * r, 2 + 5 * q:8 + 5 * q] += 120
         for name, arr in ((f"{split}-images-idx3-ubyte", images), (f"{split}-labels-idx1-ubyte", labels)):
-            with gzip.open(os.path.join(folder, name + ".gz"), "wb") as f:
-                f.write(struct.pack(f">I{arr.ndim}I", 0x800 | arr.ndim, *arr.shape) + arr.tobytes())
+            write_idx_file(os.path.join(folder, name), arr, gz=True)
 
 
 def test_pipeline_smoke(tmp_path, capsys):

@@ -16,6 +16,7 @@ from bsnas.space import EnabledSpace, PathSampler, load_space
 from bsnas.train.broadening import BroadeningSchedule
 from bsnas.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from bsnas.train.runtime import lr_lambda
+from idx_files import write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,15 +182,6 @@ head: {channels: 32}
 """
 
 
-def _write_idx(path, array):
-    """An idx file of unsigned bytes (magic 0x000008<ndim>, big-endian dims, data)."""
-    import struct
-    import numpy as np
-    with open(path, "wb") as f:
-        f.write(struct.pack(f">I{array.ndim}I", (0x08 << 8) | array.ndim, *array.shape))
-        f.write(np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory):
     """Small Fashion-MNIST idx files (a blocky template per class plus noise) and a
@@ -201,8 +193,8 @@ def fashion(tmp_path_factory):
     for split, n in (("train", 600), ("t10k", 50)):
         labels = rng.integers(0, 10, n)
         images = np.clip(0.6 * templates[labels] + rng.normal(0, 40, (n, 28, 28)), 0, 255)
-        _write_idx(root / f"{split}-images-idx3-ubyte", images.astype(np.uint8))
-        _write_idx(root / f"{split}-labels-idx1-ubyte", labels.astype(np.uint8))
+        write_idx(root / f"{split}-images-idx3-ubyte", images.astype(np.uint8))
+        write_idx(root / f"{split}-labels-idx1-ubyte", labels.astype(np.uint8))
     space = root / "space.yaml"
     space.write_text(FASHION_SPACE)
     return {"root": str(root), "space": str(space)}
