@@ -397,6 +397,24 @@ def setting_config(base: Config, overrides: Sequence[str]) -> Config:
     return load_config(None, list(overrides), extra=base.to_dict())
 
 
+#: Config keys that change how a run executes but not what it computes: left out of the
+#: supernets' cache keys, so that a new default of one of them keeps the caches valid.
+RUNTIME_KEYS = {"out_dir", "keep_freed_memory", "device", "data.workers", "data.verify", "data.cache_dir",
+                "data.eval_batch_size", "train.progress", "train.log_every", "train.keep_checkpoints",
+                "train.checkpoint_every", "train.eval_every"}
+
+
+def result_keys(cfg: dict) -> dict:
+    """`cfg` (a nested dict) without `RUNTIME_KEYS`: what a supernet's cache key hashes."""
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out[k] = {kk: vv for kk, vv in v.items() if f"{k}.{kk}" not in RUNTIME_KEYS}
+        elif k not in RUNTIME_KEYS:
+            out[k] = v
+    return out
+
+
 def random_shrink_available() -> bool:
     """Whether this bsnas has the random-shrinking control (config key shrink.mode)."""
     return "mode" in DEFAULTS["shrink"] and "random_drops" in DEFAULTS["shrink"]
@@ -1154,7 +1172,15 @@ class Study:
             drops = drops_per_decision(_load(log_path))
             overrides += ["shrink.mode=random", f"shrink.random_drops={json.dumps(drops)}"]
         cfg = setting_config(self.base, overrides)
-        ckey = f"{name}-s{s}-{digest({k: v for k, v in cfg.to_dict().items() if k != 'out_dir'})}"
+        d = cfg.to_dict()
+        ckey = f"{name}-s{s}-{digest(result_keys(d))}"
+        if ckey not in self.px_cache and not os.path.isdir(os.path.join(self.args.out, "supernets", ckey)):
+            # caches of the first key scheme: a digest of the whole config
+            for keep in (True, False):
+                old = f"{name}-s{s}-{digest({k: v for k, v in {**d, 'keep_freed_memory': keep}.items() if k != 'out_dir'})}"
+                if old in self.px_cache or os.path.isdir(os.path.join(self.args.out, "supernets", old)):
+                    ckey = old
+                    break
         cfg = load_config(None, [f"out_dir={os.path.join(self.args.out, 'supernets', ckey)}"], extra=cfg.to_dict())
         return ckey, cfg
 

@@ -232,6 +232,16 @@ def test_seed_noise_interaction():
         ranking.seed_noise(np.array([0.8, 0.9]))
 
 
+def test_supernet_cache_key_ignores_runtime_keys():
+    from bsnas.config import load_config
+    a = load_config(None).to_dict()
+    b = load_config(None, ["keep_freed_memory=false", "train.progress=false", "data.workers=0",
+                           "out_dir=elsewhere"]).to_dict()
+    c = load_config(None, ["train.lr=0.3"]).to_dict()
+    assert ranking.digest(ranking.result_keys(a)) == ranking.digest(ranking.result_keys(b))
+    assert ranking.digest(ranking.result_keys(a)) != ranking.digest(ranking.result_keys(c))
+
+
 def test_drops_per_decision():
     log = {"decisions": [{"n_op_drops": 2, "n_width_drops": 1, "dropped": []},
                          {"dropped": [{"kind": "op"}, {"kind": "width"}, {"kind": "width"}]}]}
