@@ -31,9 +31,10 @@ set; its truth saturates, see benchmarks/results/ranking.md).
    weight decay of the base config, lr `--standalone-lr` per 256 images,
    `--standalone-epochs` epochs, fractional allowed: the first steps of the last epoch)
    on the training split; truth = top-1 on the validation set (Fashion-MNIST: the
-   official t10k test set, never used to choose anything). `--noise-archs` of set A
-   (spread over MACs) are trained again with `--seeds` - 1 other seeds (model init,
-   batch order, augmentation): the seed noise, and the noise ceiling of tau.
+   official t10k test set, never used to choose anything), averaged over
+   `--truth-seeds` seeds (model init, batch order, augmentation). `--noise-archs` of
+   set A (spread over MACs; all of A when the truth has several seeds) are trained with
+   `--seeds` seeds: the seed noise, and the noise ceiling of tau.
 4. Proxy: every architecture of A and B evaluated in every supernet on the first
    `--proxy-images` of its held-out split after BN recalibration
    (`bsnas.evaluator.PathEvaluator`), including those that shrinking turned off.
@@ -79,7 +80,7 @@ on fashion_mnist trains on 2,000 images.
 
 Usage: python benchmarks/ranking.py --dataset fashion_mnist [--pilot] [--quick] [--jobs N]
 Runs torch single-threaded; `--jobs 2` trains two models at a time on an idle 2-core
-machine.
+machine (a slot is refilled as soon as its model finishes).
 """
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ import resource
 import sys
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Callable, Sequence
 
 import numpy as np
@@ -715,11 +716,11 @@ def analyse_set(archs: list[Arch], space, truth: dict, proxies: dict[str, list[d
 
 
 def noise_stats(archs: list[Arch], space, standalone: dict, noise: list[int], seeds: int,
-                truth: np.ndarray | None) -> dict:
+                truth: np.ndarray | None, truth_seeds: int = 1) -> dict:
     """Seed noise of the stand-alone truth over the noise architectures: per
     architecture the accuracies of its seeds; pooled std and the interaction std
-    (`seed_noise`); the tau ceiling the interaction implies for `truth` (the K seed-0
-    accuracies)."""
+    (`seed_noise`); the tau ceiling the interaction implies for `truth` (the K
+    accuracies, each a mean of `truth_seeds` seeds, whose noise is sigma / sqrt of it)."""
     rows, variances = [], []
     for i in noise:
         k = digest(archs[i].to_dict())
@@ -734,9 +735,10 @@ def noise_stats(archs: list[Arch], space, standalone: dict, noise: list[int], se
     pooled = float(math.sqrt(np.mean(variances))) if variances else math.nan
     full = [r["val_top1"] for r in rows if len(r["val_top1"]) == seeds]
     sigma = seed_noise(np.array(full))[1] if seeds >= 2 and len(full) >= 2 else math.nan
-    ceiling = noise_ceiling(truth, sigma, 500) if truth is not None and len(truth) >= 2 and not math.isnan(sigma) \
-        else math.nan
-    return {"rows": rows, "seed_sigma": sigma, "pooled_sigma": pooled, "ceiling": ceiling}
+    ceiling = noise_ceiling(truth, sigma / math.sqrt(truth_seeds), 500) \
+        if truth is not None and len(truth) >= 2 and not math.isnan(sigma) else math.nan
+    return {"rows": rows, "seed_sigma": sigma, "pooled_sigma": pooled, "ceiling": ceiling,
+            "truth_seeds": truth_seeds}
 
 
 def search_stats(searches: dict[str, list[dict | None]], standalone_by_arch: Callable[[dict], list[float]],
@@ -876,8 +878,10 @@ def markdown(label: str, meta: dict, result: dict, settings: dict) -> str:
              f"(this invocation; cached results are reused).", ""]
     if result.get("pilot"):
         lines += pilot_markdown(result["pilot"])
+    n_truth = result["noise"].get("truth_seeds", 1)
+    truth_of = "seed 0" if n_truth == 1 else f"mean of {n_truth} seeds"
     lines += ["Proxy = supernet held-out top-1 after BN recalibration; truth = stand-alone test top-1 "
-              "(seed 0). Settings: mean over supernet seeds; tau interval: hierarchical bootstrap "
+              f"({truth_of}). Settings: mean over supernet seeds; tau interval: hierarchical bootstrap "
               "95% (architectures, then seeds within the setting); baselines: bootstrap over the "
               "architectures. `tau in MACs bins`: tau within 3 equal-count MACs bins (what the proxy "
               "knows beyond MACs). `top-5`: overlap of the proxy's and the truth's top 5. `regret`: "
@@ -925,8 +929,9 @@ def markdown(label: str, meta: dict, result: dict, settings: dict) -> str:
         spread = result["sets"].get("A", {}) or {}
         lines += ["", f"Seed noise (arch x seed interaction) {_pct(n['seed_sigma'], 2)} points (pooled "
                   f"within-architecture std {_pct(n.get('pooled_sigma'), 2)}) against a spread of "
-                  f"{_pct(spread.get('spread', math.nan), 2)} points on set A; a proxy as good as a second "
-                  f"stand-alone seed would reach tau of about {n['ceiling']:.2f}.", ""]
+                  f"{_pct(spread.get('spread', math.nan), 2)} points on set A; a proxy as good as another "
+                  + ("stand-alone seed" if n_truth == 1 else f"mean of {n_truth} stand-alone seeds")
+                  + f" would reach tau of about {n['ceiling']:.2f}.", ""]
     sr = result.get("search")
     if sr and sr["settings"]:
         lines += [f"Search at equal cost (MACs cap {sr['cap'] / 1e6:.3g}M): each supernet's evolutionary "
@@ -1018,6 +1023,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--supernet-seeds", type=int, help="supernets per setting (default 2)")
     p.add_argument("--noise-archs", type=int, help="archs of A trained with several seeds (default 4; quick 2)")
     p.add_argument("--seeds", type=int, help="seeds of those (default 2)")
+    p.add_argument("--truth-seeds", type=int, default=1,
+                   help="stand-alone seeds averaged into the truth of every architecture of A and B "
+                        "(default 1); with 2 or more every architecture of A is a noise architecture")
     p.add_argument("--retrain-seeds", type=int, help="seeds of each searched winner (default 2; quick 1)")
     p.add_argument("--proxy-images", type=int, default=0, help="held-out images a proxy is measured on "
                    "(default 0 = the whole held-out split)")
@@ -1051,8 +1059,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, quick if q else default)
     if args.archs_b is None:
         args.archs_b = 3 if q else args.archs
-    if min(args.archs, args.supernet_seeds, args.seeds, args.retrain_seeds) < 1 or args.archs_b < 0:
-        p.error("--archs, --supernet-seeds, --seeds and --retrain-seeds must be >= 1, --archs-b >= 0")
+    if min(args.archs, args.supernet_seeds, args.seeds, args.retrain_seeds, args.truth_seeds) < 1 \
+            or args.archs_b < 0:
+        p.error("--archs, --supernet-seeds, --seeds, --retrain-seeds and --truth-seeds must be >= 1, "
+                "--archs-b >= 0")
+    # every seed of the truth also measures the seed noise
+    args.seeds = max(args.seeds, args.truth_seeds)
     if not args.standalone_epochs > 0:
         p.error("--standalone-epochs must be > 0")
     args.pilot_epochs = ([float(x) for x in args.pilot_epochs.split(",") if x.strip()] if args.pilot_epochs
@@ -1116,7 +1128,8 @@ class Study:
         self.space = load_space(self.base.space)
         self.settings = _settings(args)
         self.archs_a = select_archs(self.space, args.archs, args.seed)
-        self.noise = noise_indices(len(self.archs_a), min(args.noise_archs, len(self.archs_a)))
+        n_noise = len(self.archs_a) if args.truth_seeds > 1 else min(args.noise_archs, len(self.archs_a))
+        self.noise = noise_indices(len(self.archs_a), n_noise)
         self.cap = args.max_macs or float(np.median([cost.flops(self.space, a) for a in self.archs_a]))
         # one MACs cap for the searches and for cost-aware shrinking
         self.base = load_config(None, [f"search.max_macs={self.cap}"], extra=self.base.to_dict())
@@ -1249,6 +1262,8 @@ class Study:
                                   "desc": f"supernet {name} seed {s}"}
         for i, arch in enumerate(b or []):
             self._sa_job(jobs, arch, 0, (1, 0, 2, i), f"B{i}")
+            for s in range(1, a.truth_seeds):
+                self._sa_job(jobs, arch, s, (1, 1, 3, s, i), f"B{i}")
         for s in range(a.supernet_seeds):
             for name in self.settings:
                 sn = self.supernet(name, s)
@@ -1290,30 +1305,34 @@ class Study:
             f"{result['space_size']:.3g}{extra}")
 
     def run(self, jobs_at_once: int, say, only=None) -> dict:
-        """Run pending jobs (those `only` accepts) until none is left; returns counts."""
+        """Run pending jobs (those `only` accepts) until none is left; returns counts.
+        With several at once a finished job's slot is refilled at once, so a long
+        supernet does not hold the other slots idle."""
         counts = {"standalone": 0, "supernet": 0}
-        pool = None
-        if jobs_at_once > 1:
-            import multiprocessing
-            pool = ProcessPoolExecutor(jobs_at_once, mp_context=multiprocessing.get_context("spawn"))
-        try:
+
+        def ready(running: dict) -> list[dict]:
+            busy = {str(j["key"]) for j in running.values()}
+            return [j for j in self.pending() if (only is None or only(j)) and str(j["key"]) not in busy]
+
+        if jobs_at_once <= 1:
+            while todo := ready({}):
+                job = todo[0]
+                self.record(job, job["fn"](*job["args"]), say)
+                counts[job["kind"]] += 1
+            return counts
+        import multiprocessing
+        running: dict = {}
+        with ProcessPoolExecutor(jobs_at_once, mp_context=multiprocessing.get_context("spawn")) as pool:
             while True:
-                ready = [j for j in self.pending() if only is None or only(j)]
-                if not ready:
-                    break
-                batch = ready[:max(1, jobs_at_once)]
-                if pool is None:
-                    results = [(batch[0], batch[0]["fn"](*batch[0]["args"]))]
-                else:
-                    futures = {pool.submit(j["fn"], *j["args"]): j for j in batch}
-                    results = [(futures[f], f.result()) for f in as_completed(futures)]
-                for job, result in results:
+                for job in ready(running)[:jobs_at_once - len(running)]:
+                    running[pool.submit(job["fn"], *job["args"])] = job
+                if not running:
+                    return counts
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in done:
+                    job = running.pop(f)
+                    self.record(job, f.result(), say)
                     counts[job["kind"]] += 1
-                    self.record(job, result, say)
-        finally:
-            if pool is not None:
-                pool.shutdown()
-        return counts
 
     # ------------------------------------------------------------------ pilot
     def pilot(self, say) -> dict:
@@ -1355,12 +1374,14 @@ class Study:
         return out
 
     # ------------------------------------------------------------------ analysis
-    def truth(self, seed: int = 0) -> dict:
+    def truth(self) -> dict:
+        """Stand-alone test top-1 per architecture of A and B: the mean over seeds
+        0..--truth-seeds - 1; an architecture lacking one of them has no truth yet."""
         out = {}
         for x in self.archs_a + (self._b or []):
-            k = self.sa_key(x.to_dict(), seed)
-            if k in self.sa_cache:
-                out[digest(x.to_dict())] = self.sa_cache[k]["val_top1"]
+            keys = [self.sa_key(x.to_dict(), s) for s in range(self.args.truth_seeds)]
+            if all(k in self.sa_cache for k in keys):
+                out[digest(x.to_dict())] = float(np.mean([self.sa_cache[k]["val_top1"] for k in keys]))
         return out
 
     def analyse(self) -> dict:
@@ -1386,7 +1407,7 @@ class Study:
                 if k in self.sa_cache:
                     standalone[(digest(x.to_dict()), s)] = self.sa_cache[k]
         noise = noise_stats(self.archs_a, self.space, standalone, self.noise, a.seeds,
-                            np.array(sets["A"]["truth"]) if sets["A"] else None)
+                            np.array(sets["A"]["truth"]) if sets["A"] else None, a.truth_seeds)
 
         def by_arch(d: dict) -> list[float]:
             return [self.sa_cache[k]["val_top1"] for k in (self.sa_key(d, r) for r in range(a.retrain_seeds))
@@ -1406,7 +1427,8 @@ class Study:
         if pilot:
             compute["pilot (stand-alone)"] = {"n": 2 * len(self.noise) * len(pilot["rows"]), "seconds": pilot["seconds"]}
         counted = set()
-        for label, archs, seeds in (("truth A", self.archs_a, [0]), ("truth B", self._b or [], [0]),
+        t_seeds = range(a.truth_seeds)
+        for label, archs, seeds in (("truth A", self.archs_a, t_seeds), ("truth B", self._b or [], t_seeds),
                                     ("truth noise seeds", [self.archs_a[i] for i in self.noise],
                                      range(1, a.seeds))):
             for x in archs:

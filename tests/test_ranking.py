@@ -3,7 +3,8 @@ the bootstrap intervals (plain and paired hierarchical) on synthetic data with k
 answers, top-k overlap, regret, tau within MACs bins, the architecture selection, the
 random-shrink drop counts, the RESULTS.md update, and a smoke run of the whole pipeline
 (pilot, supernets, both architecture sets, searches, retraining) on a micro space that
-checks its output files and that a second run reuses every cached result."""
+checks its output files, that a second run reuses every cached result, and that a
+truth of two seeds trains only the missing seeds, two at a time."""
 import importlib.util
 import json
 import math
@@ -293,7 +294,7 @@ def write_idx(folder, n_train: int = 500, n_test: int = 200, seed: int = 0) -> N
             write_idx_file(os.path.join(folder, name), arr, gz=True)
 
 
-def test_pipeline_smoke(tmp_path, capsys):
+def test_pipeline_smoke(tmp_path, capsys, monkeypatch):
     (tmp_path / "micro.yaml").write_text(MICRO_28)
     (tmp_path / "base.yaml").write_text(BASE.replace("root: idx", f"root: {tmp_path / 'idx'}"))
     write_idx(tmp_path / "idx")
@@ -373,3 +374,17 @@ def test_pipeline_smoke(tmp_path, capsys):
         for name in settings.split(","):
             assert again["sets"][label]["rows"][name]["tau_mean"] == stats["sets"][label]["rows"][name]["tau_mean"] \
                 or math.isnan(stats["sets"][label]["rows"][name]["tau_mean"])
+
+    # the truth as the mean of two seeds, two models trained at a time: only the missing
+    # seeds train, every architecture of A becomes a noise architecture
+    import sys
+    sys.modules["ranking"] = ranking  # the spawned workers unpickle ranking.train_standalone
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    two = ranking.main(argv + ["--truth-seeds", "2", "--jobs", "2"])
+    third = capsys.readouterr().out
+    assert third.count("[stand-alone] A") == 2 and third.count("[stand-alone] B") == 3
+    assert "truth = stand-alone test top-1 (mean of 2 seeds)" in third
+    rows = {r["arch"]: r for r in two["noise"]["rows"]}
+    assert len(rows) == 4 and all(len(r["val_top1"]) == 2 for r in rows.values())
+    for arch, t in zip(two["sets"]["A"]["archs"], two["sets"]["A"]["truth"]):
+        assert t == pytest.approx(np.mean(rows[arch]["val_top1"]))
