@@ -665,7 +665,7 @@ def _fmt_ci(v: float, ci) -> str:
 def analyse_set(archs: list[Arch], space, truth: dict, proxies: dict[str, list[dict]], n_boot: int,
                 bins: int = 3, seed: int = 0) -> dict | None:
     """Statistics of one architecture set. `truth[key]` = stand-alone validation top-1
-    (seed 0); `proxies[setting]` = one proxy dict per supernet seed (key -> {"top1",
+    (see `Study.truth`); `proxies[setting]` = one proxy dict per supernet seed (key -> {"top1",
     "enabled"}). Architectures without truth, and seeds without every proxy, are left
     out. None when fewer than 3 architectures have a truth."""
     keys = [digest(a.to_dict()) for a in archs]
@@ -865,6 +865,41 @@ def pilot_markdown(pilot: dict) -> list[str]:
     return lines
 
 
+def headline_markdown(result: dict, reference: str = "bsnas") -> list[str]:
+    """The one table that answers the study's question, per setting: seed-mean tau on A
+    and B with intervals, `reference` minus that setting's tau (paired interval),
+    top-5 overlap and regret on A, and the searched model's from-scratch test top-1."""
+    sets = {k: v for k, v in result["sets"].items() if v}
+    if "A" not in sets:
+        return []
+    diff = {}
+    for label, s in sets.items():
+        for d in s["diffs"]:
+            # every ordered pair appears once: orient it as reference minus the other
+            if reference in (d["a"], d["b"]):
+                other, sign = (d["b"], 1) if d["a"] == reference else (d["a"], -1)
+                lo, hi = d["ci"]
+                diff[(label, other)] = (sign * d["diff"], (lo, hi) if sign == 1 else (-hi, -lo))
+    search = (result.get("search") or {}).get("settings", {})
+    labels = list(sets)
+    head = ("| setting | " + " | ".join(f"tau {x} [95%]" for x in labels) + " | "
+            + " | ".join(f"{reference} minus it, {x}" for x in labels)
+            + " | top-5 overlap A | regret A (points) | searched model, test top-1 (%) |")
+    lines = [head, "|---|" + "---|" * (2 * len(labels)) + "---:|---:|---|"]
+    for name, r in sets["A"]["rows"].items():
+        if name == "params (no supernet)":
+            continue
+        key = "MACs" if name == "MACs (no supernet)" else name
+        taus = [_fmt_ci(sets[x]["rows"][name]["tau_mean"], sets[x]["rows"][name].get("tau_ci"))
+                if name in sets[x]["rows"] else "" for x in labels]
+        diffs = [_fmt_ci(*diff[(x, key)]) if (x, key) in diff else "" for x in labels]
+        e = search.get(name, {}).get("evolution")
+        found = f"{_pct(e['mean'], 2)} +- {_pct(e['std'], 2)} (n={e['n']})" if e and e["n"] else ""
+        lines.append(f"| {name} | " + " | ".join(taus) + " | " + " | ".join(diffs)
+                     + f" | {r['top5_overlap']:.2f} | {100 * r['regret']:.2f} | {found} |")
+    return lines + [""]
+
+
 def markdown(label: str, meta: dict, result: dict, settings: dict) -> str:
     """The results block of one run (label: quick | default | fashion | a custom one)."""
     lines = [f"### {label} run", "",
@@ -876,6 +911,13 @@ def markdown(label: str, meta: dict, result: dict, settings: dict) -> str:
              f"{meta['proxy_images']} held-out images; {meta['n_boot']} bootstrap resamples. Machine: "
              f"{meta['machine']}. Wall {meta['wall_min']:.1f} min, CPU {meta['cpu_min']:.1f} min "
              f"(this invocation; cached results are reused).", ""]
+    headline = headline_markdown(result)
+    if headline:
+        power = ", ".join(f"set {x} {s['power']:.2f}" for x, s in result["sets"].items()
+                          if s and not math.isnan(s["power"]))
+        lines += ["Headline (details below)" + (f"; power, the smallest difference in tau the study resolves: "
+                                                f"{power}" if power else "") + ".", ""]
+        lines += headline
     if result.get("pilot"):
         lines += pilot_markdown(result["pilot"])
     n_truth = result["noise"].get("truth_seeds", 1)

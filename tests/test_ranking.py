@@ -388,3 +388,20 @@ def test_pipeline_smoke(tmp_path, capsys, monkeypatch):
     assert len(rows) == 4 and all(len(r["val_top1"]) == 2 for r in rows.values())
     for arch, t in zip(two["sets"]["A"]["archs"], two["sets"]["A"]["truth"]):
         assert t == pytest.approx(np.mean(rows[arch]["val_top1"]))
+
+
+def test_headline_orients_differences_against_bsnas():
+    row = lambda tau: {"tau_mean": tau, "tau_ci": (tau - 0.1, tau + 0.1), "top5_overlap": 0.6,  # noqa: E731
+                       "regret": 0.004}
+    sets = {"A": {"rows": {"MACs (no supernet)": row(0.1), "params (no supernet)": row(0.0),
+                           "spos": row(0.2), "bsnas": row(0.5)},
+                  "diffs": [{"a": "MACs", "b": "bsnas", "diff": -0.4, "ci": (-0.7, -0.1)},
+                            {"a": "bsnas", "b": "spos", "diff": 0.3, "ci": (0.05, 0.6)}]},
+            "B": None}
+    search = {"settings": {"bsnas": {"evolution": {"mean": 0.861, "std": 0.002, "n": 4}}}}
+    lines = ranking.headline_markdown({"sets": sets, "search": search})
+    table = {ln.split(" | ")[0].lstrip("| "): ln for ln in lines[2:] if ln}
+    assert set(table) == {"MACs (no supernet)", "spos", "bsnas"}
+    assert "| 0.40 [0.10, 0.70] |" in table["MACs (no supernet)"]
+    assert "| 0.30 [0.05, 0.60] |" in table["spos"]
+    assert "86.10 +- 0.20 (n=4)" in table["bsnas"] and "0.40" in table["bsnas"]
