@@ -1281,7 +1281,8 @@ class Study:
             self._sa_job(jobs, arch, 0, (0, i), f"A{i}")
         for s in range(1, a.seeds):
             for i in self.noise:
-                self._sa_job(jobs, self.archs_a[i], s, (0, 100 + i), f"A{i} (noise)")
+                # a second seed first; further seeds of the truth after everything else
+                self._sa_job(jobs, self.archs_a[i], s, (0, 100 + i) if s == 1 else (3, s, i), f"A{i} (noise)")
         b = self.set_b()
         known = self.archs_a + (b or [])
         known_d = [x.to_dict() for x in known]
@@ -1305,7 +1306,7 @@ class Study:
         for i, arch in enumerate(b or []):
             self._sa_job(jobs, arch, 0, (1, 0, 2, i), f"B{i}")
             for s in range(1, a.truth_seeds):
-                self._sa_job(jobs, arch, s, (1, 1, 3, s, i), f"B{i}")
+                self._sa_job(jobs, arch, s, (1, 1, 3, s, i) if s == 1 else (3, s, 100 + i), f"B{i}")
         for s in range(a.supernet_seeds):
             for name in self.settings:
                 sn = self.supernet(name, s)
