@@ -1489,8 +1489,11 @@ class Study:
                             if k in self.sa_cache and k not in counted:
                                 counted.add(k)
                                 add("searched winners, from scratch", self.sa_cache[k]["seconds"])
+        resumed = sum(bool(e.get("resumed_at_epoch")) for e in (v[1] for v in entries.values()))
+        # a resumed supernet's time counts from its resume only (what its process measured)
+        train_part = "supernet training" + (f" ({resumed} resumed: counted from the resume)" if resumed else "")
         for (name, s), (ckey, e) in entries.items():
-            add("supernet training", e.get("train_seconds", 0))
+            add(train_part, e.get("train_seconds", 0))
             add("proxy evaluation", e.get("proxy_seconds", 0))
             for kind in ("evolution", "random"):
                 if (e.get("search") or {}).get(kind):
