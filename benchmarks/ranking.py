@@ -1314,8 +1314,9 @@ class Study:
                 for kind in ("evolution", "random"):
                     if kind in found:
                         for r in range(a.retrain_seeds):
-                            self._sa_job(jobs, Arch.from_dict(found[kind]["arch"]), r, (2, s, kind),
-                                         f"{name} s{s} {kind} winner")
+                            # two seeds first; further retraining seeds after the truth's
+                            self._sa_job(jobs, Arch.from_dict(found[kind]["arch"]), r,
+                                         (2, s, kind) if r < 2 else (4, r, s, kind), f"{name} s{s} {kind} winner")
         return sorted(jobs.values(), key=lambda j: j["prio"])
 
     def record(self, job: dict, result: dict, say) -> None:
