@@ -735,10 +735,13 @@ def noise_stats(archs: list[Arch], space, standalone: dict, noise: list[int], se
     pooled = float(math.sqrt(np.mean(variances))) if variances else math.nan
     full = [r["val_top1"] for r in rows if len(r["val_top1"]) == seeds]
     sigma = seed_noise(np.array(full))[1] if seeds >= 2 and len(full) >= 2 else math.nan
-    ceiling = noise_ceiling(truth, sigma / math.sqrt(truth_seeds), 500) \
-        if truth is not None and len(truth) >= 2 and not math.isnan(sigma) else math.nan
+    known = truth is not None and len(truth) >= 2 and not math.isnan(sigma)
+    ceiling = noise_ceiling(truth, sigma / math.sqrt(truth_seeds), 500) if known else math.nan
+    # the spread of the truth less its seed noise: how far apart the architectures really are
+    true_spread = math.sqrt(max(float(np.var(truth, ddof=1)) - sigma ** 2 / truth_seeds, 0.0)) if known \
+        else math.nan
     return {"rows": rows, "seed_sigma": sigma, "pooled_sigma": pooled, "ceiling": ceiling,
-            "truth_seeds": truth_seeds}
+            "truth_seeds": truth_seeds, "true_spread": true_spread}
 
 
 def search_stats(searches: dict[str, list[dict | None]], standalone_by_arch: Callable[[dict], list[float]],
@@ -973,7 +976,8 @@ def markdown(label: str, meta: dict, result: dict, settings: dict) -> str:
                   f"within-architecture std {_pct(n.get('pooled_sigma'), 2)}) against a spread of "
                   f"{_pct(spread.get('spread', math.nan), 2)} points on set A; a proxy as good as another "
                   + ("stand-alone seed" if n_truth == 1 else f"mean of {n_truth} stand-alone seeds")
-                  + f" would reach tau of about {n['ceiling']:.2f}.", ""]
+                  + f" would reach tau of about {n['ceiling']:.2f}. Less the noise, the architectures' "
+                  f"test top-1 spreads by about {_pct(n.get('true_spread', math.nan), 2)} points.", ""]
     sr = result.get("search")
     if sr and sr["settings"]:
         lines += [f"Search at equal cost (MACs cap {sr['cap'] / 1e6:.3g}M): each supernet's evolutionary "

@@ -97,6 +97,27 @@ def test_noise_ceiling():
     assert 1 > small > large > -0.5
 
 
+def test_noise_stats_truth_seeds_and_true_spread():
+    space = ranking.load_space("tiny")
+    rng = random.Random(0)
+    archs = [space.sample(rng) for _ in range(4)]
+    assert len({str(a) for a in archs}) == 4
+    # seed noise only in the arch x seed interaction (a checkerboard of +-0.01)
+    acc = np.array([[0.80, 0.82], [0.84, 0.82], [0.80, 0.82], [0.84, 0.82]])
+    standalone = {(ranking.digest(a.to_dict()), s): {"val_top1": acc[i, s]} for i, a in enumerate(archs)
+                  for s in range(2)}
+    truth = acc.mean(axis=1) + np.array([0.0, 0.03, 0.06, 0.09])
+    one = ranking.noise_stats(archs, space, standalone, [0, 1, 2, 3], 2, truth, 1)
+    two = ranking.noise_stats(archs, space, standalone, [0, 1, 2, 3], 2, truth, 2)
+    sigma = one["seed_sigma"]
+    assert sigma == pytest.approx(ranking.seed_noise(acc)[1]) and sigma > 0
+    # a mean of two seeds is less noisy: a higher ceiling, and less noise taken off the spread
+    assert two["ceiling"] >= one["ceiling"] and two["truth_seeds"] == 2
+    var = np.var(truth, ddof=1)
+    assert one["true_spread"] == pytest.approx(math.sqrt(max(var - sigma ** 2, 0)))
+    assert two["true_spread"] == pytest.approx(math.sqrt(var - sigma ** 2 / 2))
+
+
 # --------------------------------------------------------------------------- set-up
 
 
