@@ -744,12 +744,34 @@ def noise_stats(archs: list[Arch], space, standalone: dict, noise: list[int], se
             "truth_seeds": truth_seeds, "true_spread": true_spread}
 
 
+def group_mean_diff(a: list[list[float]], b: list[list[float]], n_boot: int = 1000, seed: int = 0,
+                    level: float = 0.95) -> dict:
+    """Difference of the means of two two-level samples (groups = the winners of
+    supernet seeds, values = their retraining seeds): the mean of group means, and a
+    bootstrap interval that draws groups with replacement, then values within each
+    drawn group, independently for `a` and `b`."""
+    a, b = [g for g in a if g], [g for g in b if g]
+    if not a or not b:
+        return {"diff": math.nan, "ci": (math.nan, math.nan)}
+    rng = np.random.default_rng(seed)
+
+    def draw(groups):
+        picked = [groups[i] for i in rng.integers(len(groups), size=len(groups))]
+        return float(np.mean([np.mean(rng.choice(g, len(g))) for g in picked]))
+
+    point = float(np.mean([np.mean(g) for g in a]) - np.mean([np.mean(g) for g in b]))
+    return {"diff": point, "ci": _percentiles(np.array([draw(a) - draw(b) for _ in range(n_boot)]), level)}
+
+
 def search_stats(searches: dict[str, list[dict | None]], standalone_by_arch: Callable[[dict], list[float]],
-                 cap: float, set_a: dict | None) -> dict:
+                 cap: float, set_a: dict | None, reference: str = "bsnas", n_boot: int = 1000) -> dict:
     """The searched models' from-scratch test accuracy per setting (evolution and random
     search at the same number of proxy evaluations), pooled over supernet seeds and
-    retraining seeds, and the best random architecture of set A under the cap."""
-    out = {"cap": cap, "settings": {}}
+    retraining seeds; `reference`'s evolution winners minus every other setting's, and
+    each setting's evolution minus its random search (`group_mean_diff`); the best
+    random architecture of set A under the cap."""
+    out = {"cap": cap, "settings": {}, "diffs": []}
+    groups: dict = {}
     for name, per_seed in searches.items():
         row = {}
         for kind in ("evolution", "random"):
@@ -758,12 +780,18 @@ def search_stats(searches: dict[str, list[dict | None]], standalone_by_arch: Cal
                 if not s or kind not in s:
                     continue
                 v = standalone_by_arch(s[kind]["arch"])
+                groups.setdefault((name, kind), []).append(v)
                 winners.append({"str": s[kind]["str"], "macs": s[kind]["macs"], "proxy_top1": s[kind]["proxy_top1"],
                                 "evaluations": s[kind]["evaluations"], "test_top1": v})
                 vals += v
             row[kind] = {"winners": winners, "mean": _nanmean(vals),
                          "std": float(np.std(vals, ddof=1)) if len(vals) >= 2 else math.nan, "n": len(vals)}
         out["settings"][name] = row
+    pairs = [((reference, "evolution"), (name, "evolution")) for name in searches if name != reference] \
+        + [((name, "evolution"), (name, "random")) for name in searches]
+    for x, y in pairs:
+        if x in groups and y in groups:
+            out["diffs"].append({"a": x, "b": y, **group_mean_diff(groups[x], groups[y], n_boot)})
     if set_a is not None:
         under = [(t, a, m) for t, a, m in zip(set_a["truth"], set_a["archs"], set_a["macs"]) if m <= cap]
         if under:
@@ -884,11 +912,14 @@ def headline_markdown(result: dict, reference: str = "bsnas") -> list[str]:
                 lo, hi = d["ci"]
                 diff[(label, other)] = (sign * d["diff"], (lo, hi) if sign == 1 else (-hi, -lo))
     search = (result.get("search") or {}).get("settings", {})
+    found_diff = {d["b"][0]: d for d in (result.get("search") or {}).get("diffs", [])
+                  if d["a"] == (reference, "evolution") and d["b"][1] == "evolution"}
     labels = list(sets)
     head = ("| setting | " + " | ".join(f"tau {x} [95%]" for x in labels) + " | "
             + " | ".join(f"{reference} minus it, {x}" for x in labels)
-            + " | top-5 overlap A | regret A (points) | searched model, test top-1 (%) |")
-    lines = [head, "|---|" + "---|" * (2 * len(labels)) + "---:|---:|---|"]
+            + f" | top-5 overlap A | regret A (points) | searched model, test top-1 (%) | {reference} minus it, "
+            "searched (points) |")
+    lines = [head, "|---|" + "---|" * (2 * len(labels)) + "---:|---:|---|---|"]
     for name, r in sets["A"]["rows"].items():
         if name == "params (no supernet)":
             continue
@@ -898,8 +929,10 @@ def headline_markdown(result: dict, reference: str = "bsnas") -> list[str]:
         diffs = [_fmt_ci(*diff[(x, key)]) if (x, key) in diff else "" for x in labels]
         e = search.get(name, {}).get("evolution")
         found = f"{_pct(e['mean'], 2)} +- {_pct(e['std'], 2)} (n={e['n']})" if e and e["n"] else ""
+        fd = found_diff.get(name)
+        fd = _fmt_ci(100 * fd["diff"], tuple(100 * c for c in fd["ci"])) if fd else ""
         lines.append(f"| {name} | " + " | ".join(taus) + " | " + " | ".join(diffs)
-                     + f" | {r['top5_overlap']:.2f} | {100 * r['regret']:.2f} | {found} |")
+                     + f" | {r['top5_overlap']:.2f} | {100 * r['regret']:.2f} | {found} | {fd} |")
     return lines + [""]
 
 
@@ -993,6 +1026,11 @@ def markdown(label: str, meta: dict, result: dict, settings: dict) -> str:
             lines.append(f"| {name} | {_pct(e['mean'], 2)} +- {_pct(e['std'], 2)} | {e['n']} | {wins} | "
                          f"{_pct(r['mean'], 2)} +- {_pct(r['std'], 2)} | {r['n']} | {evals} |")
         ra = sr.get("random_a")
+        if sr.get("diffs"):
+            said = [f"{d['a'][0]} {d['a'][1]} minus {d['b'][0]} {d['b'][1]} "
+                    f"{_fmt_ci(100 * d['diff'], tuple(100 * c for c in d['ci']))}" for d in sr["diffs"]]
+            lines += ["", "Differences in the searched models' test top-1 (points; bootstrap 95%: winners of "
+                      "supernet seeds drawn with replacement, then their retraining seeds): " + "; ".join(said) + "."]
         if ra:
             lines += ["", f"Random architectures under the cap (set A, {ra['n']} of them): best test top-1 "
                       f"{_pct(ra['best'], 2)} % (`{ra['best_arch']}`, {ra['best_macs'] / 1e6:.2f}M MACs), "
@@ -1461,7 +1499,8 @@ class Study:
             return [self.sa_cache[k]["val_top1"] for k in (self.sa_key(d, r) for r in range(a.retrain_seeds))
                     if k in self.sa_cache]
 
-        search = search_stats({n: v for n, v in searches.items() if any(v)}, by_arch, self.cap, sets["A"]) \
+        search = search_stats({n: v for n, v in searches.items() if any(v)}, by_arch, self.cap, sets["A"],
+                              n_boot=a.bootstrap) \
             if self.search_spec else None
         # compute, from the caches
         compute: dict = {}

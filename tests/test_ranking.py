@@ -377,10 +377,14 @@ def test_pipeline_smoke(tmp_path, capsys, monkeypatch):
         assert row["evolution"]["n"] == 2 * 2 and row["random"]["n"] == 2 * 2  # supernet x retrain seeds
         assert all(w["macs"] <= search["cap"] for w in row["evolution"]["winners"] + row["random"]["winners"])
         assert all(w["evaluations"] > 0 for w in row["evolution"]["winners"])
+    pairs = {(d["a"], d["b"]) for d in search["diffs"]}
+    assert (("bsnas", "evolution"), ("spos", "evolution")) in pairs
+    assert all(((n, "evolution"), (n, "random")) in pairs for n in settings.split(","))
     assert {"truth A", "truth B", "supernet training", "searched winners, from scratch"} <= set(stats["compute"])
     md = results.read_text()
     assert "<!-- ranking:smoke:begin -->" in md and "| spos: (a) SPOS" in md and "Paired differences" in md
-    assert "Pilot" in md and "Search at equal cost" in md
+    assert "Pilot" in md and "Search at equal cost" in md and "Differences in the searched models' test top-1" in md
+    assert "| bsnas minus it, searched (points) |" in md
     # the plots sit next to the results file, linked from its block
     for name in ("scatter", "tau"):
         assert (tmp_path / f"ranking-smoke-{name}.png").stat().st_size > 0 and f"(ranking-smoke-{name}.png)" in md
@@ -419,10 +423,25 @@ def test_headline_orients_differences_against_bsnas():
                   "diffs": [{"a": "MACs", "b": "bsnas", "diff": -0.4, "ci": (-0.7, -0.1)},
                             {"a": "bsnas", "b": "spos", "diff": 0.3, "ci": (0.05, 0.6)}]},
             "B": None}
-    search = {"settings": {"bsnas": {"evolution": {"mean": 0.861, "std": 0.002, "n": 4}}}}
+    search = {"settings": {"bsnas": {"evolution": {"mean": 0.861, "std": 0.002, "n": 4}}},
+              "diffs": [{"a": ("bsnas", "evolution"), "b": ("spos", "evolution"), "diff": 0.012,
+                         "ci": (-0.004, 0.03)}]}
     lines = ranking.headline_markdown({"sets": sets, "search": search})
     table = {ln.split(" | ")[0].lstrip("| "): ln for ln in lines[2:] if ln}
     assert set(table) == {"MACs (no supernet)", "spos", "bsnas"}
     assert "| 0.40 [0.10, 0.70] |" in table["MACs (no supernet)"]
-    assert "| 0.30 [0.05, 0.60] |" in table["spos"]
+    assert "| 0.30 [0.05, 0.60] |" in table["spos"] and table["spos"].endswith("| 1.20 [-0.40, 3.00] |")
     assert "86.10 +- 0.20 (n=4)" in table["bsnas"] and "0.40" in table["bsnas"]
+
+
+def test_group_mean_diff():
+    d = ranking.group_mean_diff([[0.9, 0.9], [0.9, 0.9]], [[0.8, 0.8]], 200)
+    assert d["diff"] == pytest.approx(0.1) and d["ci"] == pytest.approx((0.1, 0.1))
+    rng = np.random.default_rng(1)
+    a = [list(0.85 + rng.normal(0, 0.01, 4)) for _ in range(3)]
+    b = [list(0.84 + rng.normal(0, 0.01, 4)) for _ in range(3)]
+    d = ranking.group_mean_diff(a, b, 500)
+    # the point is the difference of the means of group means, inside its interval
+    assert d["diff"] == pytest.approx(np.mean([np.mean(g) for g in a]) - np.mean([np.mean(g) for g in b]))
+    assert d["ci"][0] < d["diff"] < d["ci"][1]
+    assert math.isnan(ranking.group_mean_diff([], b)["diff"])
