@@ -701,6 +701,10 @@ def analyse_set(archs: list[Arch], space, truth: dict, proxies: dict[str, list[d
                       "best_rank": _nanmean([c["best_rank"] for c in per]),
                       "outside_enabled": [int(sum(not full[s][k]["enabled"] for k in keys))
                                           for s in range(len(P))],
+                      # what the proxy ranks by: size, and how much its seeds agree
+                      "macs_tau": _nanmean([kendall_tau(P[s], macs) for s in range(len(P))]),
+                      "seed_tau": _nanmean([kendall_tau(P[i], P[j])
+                                            for i, j in itertools.combinations(range(len(P)), 2)]),
                       "proxy_top1": P.tolist()}
     hb = hierarchical_bootstrap(t, matrices, n_boot, seed)
     for name in matrices:
@@ -963,7 +967,9 @@ def markdown(label: str, meta: dict, result: dict, settings: dict) -> str:
               "95% (architectures, then seeds within the setting); baselines: bootstrap over the "
               "architectures. `tau in MACs bins`: tau within 3 equal-count MACs bins (what the proxy "
               "knows beyond MACs). `top-5`: overlap of the proxy's and the truth's top 5. `regret`: "
-              "test top-1 points lost by taking the proxy's first pick.", ""]
+              "test top-1 points lost by taking the proxy's first pick. `tau with MACs`: the proxy "
+              "against MACs (what it ranks by); `tau between seeds`: two supernet seeds' proxies "
+              "against each other (how repeatable it is; the truth's MACs tau is in the MACs row).", ""]
     for label_set, s in result["sets"].items():
         if not s:
             lines += [f"Set {label_set}: not measured yet.", ""]
@@ -971,14 +977,16 @@ def markdown(label: str, meta: dict, result: dict, settings: dict) -> str:
         lines += [f"**Set {label_set}** ({len(s['keys'])} architectures, test top-1 "
                   f"{_pct(min(s['truth']))}-{_pct(max(s['truth']))} %, spread {_pct(s['spread'], 2)} points):", "",
                   "| proxy | seeds | Kendall tau [95%] | Spearman rho | tau in MACs bins | top-5 overlap | "
-                  "regret (points) | best rank | outside enabled space |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+                  "regret (points) | best rank | outside enabled space | tau with MACs | tau between seeds |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
         for name, r in s["rows"].items():
             desc = name if r["baseline"] else f"{name}: {settings.get(name, ('',))[0]}"
             outside = "" if r["baseline"] else ", ".join(f"{o}/{len(s['keys'])}" for o in r["outside_enabled"])
+            size = "" if r["baseline"] else f"{r['macs_tau']:.2f}"
+            agree = "" if r["baseline"] else _fmt_ci(r["seed_tau"], None)
             lines.append(f"| {desc} | {r['seeds']} | {_fmt_ci(r['tau_mean'], r.get('tau_ci'))} | "
                          f"{r['rho_mean']:.2f} | {r['binned_tau']:.2f} | {r['top5_overlap']:.2f} | "
-                         f"{100 * r['regret']:.2f} | {r['best_rank']:.1f} | {outside} |")
+                         f"{100 * r['regret']:.2f} | {r['best_rank']:.1f} | {outside} | {size} | {agree} |")
         lines.append("")
     pairs = {}
     for label_set, s in result["sets"].items():
@@ -1512,7 +1520,8 @@ class Study:
 
         pilot = _load(os.path.join(a.out, "pilot.json")) or None
         if pilot:
-            compute["pilot (stand-alone)"] = {"n": 2 * len(self.noise) * len(pilot["rows"]), "seconds": pilot["seconds"]}
+            compute["pilot (stand-alone)"] = {"n": sum(2 * r["archs"] for r in pilot["rows"]),
+                                              "seconds": pilot["seconds"]}
         counted = set()
         t_seeds = range(a.truth_seeds)
         for label, archs, seeds in (("truth A", self.archs_a, t_seeds), ("truth B", self._b or [], t_seeds),

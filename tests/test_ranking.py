@@ -369,6 +369,8 @@ def test_pipeline_smoke(tmp_path, capsys, monkeypatch):
             assert row["seeds"] == 2 and len(row["per_seed"]) == 2
             assert -1 <= row["tau_mean"] <= 1 or math.isnan(row["tau_mean"])
             assert 0 <= row["top5_overlap"] <= 1 and row["regret"] >= 0
+            assert -1 <= row["macs_tau"] <= 1 or math.isnan(row["macs_tau"])
+            assert -1 <= row["seed_tau"] <= 1 or math.isnan(row["seed_tau"])
         assert len(s["diffs"]) == (n_settings + 1) * n_settings // 2  # MACs and every setting, pairwise
     assert stats["rows"] is stats["sets"]["A"]["rows"]
     search = stats["search"]
@@ -384,7 +386,8 @@ def test_pipeline_smoke(tmp_path, capsys, monkeypatch):
     md = results.read_text()
     assert "<!-- ranking:smoke:begin -->" in md and "| spos: (a) SPOS" in md and "Paired differences" in md
     assert "Pilot" in md and "Search at equal cost" in md and "Differences in the searched models' test top-1" in md
-    assert "| bsnas minus it, searched (points) |" in md
+    assert "| bsnas minus it, searched (points) |" in md and "| tau with MACs | tau between seeds |" in md
+    assert stats["compute"]["pilot (stand-alone)"]["n"] == 8
     # the plots sit next to the results file, linked from its block
     for name in ("scatter", "tau"):
         assert (tmp_path / f"ranking-smoke-{name}.png").stat().st_size > 0 and f"(ranking-smoke-{name}.png)" in md
