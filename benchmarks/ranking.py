@@ -817,7 +817,11 @@ def scatter(path: str, sets: dict, settings: dict) -> str | None:
     names = [n for n in settings if any(s and n in s["rows"] for s in sets.values())]
     if not names:
         return None
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names) + 1, 3.9), squeeze=False,
+                             constrained_layout=True)
+    # one colour scale for both sets and every panel
+    all_macs = [m for s in sets.values() if s for m in s["macs"]]
+    vmin, vmax = min(all_macs) / 1e6, max(all_macs) / 1e6
     for ax, name in zip(axes[0], names):
         title = [name]
         for label, marker in (("A", "o"), ("B", "x")):
@@ -826,9 +830,11 @@ def scatter(path: str, sets: dict, settings: dict) -> str | None:
                 continue
             r = s["rows"][name]
             sc = ax.scatter(100 * np.asarray(s["truth"]), 100 * np.asarray(r["proxy_top1"][0]),
-                            c=np.asarray(s["macs"]) / 1e6, cmap="viridis", s=24, marker=marker, label=f"set {label}")
+                            c=np.asarray(s["macs"]) / 1e6, cmap="viridis", vmin=vmin, vmax=vmax, s=24,
+                            marker=marker, label=f"set {label}")
             title.append(f"{label}: tau {r['tau_mean']:.2f}")
-        ax.set(xlabel="stand-alone test top-1 (%)", ylabel="proxy, held-out top-1 (%)", title=", ".join(title))
+        ax.set(xlabel="stand-alone test top-1 (%)", ylabel="proxy, held-out top-1 (%)")
+        ax.set_title(f"{title[0]}\n" + ", ".join(title[1:]), fontsize=9)
         ax.legend(fontsize=7)
     fig.colorbar(sc, ax=axes[0].tolist(), label="MACs (M)")
     fig.savefig(path, dpi=90)
