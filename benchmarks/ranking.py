@@ -662,6 +662,11 @@ def _fmt_ci(v: float, ci) -> str:
     return f"{v:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
+def _fmt_points(d: dict) -> str:
+    """A difference of accuracies (`diff` with its interval `ci`, fractions) in points."""
+    return _fmt_ci(100 * d["diff"], tuple(100 * c for c in d["ci"]))
+
+
 def analyse_set(archs: list[Arch], space, truth: dict, proxies: dict[str, list[dict]], n_boot: int,
                 bins: int = 3, seed: int = 0) -> dict | None:
     """Statistics of one architecture set. `truth[key]` = stand-alone validation top-1
@@ -921,8 +926,9 @@ def headline_markdown(result: dict, reference: str = "bsnas") -> list[str]:
                 other, sign = (d["b"], 1) if d["a"] == reference else (d["a"], -1)
                 lo, hi = d["ci"]
                 diff[(label, other)] = (sign * d["diff"], (lo, hi) if sign == 1 else (-hi, -lo))
-    search = (result.get("search") or {}).get("settings", {})
-    found_diff = {d["b"][0]: d for d in (result.get("search") or {}).get("diffs", [])
+    searched = result.get("search") or {}
+    search = searched.get("settings", {})
+    found_diff = {d["b"][0]: d for d in searched.get("diffs", [])
                   if d["a"] == (reference, "evolution") and d["b"][1] == "evolution"}
     labels = list(sets)
     head = ("| setting | " + " | ".join(f"tau {x} [95%]" for x in labels) + " | "
@@ -940,7 +946,7 @@ def headline_markdown(result: dict, reference: str = "bsnas") -> list[str]:
         e = search.get(name, {}).get("evolution")
         found = f"{_pct(e['mean'], 2)} +- {_pct(e['std'], 2)} (n={e['n']})" if e and e["n"] else ""
         fd = found_diff.get(name)
-        fd = _fmt_ci(100 * fd["diff"], tuple(100 * c for c in fd["ci"])) if fd else ""
+        fd = _fmt_points(fd) if fd else ""
         lines.append(f"| {name} | " + " | ".join(taus) + " | " + " | ".join(diffs)
                      + f" | {r['top5_overlap']:.2f} | {100 * r['regret']:.2f} | {found} | {fd} |")
     return lines + [""]
@@ -1042,7 +1048,7 @@ def markdown(label: str, meta: dict, result: dict, settings: dict) -> str:
         ra = sr.get("random_a")
         if sr.get("diffs"):
             said = [f"{d['a'][0]} {d['a'][1]} minus {d['b'][0]} {d['b'][1]} "
-                    f"{_fmt_ci(100 * d['diff'], tuple(100 * c for c in d['ci']))}" for d in sr["diffs"]]
+                    f"{_fmt_points(d)}" for d in sr["diffs"]]
             lines += ["", "Differences in the searched models' test top-1 (points; bootstrap 95%: winners of "
                       "supernet seeds drawn with replacement, then their retraining seeds): " + "; ".join(said) + "."]
         if ra:
